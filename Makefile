@@ -1,0 +1,43 @@
+# Every target sets up what it needs: a fresh machine runs `make demo` or `make test` and nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch; override (e.g. TORCH_SPEC="torch>=2.4") where another build is wanted.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench bench-gpu device-check lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, so that no other package's requirement can pull a different (CUDA) build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test,bench]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m modernbert_embed.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu.py
+
+# On a machine with a CUDA GPU and torch/triton/transformers already installed (no network):
+# installs the project without dependencies, runs every GPU test, parity and the GPU benchmark.
+device-check:
+	bash benchmarks/device_check.sh
+
+lint: $(STAMP)
+	$(PY) -m pyflakes modernbert_embed kernels weights tests benchmarks 2>/dev/null || true
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

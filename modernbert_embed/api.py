@@ -1,0 +1,250 @@
+"""The public API: `Embedder`, shaped like sentence-transformers so its users feel at home."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .batching import pack, plan_batches
+from .config import ModernBertConfig
+from .model import ModernBert
+from .ops import select_ops
+from .tokenizer import PROMPTS, TextTokenizer, check_texts, resolve_prompt
+from .weights import load_state_dict, resolve_checkpoint
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+PRECISIONS = ("float32", "float16")
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported (cpu or cuda)")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
+
+
+def read_pooling(folder: Path) -> str:
+    """'mean' or 'cls' from the sentence-transformers Pooling config (mean when absent)."""
+    path = folder / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return "mean"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if not cfg.get("include_prompt", True):
+        raise ValueError(f"{path}: include_prompt=false is not supported")
+    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+    if modes == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    if modes == ["pooling_mode_cls_token"]:
+        return "cls"
+    raise ValueError(f"{path}: pooling {modes} is not supported (mean or cls tokens only)")
+
+
+def read_max_seq_length(folder: Path, cfg: ModernBertConfig) -> int:
+    path = folder / "sentence_bert_config.json"
+    if path.is_file():
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_seq_length")
+        if value:
+            return min(int(value), cfg.max_position_embeddings)
+    return cfg.max_position_embeddings
+
+
+class Embedder:
+    """Text embeddings with ModernBERT: tokenise, pack by length, encode unpadded, pool."""
+
+    def __init__(self, model: ModernBert, tokenizer: TextTokenizer | None, pooling: str = "mean",
+                 max_seq_length: int | None = None, name: str = ""):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_seq_length = max_seq_length or self.config.max_position_embeddings
+        self.name = name
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.ops = model.layers[0].attn.ops if len(model.layers) else None
+
+    # --------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path="nomic-ai/modernbert-embed-base", device=None, dtype=None,
+                        revision=None, local_files_only=None, backend="auto", attention="auto"):
+        """Load from a local folder, the HF cache or the Hub. device: "cpu"/"cuda" (default: cuda
+        when present); dtype: float32 (CPU default), bfloat16 (CUDA default) or float16.
+        backend/attention force an op implementation (see `ops.select_ops`)."""
+        folder = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only)
+        cfg = ModernBertConfig.from_file(folder / "config.json")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        ops = select_ops(device, backend=backend, attention=attention)
+        model = ModernBert(cfg, ops, device=device)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        model.load_state_dict(load_state_dict(folder, expected, dtype, device), strict=True, assign=True)
+        model.eval()
+        max_seq_length = read_max_seq_length(folder, cfg)
+        tok_path = folder / "tokenizer.json"
+        tokenizer = TextTokenizer(tok_path, max_seq_length) if tok_path.is_file() else None
+        return cls(model, tokenizer, read_pooling(folder), max_seq_length, name=os.fspath(name_or_path))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.hidden_size
+
+    def get_sentence_embedding_dimension(self) -> int:  # sentence-transformers' spelling
+        return self.config.hidden_size
+
+    # --------------------------------------------------------------------------- text in
+    def tokenize(self, texts: Sequence[str], prompt: str = "") -> tuple[list[list[int]], list[bool]]:
+        if self.tokenizer is None:
+            raise RuntimeError("this checkpoint has no tokenizer.json: use encode_tokens with token ids")
+        if self.tokenizer.max_seq_length != self.max_seq_length:  # the user changed the attribute
+            if not 2 <= self.max_seq_length <= self.config.max_position_embeddings:
+                raise ValueError(f"max_seq_length must be in 2..{self.config.max_position_embeddings}, "
+                                 f"got {self.max_seq_length}")
+            self.tokenizer.set_max_seq_length(self.max_seq_length)
+        return self.tokenizer.encode(texts, prompt)
+
+    def encode(self, sentences, prompt: str | None = None, prompt_name: str | None = None,
+               truncate_dim: int | None = None, normalize_embeddings: bool = True,
+               batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+               precision: str = "float32", convert_to_tensor: bool = False,
+               show_progress_bar: bool | None = None):
+        """Embed texts: [N, d] (numpy, or a torch tensor on the model's device with
+        convert_to_tensor=True); a single string gives [d]. prompt_name picks one of the trained
+        prefixes (search_query, search_document, classification, clustering); prompt is prepended
+        as given. truncate_dim keeps the first d features (Matryoshka), then normalises."""
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        check_texts(texts)
+        prefix = resolve_prompt(prompt, prompt_name)
+        self._check_options(truncate_dim, precision)
+        ids, _ = self.tokenize(texts, prefix) if texts else ([], [])
+        out = self._embed(ids, truncate_dim, normalize_embeddings, batch_size, max_batch_tokens,
+                          precision, convert_to_tensor, show_progress_bar)
+        return out[0] if single else out
+
+    def encode_query(self, sentences, **kwargs):
+        return self.encode(sentences, prompt_name="search_query", **kwargs)
+
+    def encode_document(self, sentences, **kwargs):
+        return self.encode(sentences, prompt_name="search_document", **kwargs)
+
+    # --------------------------------------------------------------------------- ids in
+    def encode_tokens(self, token_ids, truncate_dim: int | None = None, normalize_embeddings: bool = True,
+                      batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                      precision: str = "float32", convert_to_tensor: bool = False,
+                      show_progress_bar: bool | None = None):
+        """Embed pre-tokenised inputs (each `[CLS] ... [SEP]` included), same options as encode."""
+        ids = self._check_ids(token_ids)
+        self._check_options(truncate_dim, precision)
+        return self._embed(ids, truncate_dim, normalize_embeddings, batch_size, max_batch_tokens,
+                           precision, convert_to_tensor, show_progress_bar)
+
+    def hidden_states(self, token_ids, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
+        """Final-norm hidden states, one float32 CPU tensor [len_i, hidden] per input, input order."""
+        ids = self._check_ids(token_ids)
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        for order in plan_batches([len(s) for s in ids], max_batch_tokens):
+            batch = pack(ids, order, self.device)
+            hidden = self.model(batch).float().cpu()
+            for seq, piece in zip(batch.order, hidden.split(list(batch.lengths))):
+                out[seq] = piece
+        return out
+
+    # --------------------------------------------------------------------------- similarity
+    @staticmethod
+    def similarity(a, b) -> torch.Tensor:
+        """Cosine similarity matrix [len(a), len(b)] (1-D inputs count as one row)."""
+        a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).float()
+        b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).float().to(a.device)
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return a @ b.T
+
+    # --------------------------------------------------------------------------- internals
+    def _check_options(self, truncate_dim, precision):
+        H = self.config.hidden_size
+        if truncate_dim is not None:
+            if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
+                raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
+            if not 1 <= truncate_dim <= H:
+                raise ValueError(f"truncate_dim must be in 1..{H}, got {truncate_dim}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not supported; choose one of {PRECISIONS}")
+
+    def _check_ids(self, token_ids) -> list[list[int]]:
+        V, P = self.config.vocab_size, self.config.max_position_embeddings
+        if isinstance(token_ids, (str, bytes)):
+            raise TypeError("token_ids must be a list of token-id sequences, not a string")
+        out = []
+        for i, seq in enumerate(token_ids):
+            if seq is None:
+                raise TypeError(f"input {i} is None, not a sequence of token ids")
+            arr = np.asarray(seq.cpu() if isinstance(seq, torch.Tensor) else seq)
+            if arr.ndim != 1:
+                raise ValueError(f"input {i}: token ids must be a flat sequence, got shape {arr.shape}")
+            if arr.size == 0:
+                raise ValueError(f"input {i} is an empty token list (an empty text is [CLS] [SEP])")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"input {i}: token ids must be integers, got {arr.dtype}")
+            bad = np.flatnonzero((arr < 0) | (arr >= V))
+            if bad.size:
+                raise ValueError(f"input {i}: token id {int(arr[bad[0]])} at position {int(bad[0])} "
+                                 f"is outside the vocabulary 0..{V - 1}")
+            if arr.size > P:
+                raise ValueError(f"input {i} has {arr.size} tokens; the model takes at most {P}")
+            out.append(arr.tolist())
+        return out
+
+    def _embed(self, ids, truncate_dim, normalize, batch_size, max_batch_tokens, precision,
+               convert_to_tensor, show_progress_bar):
+        dim = truncate_dim or self.config.hidden_size
+        result = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
+        plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size) if ids else []
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), unit="doc", desc="Embedding")
+        for order in plan:
+            batch = pack(ids, order, self.device)
+            hidden = self.model(batch)
+            emb = self.ops.pool(hidden, batch, self.pooling, dim, normalize)
+            result[torch.tensor(batch.order, device=self.device)] = emb
+            if bar is not None:
+                bar.update(batch.num_seqs)
+        if bar is not None:
+            bar.close()
+        if precision == "float16":
+            result = result.half()
+        if convert_to_tensor:
+            return result
+        return result.cpu().numpy()
+
+
+__all__ = ["Embedder", "PROMPTS"]

@@ -1,0 +1,136 @@
+"""ModernBERT, unpadded, top to bottom.
+
+What this computes is transformers' `ModernBertModel` (see REFERENCE.md in the design notes);
+how it departs from the textbook BERT:
+  - pre-norm residual blocks; LayerNorms have a weight and no bias; layer 0 has no attention norm
+    (its input is the normalised embedding);
+  - no position embeddings: RoPE on q and k, theta 160k in global layers and 10k in local ones;
+  - every third layer (0, 3, 6, ...) attends globally; the others see keys with |i - j| <= 64;
+  - GeGLU MLP: `Wi` makes [input | gate], output `Wo(gelu_erf(input) * gate)`;
+  - no biases anywhere.
+All tensors are packed: `[T, ...]` holds the tokens of every sequence of a `Batch` back to back.
+The ops (`layer_norm`, `rotary`, `attention`, `geglu`) are chosen once, at load, by `ops.py`:
+this file has no device branches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .batching import Batch
+from .config import ModernBertConfig
+from .ops import Ops
+from .ops_torch import rope_tables
+
+
+def _weight(*shape) -> nn.Parameter:
+    # Built on the meta device: the real tensors arrive with load_state_dict(assign=True).
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = _weight(out_features, in_features)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = _weight(hidden)
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x, residual=None):
+        """`(LN(x + residual), x + residual)`; the sum is the updated residual stream."""
+        return self.ops.layer_norm(x, self.weight, self.eps, residual)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModernBertConfig, ops: Ops):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        self.tok_embeddings.weight.requires_grad_(False)
+        self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops)
+
+    def forward(self, input_ids):
+        return self.norm(self.tok_embeddings(input_ids))[0]  # [T, H]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModernBertConfig, layer: int, rope: tuple, ops: Ops):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.window = cfg.window(layer)  # None: global; w: keys with |i - j| <= w
+        self.scale = cfg.head_dim**-0.5
+        self.cos, self.sin = rope  # [max_positions, head_dim / 2] fp32, shared by layers of one theta
+        self.ops = ops
+        self.Wqkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.Wo = Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, batch: Batch):
+        qkv = self.Wqkv(x).view(-1, 3, self.heads, self.head_dim)  # [T, 3, heads, d]
+        qkv = self.ops.rotary(qkv, batch.positions, self.cos, self.sin)
+        out = self.ops.attention(qkv, batch, self.window, self.scale)  # [T, H]
+        return self.Wo(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModernBertConfig, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.Wi = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.Wo = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.Wo(self.ops.geglu(self.Wi(x)))  # [T, 2I] -> [T, I] -> [T, H]
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModernBertConfig, layer: int, rope: tuple, ops: Ops):
+        super().__init__()
+        # Layer 0 has no attention norm: its input is the (already normalised) embedding.
+        self.attn_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops) if layer > 0 else None
+        self.attn = Attention(cfg, layer, rope, ops)
+        self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
+
+    def forward(self, h, pending, batch: Batch):
+        """h: the residual stream; pending: the previous layer's MLP output, not yet added to h
+        (each residual add is fused into the norm that follows it). Returns (h, this MLP output)."""
+        if self.attn_norm is None:
+            a = h
+        else:
+            a, h = self.attn_norm(pending, residual=h)  # h = h + pending; a = LN(h)
+        m, h = self.mlp_norm(self.attn(a, batch), residual=h)  # h = h + attn; m = LN(h)
+        return h, self.mlp(m)
+
+
+class ModernBert(nn.Module):
+    """The encoder: packed token ids in, final-norm hidden states [T, H] out."""
+
+    def __init__(self, cfg: ModernBertConfig, ops: Ops, device=None):
+        super().__init__()
+        self.config = cfg
+        tables = {
+            theta: rope_tables(theta, cfg.head_dim, cfg.max_position_embeddings, device)
+            for theta in {cfg.global_rope_theta, cfg.local_rope_theta}
+        }
+        self.embeddings = Embeddings(cfg, ops)
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg, i, tables[cfg.rope_theta(i)], ops) for i in range(cfg.num_hidden_layers)
+        )
+        self.final_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        h = self.embeddings(batch.input_ids)  # [T, H]
+        pending = None
+        for layer in self.layers:
+            h, pending = layer(h, pending, batch)
+        return self.final_norm(pending, residual=h)[0]  # [T, H]

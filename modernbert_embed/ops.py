@@ -1,0 +1,76 @@
+"""Op dispatch: the one place that decides which implementation of each op runs.
+
+Chosen once, when a model is loaded: Triton kernels on CUDA, plain torch on CPU. Either side
+can be forced (tests compare them, benchmarks measure them), and attention has its own switch
+because torch may offer a varlen flash attention with a window of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import ops_torch
+
+BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "torch-varlen")
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    layer_norm: Callable  # (x, weight, eps, residual=None) -> (LN(x + residual), x + residual)
+    rotary: Callable  # (qkv [T,3,h,d], positions [T], cos, sin) -> qkv rotated
+    attention: Callable  # (qkv, batch, window | None, scale) -> [T, h * d]
+    geglu: Callable  # (u [T, 2I]) -> [T, I]
+    pool: Callable  # (hidden [T,H], batch, mode, dim, normalize) -> [B, dim] fp32
+
+
+TORCH_OPS = Ops(
+    name="torch",
+    layer_norm=ops_torch.layer_norm,
+    rotary=ops_torch.rotary,
+    attention=ops_torch.attention,
+    geglu=ops_torch.geglu,
+    pool=ops_torch.pool,
+)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_ops(device: torch.device | str, backend: str = "auto", attention: str = "auto") -> Ops:
+    """The ops for `device`. backend: "auto" (triton on CUDA, torch elsewhere), "torch", "triton".
+    attention: "auto" (follows backend), "torch", "triton", or "torch-varlen" (torch's own varlen
+    flash attention, CUDA only, where the installed torch has it)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ops backend {backend!r}; choose one of {BACKENDS}")
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}; choose one of {ATTENTION_BACKENDS}")
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "torch":
+        ops = TORCH_OPS
+    else:
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was asked for but triton is not installed")
+        from .kernels import triton_ops
+
+        ops = triton_ops()
+    if attention == "auto":
+        return ops
+    if attention == "torch":
+        attn = ops_torch.attention
+    elif attention == "triton":
+        from .kernels.attention import attention as attn
+    else:
+        from .kernels.torch_varlen import varlen_attention as attn
+    return Ops(ops.name + f"+attn:{attention}", ops.layer_norm, ops.rotary, attn, ops.geglu, ops.pool)

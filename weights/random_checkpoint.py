@@ -1,0 +1,130 @@
+"""Write a random-weight checkpoint in the real nomic layout: same file names, tensor names, shapes
+and sentence-transformers files. For tests and benchmarks on machines without the real weights.
+
+The weights are perturbed so that mistakes show: norm weights are 1 +- 0.1 rather than exactly 1,
+and the attention projections are scaled up so attention is far from uniform (a wrong window or
+wrong rotary then moves the output a lot).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ModernBertConfig
+
+
+def random_state_dict(cfg: ModernBertConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    H, I = cfg.hidden_size, cfg.intermediate_size
+
+    def normal(*shape, std):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def norm_weight():
+        return (1.0 + (torch.rand(H, generator=g) - 0.5) * 0.2).to(dtype)
+
+    sd = {
+        "embeddings.tok_embeddings.weight": normal(cfg.vocab_size, H, std=0.5),
+        "embeddings.norm.weight": norm_weight(),
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        if i > 0:
+            sd[p + "attn_norm.weight"] = norm_weight()
+        sd[p + "attn.Wqkv.weight"] = normal(3 * H, H, std=1.5 / H**0.5)
+        sd[p + "attn.Wo.weight"] = normal(H, H, std=0.5 / H**0.5)
+        sd[p + "mlp_norm.weight"] = norm_weight()
+        sd[p + "mlp.Wi.weight"] = normal(2 * I, H, std=1.0 / H**0.5)
+        sd[p + "mlp.Wo.weight"] = normal(H, I, std=0.5 / I**0.5)
+    sd["final_norm.weight"] = norm_weight()
+    return sd
+
+
+def write_random_checkpoint(
+    folder: str | Path,
+    config: Mapping[str, Any] | ModernBertConfig | None = None,
+    seed: int = 0,
+    *,
+    prefix: str = "",
+    with_head: bool = False,
+    shards: int = 1,
+    tokenizer_json: str | Path | None = None,
+    max_seq_length: int | None = None,
+    pooling: str = "mean",
+) -> Path:
+    """Write `config.json`, `model.safetensors` (or `shards` files and an index) and the
+    sentence-transformers files into `folder`.
+
+    config: a config.json dict (written as given, so either schema can be tested), a
+    `ModernBertConfig`, or None for the base model's shape. prefix="model." and with_head=True
+    give the masked-LM layout. tokenizer_json is copied in when given.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = ModernBertConfig()
+    if isinstance(config, ModernBertConfig):
+        cfg, raw = config, config.to_dict()
+    else:
+        cfg, raw = ModernBertConfig.from_dict(config), dict(config)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+
+    sd = {prefix + k: v for k, v in random_state_dict(cfg, seed).items()}
+    if with_head:
+        g = torch.Generator().manual_seed(seed + 1)
+        H = cfg.hidden_size
+        sd["head.dense.weight"] = torch.randn(H, H, generator=g) * 0.02
+        sd["head.norm.weight"] = torch.ones(H)
+        sd["decoder.bias"] = torch.zeros(cfg.vocab_size)
+
+    names = list(sd)
+    if shards <= 1:
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: sd[n] for n in names[s * per:(s + 1) * per]}
+            save_file(part, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    # The sentence-transformers pipeline: Transformer -> Pooling -> Normalize.
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    msl = max_seq_length or cfg.max_position_embeddings
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": msl, "do_lower_case": False}, indent=2)
+    )
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": cfg.hidden_size,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+                "pooling_mode_weightedmean_tokens": False,
+                "pooling_mode_lasttoken": False,
+                "include_prompt": True,
+            },
+            indent=2,
+        )
+    )
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+    return folder
