@@ -41,6 +41,8 @@ class ModernBertConfig:
     pad_token_id: int = 50283
 
     def __post_init__(self):
+        if self.num_hidden_layers < 1:
+            raise ConfigError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
         if not self.layer_is_global:
             object.__setattr__(
                 self, "layer_is_global", tuple(i % 3 == 0 for i in range(self.num_hidden_layers))

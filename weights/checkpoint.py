@@ -63,6 +63,7 @@ def load_state_dict(
     folder = Path(folder)
     out: dict[str, torch.Tensor] = {}
     unexpected, misshaped, duplicated = [], [], []
+    seen: set[str] = set()
     for path in _files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped
@@ -73,9 +74,10 @@ def load_state_dict(
                     if key not in expected:
                         unexpected.append(name)
                         continue
-                    if key in out:
+                    if key in seen:
                         duplicated.append(name)
                         continue
+                    seen.add(key)
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(expected[key]):
                         misshaped.append(f"{name}: checkpoint {list(shape)}, model {list(expected[key])}")
@@ -83,7 +85,7 @@ def load_state_dict(
                     out[key] = f.get_tensor(name).to(device=device, dtype=dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - seen)
     problems = []
     if missing:
         problems.append(f"missing tensors: {missing}")

@@ -1,0 +1,212 @@
+"""The Embedder's promises: order kept, one output per input, batch-mates don't matter, no NaN,
+and bad input gets an error that names the problem."""
+
+import numpy as np
+import pytest
+import torch
+
+from modernbert_embed import CheckpointError, Embedder
+from modernbert_embed.batching import plan_batches
+from modernbert_embed.weights import write_random_checkpoint
+
+from conftest import SMALL_CONFIG, fixture_file, random_ids
+
+
+@pytest.fixture(scope="module")
+def model(small_checkpoint):
+    return Embedder.from_pretrained(small_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    cfg = {**SMALL_CONFIG, "vocab_size": 50368, "cls_token_id": 50281, "sep_token_id": 50282, "pad_token_id": 50283}
+    write_random_checkpoint(folder, cfg, seed=11, tokenizer_json=fixture_file("tokenizer.json"))
+    return Embedder.from_pretrained(folder, device="cpu")
+
+
+def test_batch_mates_do_not_matter(model):
+    ids = random_ids([3, 65, 130, 300, 1, 64, 129, 500, 2, 77], seed=21)
+    together = model.encode_tokens(ids, max_batch_tokens=4096)
+    alone = np.stack([model.encode_tokens([s])[0] for s in ids])
+    assert np.abs(together - alone).max() <= 1e-5
+    # and with a tiny budget every sequence sits in a different batch
+    split = model.encode_tokens(ids, max_batch_tokens=1, batch_size=1)
+    assert np.abs(together - split).max() <= 1e-5
+
+
+def test_order_and_count_are_kept(model):
+    ids = random_ids([50, 3, 200, 3, 120, 9], seed=22)
+    ids[3] = list(ids[1])  # a duplicate
+    emb = model.encode_tokens(ids, max_batch_tokens=128, batch_size=2)
+    assert emb.shape == (6, 128)
+    for i, s in enumerate(ids):
+        assert np.allclose(emb[i], model.encode_tokens([s])[0], atol=1e-5)
+    assert np.allclose(emb[1], emb[3], atol=1e-6)
+    reversed_emb = model.encode_tokens(ids[::-1], max_batch_tokens=128)
+    assert np.allclose(reversed_emb[::-1], emb, atol=1e-5)
+
+
+def test_no_nan_beside_8k(model):
+    ids = random_ids([8192, 3, 1, 2, 4000], seed=23)
+    emb = model.encode_tokens(ids)
+    assert np.isfinite(emb).all()
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    hidden = model.hidden_states(ids)
+    assert all(torch.isfinite(h).all() for h in hidden)
+    assert [h.shape[0] for h in hidden] == [8192, 3, 1, 2, 4000]
+
+
+def test_matryoshka_and_normalisation(model):
+    ids = random_ids([10, 80], seed=24)
+    full = model.encode_tokens(ids, normalize_embeddings=False)
+    cut = model.encode_tokens(ids, truncate_dim=32)
+    expect = full[:, :32] / np.linalg.norm(full[:, :32], axis=1, keepdims=True)
+    assert np.allclose(cut, expect, atol=1e-6)
+    assert not np.allclose(np.linalg.norm(full, axis=1), 1.0)
+    half = model.encode_tokens(ids, precision="float16")
+    assert half.dtype == np.float16 and np.allclose(half, model.encode_tokens(ids), atol=1e-3)
+    t = model.encode_tokens(ids, convert_to_tensor=True)
+    assert isinstance(t, torch.Tensor) and t.shape == (2, 128)
+
+
+def test_cls_pooling(tmp_path):
+    folder = write_random_checkpoint(tmp_path, SMALL_CONFIG, seed=12, pooling="cls")
+    m = Embedder.from_pretrained(folder)
+    ids = random_ids([5, 70], seed=25)
+    hidden = m.hidden_states(ids)
+    emb = m.encode_tokens(ids)
+    for h, e in zip(hidden, emb):
+        assert np.allclose(e, torch.nn.functional.normalize(h[0], dim=0).numpy(), atol=1e-6)
+
+
+def test_plan_batches_budget_and_cover():
+    lengths = [5, 300, 1, 9000, 64, 64, 200, 7]
+    plan = plan_batches(lengths, max_batch_tokens=400, batch_size=3)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for b in plan:
+        assert len(b) <= 3
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= 400
+    assert plan[0] == [3]  # longest first, alone over budget
+
+
+# ------------------------------------------------------------------ text input
+def test_prompts_and_texts(text_model):
+    tok = text_model.tokenizer
+    q = text_model.encode_query(["What is TSNE?"])
+    p = text_model.encode(["What is TSNE?"], prompt="search_query: ")
+    assert np.allclose(q, p)
+    ids, _ = tok.encode(["What is TSNE?"], "search_query: ")
+    assert ids[0] == [50281, 8716, 64, 7267, 27, 1737, 310, 22465, 6603, 32, 50282]
+    assert np.allclose(text_model.encode_tokens(ids), q, atol=1e-6)
+    d = text_model.encode_document(["x"])
+    did, _ = tok.encode(["x"], "search_document: ")
+    assert np.allclose(text_model.encode_tokens(did), d, atol=1e-6)
+    single = text_model.encode("Hello World!")
+    assert single.shape == (128,)
+    assert text_model.tokenizer.encode(["Hello World!"])[0][0] == [50281, 12092, 3645, 2, 50282]
+    empty = text_model.encode([""])
+    assert empty.shape == (1, 128) and np.isfinite(empty).all()
+    assert text_model.encode([]).shape == (0, 128)
+    assert text_model.encode([], truncate_dim=16).shape == (0, 16)
+    sim = text_model.similarity(q, d)
+    assert sim.shape == (1, 1) and -1.0 <= float(sim) <= 1.0
+
+
+def test_truncation_at_max_seq_length(text_model):
+    text = "word " * 9000
+    ids, truncated = text_model.tokenizer.encode([text, "short"])
+    assert len(ids[0]) == 8192 and ids[0][0] == 50281 and ids[0][-1] == 50282
+    assert truncated == [True, False]
+    text_model.max_seq_length = 100
+    try:
+        ids, _ = text_model.tokenize([text])
+        assert len(ids[0]) == 100 and ids[0][-1] == 50282
+    finally:
+        text_model.max_seq_length = 8192
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "texts, kwargs, error, message",
+    [
+        (["ok", 3], {}, TypeError, "input 1 is a int"),
+        (["ok", "ok", None], {}, TypeError, "input 2 is None"),
+        (["ok"], {"truncate_dim": 0}, ValueError, "truncate_dim must be in 1..128"),
+        (["ok"], {"truncate_dim": 129}, ValueError, "truncate_dim"),
+        (["ok"], {"prompt_name": "query"}, ValueError, "unknown prompt_name 'query'"),
+        (["ok"], {"precision": "int4"}, ValueError, "precision 'int4'"),
+    ],
+)
+def test_bad_text_input(text_model, texts, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        text_model.encode(texts, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([[1, 5, 2], [1, 1024, 2]], "input 1: token id 1024 at position 1 is outside the vocabulary"),
+        ([[1, 2], [1, -1]], "input 1: token id -1"),
+        ([[1, 2], []], "input 1 is an empty token list"),
+        ([[1, 2], None], "input 1 is None"),
+        ([[1, 2], [[1, 2]]], "flat sequence"),
+        ([[1.5, 2.0]], "integers"),
+        ([[1] * 8193], "input 0 has 8193 tokens"),
+    ],
+)
+def test_bad_token_input(model, ids, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.encode_tokens(ids)
+
+
+def test_tensor_and_numpy_ids_accepted(model):
+    ids = random_ids([5, 9], seed=26)
+    a = model.encode_tokens(ids)
+    b = model.encode_tokens([np.array(ids[0]), torch.tensor(ids[1])])
+    assert np.allclose(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")
+def test_cuda_without_gpu(small_checkpoint):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        Embedder.from_pretrained(small_checkpoint, device="cuda")
+
+
+def test_checkpoint_errors(tmp_path, small_checkpoint):
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        Embedder.from_pretrained(tmp_path / "nothing-here")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((small_checkpoint / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        Embedder.from_pretrained(empty)
+    corrupt = write_random_checkpoint(tmp_path / "corrupt", SMALL_CONFIG, seed=0)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        Embedder.from_pretrained(corrupt)
+
+
+def test_strict_loading_names_the_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = write_random_checkpoint(tmp_path, SMALL_CONFIG, seed=0)
+    sd = load_file(folder / "model.safetensors")
+    del sd["layers.2.mlp_norm.weight"]
+    sd["layers.0.attn_norm.weight"] = torch.ones(128)  # layer 0 has no attention norm
+    sd["layers.1.mlp.Wo.weight"] = torch.zeros(128, 100)
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        Embedder.from_pretrained(folder)
+    text = str(err.value)
+    assert "missing tensors: ['layers.2.mlp_norm.weight']" in text
+    assert "unexpected tensors: ['layers.0.attn_norm.weight']" in text
+    assert "layers.1.mlp.Wo.weight: checkpoint [128, 100], model [128, 192]" in text
+
+
+def test_offline_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache and offline mode is on"):
+        Embedder.from_pretrained("someone/not-a-cached-model")
