@@ -210,3 +210,24 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     with pytest.raises(CheckpointError, match="not in the Hugging Face cache and offline mode is on"):
         Embedder.from_pretrained("someone/not-a-cached-model")
+
+
+def test_same_as_sentence_transformers_on_text(tmp_path):
+    """The whole text path (prompt, tokeniser, truncation, pooling, normalise) against
+    sentence-transformers on the same random checkpoint with the real tokenizer."""
+    import json
+
+    st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (bench extra)")
+    cfg = {**SMALL_CONFIG, "vocab_size": 50368, "cls_token_id": 50281, "sep_token_id": 50282, "pad_token_id": 50283}
+    folder = write_random_checkpoint(tmp_path, cfg, seed=13, tokenizer_json=fixture_file("tokenizer.json"),
+                                     max_seq_length=300)
+    # transformers' tokenizer loader needs the special tokens named; the engine does not read this file.
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "cls_token": "[CLS]", "sep_token": "[SEP]",
+        "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]", "model_max_length": 8192}))
+    texts = ["What is TSNE?", "", "Hello World!", "word " * 500, "a  b   c\n\td", "naïve café 東京"]
+    ref = st.SentenceTransformer(str(folder), device="cpu").encode(
+        ["search_query: " + t for t in texts], normalize_embeddings=True)
+    ours = Embedder.from_pretrained(folder).encode_query(texts)
+    cos = (ours * ref).sum(1)
+    assert cos.min() >= 0.99999, cos
