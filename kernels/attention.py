@@ -1,0 +1,206 @@
+"""Bidirectional varlen flash attention (forward only) over packed sequences, with an optional
+sliding window.
+
+One program per (query block of one sequence, sequence x head). It keeps its BLOCK_M query rows
+in registers and streams the sequence's keys and values through in BLOCK_N-row blocks, keeping a
+running max and sum per row (online softmax, fp32) so the [L, L] score matrix never exists.
+
+Work skipping: with a window w a query i sees keys j with |i - j| <= w (inclusive), so the query
+block [m0, m0 + BLOCK_M) can only need keys in [m0 - w, m0 + BLOCK_M + w). The key loop runs over
+exactly that range (clipped to the sequence), so a local layer's work is proportional to
+T * (BLOCK_M + 2w), not to sum(L^2): with BLOCK_M = 64 and w = 64 every query block visits at most
+192 keys (3 key blocks of 64) for the 129 a query really uses, whatever the sequence length. Keys
+outside that range are never loaded. `attention_work` counts the score entries computed.
+
+Bytes per (sequence, head) for full attention: q and the output once, k and v once per query block
+(ceil(L / BLOCK_M) times), all else stays on chip.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln(2): softmax is computed with exp2, the factor folded into the scale
+
+# Tile sizes, (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen for an H100 and head_dim 64.
+# Full attention, fp16/bf16: 128 query rows x 64 keys per step with 4 warps and a 3-deep
+#   load pipeline is the shape Triton's own fused-attention tutorial settles on for d = 64 on Hopper;
+#   the q tile (128 x 64) and the fp32 accumulator (128 x 64) stay in registers.
+# Local attention: a 64-row query block with w = 64 spans 64 + 2*64 = 192 keys = exactly 3 blocks
+#   of 64 (a 128-row block would need 256 keys, 2x the 129 a query uses; 64 rows need 1.5x).
+# fp32 (exact "ieee" dots on the FMA units, twice the registers per element): 64 x 32 tiles over
+#   8 warps; with 4 warps ptxas (sm_90a) needs 255 registers and spills.
+# Wider heads (128) halve the query rows so the accumulator and q tile keep the same size.
+# Register use for sm_90a, head_dim 64, bf16: full 227/thread, local 143/thread, no spills.
+_CONFIG_FULL = (128, 64, 4, 3)
+_CONFIG_LOCAL = (64, 64, 4, 3)
+_CONFIG_FP32 = (64, 32, 8, 3)
+_CONFIG_WIDE = (64, 64, 4, 2)  # head_dim 128
+HEAD_DIMS = (16, 32, 64, 128)  # powers of two; tl.dot needs K >= 16
+
+
+@triton.jit
+def _attention_kernel(
+    qkv_ptr,  # [T, 3, HEADS, HEAD_DIM] contiguous (fp32 / fp16 / bf16): q, k, v of every token
+    out_ptr,  # [T, HEADS * HEAD_DIM] contiguous, same dtype as qkv
+    cu_ptr,  # [B + 1] int32: sequence b is tokens cu[b] : cu[b + 1]
+    qk_scale,  # float: softmax scale * log2(e), so exp2(s * qk_scale) == exp(s * scale)
+    window,  # int: half window w (keys with |i - j| <= w); read only when HAS_WINDOW
+    num_m_blocks,  # int: query blocks of the longest sequence, cdiv(max_seqlen, BLOCK_M)
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # power of two >= 16 (tl.dot's minimum K), the whole head in one tile
+    HAS_WINDOW: tl.constexpr,  # False: every key of the sequence (no window arithmetic compiled in)
+    IEEE_DOT: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of TF32 (parity with torch fp32)
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per step
+):
+    # which sequence, head and query block this program owns. One flat grid axis, query blocks
+    # fastest: the blocks of one (sequence, head) run side by side and share its k/v in L2, and
+    # the grid is not capped at 65535 (sequences x heads can pass that for short texts)
+    pid = tl.program_id(0)
+    m_block = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = bh // HEADS
+    h = bh % HEADS
+    seq_start = tl.load(cu_ptr + b)
+    seq_len = tl.load(cu_ptr + b + 1) - seq_start
+    m0 = m_block * BLOCK_M
+    if m0 >= seq_len:  # the grid is sized for the longest sequence: shorter ones stop here
+        return
+
+    ROW: tl.constexpr = 3 * HEADS * HEAD_DIM  # elements between consecutive tokens in qkv
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # query positions inside the sequence
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < seq_len
+
+    # load the query tile [BLOCK_M, HEAD_DIM]; int64 rows so T * ROW may pass 2**31
+    q_rows = (seq_start + offs_m).to(tl.int64)
+    q_ptrs = qkv_ptr + q_rows[:, None] * ROW + h * HEAD_DIM + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+
+    # the keys this block can see: the whole sequence, or its window clipped to the sequence
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - window, 0)
+        hi = tl.minimum(m0 + BLOCK_M + window, seq_len)  # exclusive: last query + w + 1
+    else:
+        lo = 0
+        hi = seq_len
+
+    # k and v of key 0 of this head; K_OFF / V_OFF step over q (and k) within a token
+    kv_base = qkv_ptr + seq_start.to(tl.int64) * ROW + h * HEAD_DIM + offs_d[None, :]
+    K_OFF: tl.constexpr = HEADS * HEAD_DIM
+    V_OFF: tl.constexpr = 2 * HEADS * HEAD_DIM
+
+    # running statistics, fp32: row max (in log2 units), row sum, unnormalised output
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi  # never read past the visible range (nor the sequence)
+
+        # load a key block [BLOCK_N, HEAD_DIM] and score it against the query tile, fp32
+        kv_off = offs_n.to(tl.int64)[:, None] * ROW
+        k = tl.load(kv_base + kv_off + K_OFF, mask=n_valid[:, None], other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+
+        # mask keys past the range and, with a window, pairs further apart than w
+        visible = n_valid[None, :]
+        if HAS_WINDOW:
+            dist = offs_m[:, None] - offs_n[None, :]
+            visible = visible & (dist <= window) & (dist >= -window)
+        s = tl.where(visible, s, float("-inf"))
+
+        # online softmax: new row max; a row with nothing visible yet keeps max -inf, and is
+        # shifted by 0 instead so that exp2(-inf - -inf) never makes a NaN
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        # load the value block and accumulate p @ v (p rounded to the input dtype, fp32 sum)
+        v = tl.load(kv_base + kv_off + V_OFF, mask=n_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        if IEEE_DOT:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    # normalise (a row that saw nothing has l = 0 and acc = 0: divide by 1, write zeros) and store
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = out_ptr + q_rows[:, None] * (HEADS * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
+
+
+def _config(dtype, head_dim, window):
+    if dtype == torch.float32:
+        return _CONFIG_FP32
+    if head_dim > 64:
+        return _CONFIG_WIDE
+    return _CONFIG_FULL if window is None else _CONFIG_LOCAL
+
+
+def attention(qkv, batch, window, scale):
+    """Bidirectional attention within each packed sequence, as `ops_torch.attention`.
+
+    qkv: [T, 3, heads, head_dim] contiguous (rotary applied), fp32 / fp16 / bf16; `batch` gives
+    `cu_seqlens` (int32, on qkv's device) and `max_seqlen`. window: None for full attention, or the
+    half window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim] in qkv's dtype.
+    fp32 inputs use exact fp32 dots (no TF32).
+    """
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be [T, 3, heads, head_dim], got {tuple(qkv.shape)}")
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
+    if not qkv.is_contiguous():
+        raise ValueError("qkv must be contiguous")
+    T, _, heads, head_dim = qkv.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if window is not None and (int(window) != window or window < 0):
+        raise ValueError(f"window must be None or a non-negative int, got {window!r}")
+    cu = batch.cu_seqlens
+    if cu.device != qkv.device:
+        raise ValueError(f"batch.cu_seqlens is on {cu.device} but qkv is on {qkv.device}")
+    if cu.dtype != torch.int32 or cu.dim() != 1:
+        raise ValueError(f"batch.cu_seqlens must be a 1-d int32 tensor, got {cu.dtype} {tuple(cu.shape)}")
+    out = torch.empty(T, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    B = cu.shape[0] - 1
+    if T == 0 or heads == 0 or B == 0:
+        return out
+
+    block_m, block_n, num_warps, num_stages = _config(qkv.dtype, head_dim, window)
+    # one program per (query block, sequence, head); blocks past a shorter sequence's end exit
+    num_m_blocks = triton.cdiv(batch.max_seqlen, block_m)
+    grid = (num_m_blocks * B * heads,)
+    _attention_kernel[grid](
+        qkv, out, cu, float(scale) * LOG2E, 0 if window is None else int(window), num_m_blocks,
+        HEADS=heads, HEAD_DIM=head_dim, HAS_WINDOW=window is not None,
+        IEEE_DOT=qkv.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def attention_work(lengths, window, block_m=None, block_n=None):
+    """(score entries the kernel computes, score entries a dense per-sequence kernel would compute)
+    for a batch of `lengths`: shows how much the window skips. Defaults to the fp16/bf16 tiles."""
+    if block_m is None:
+        block_m, block_n = (_CONFIG_FULL if window is None else _CONFIG_LOCAL)[:2]
+    done = dense = 0
+    for n in lengths:
+        dense += n * n
+        for m0 in range(0, n, block_m):
+            lo, hi = (0, n) if window is None else (max(m0 - window, 0), min(m0 + block_m + window, n))
+            done += block_m * triton.cdiv(hi - lo, block_n) * block_n
+    return done, dense

@@ -1,0 +1,243 @@
+"""The Triton varlen attention kernel (and torch's varlen flash attention) against the torch
+reference `ops_torch.attention`, on packed batches of mixed lengths.
+
+Lengths sit on the boundaries that matter: 1 token, the kernel's 64/128-row blocks, the local
+window (w = 64: up to 129 keys), and a few hundred tokens. A small window (8, 16) on short
+sequences makes query blocks cross window edges cheaply under the Triton interpreter. q and k are
+drawn with a large softmax scale so attention is peaked: a key let in or left out by mistake moves
+the output visibly.
+
+Tolerances come as one `(dtype, atol, rtol)` tuple:
+  - float32: |out - ref| <= atol + rtol * |ref| elementwise against `ops_torch.attention`;
+  - float16 / bfloat16: the kernel's max error against an fp32 reference (the torch op on the same
+    inputs upcast) must be at most 2x torch's own max error in that dtype plus `atol` as a floor,
+    and elementwise within (atol_lowp, rtol) of the fp32 reference as a sanity bound.
+    bfloat16 only where CUDA exists: the interpreter mishandles bf16 dots.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modernbert_embed import ops_torch
+from modernbert_embed.batching import pack
+from modernbert_embed.kernels.attention import attention, attention_work
+from modernbert_embed.kernels.attention import _CONFIG_FP32
+from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available, varlen_supports_window
+
+from conftest import HAS_CUDA, requires_cuda
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+HEADS, HEAD_DIM = 2, 64
+SCALE = 0.5  # 4x the model's 1/sqrt(64): peaked attention, so window mistakes show
+
+# (dtype, atol, rtol): atol is the floor on top of 2x torch's error for low precision
+FP32 = pytest.param(torch.float32, 1e-5, 1e-5, id="float32")
+FP16 = pytest.param(torch.float16, 1e-4, 0.0, id="float16")
+BF16 = pytest.param(torch.bfloat16, 1e-3, 0.0, marks=requires_cuda, id="bfloat16")
+DTYPES = [FP32, FP16, BF16]
+LOWP_SANITY = {torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}  # elementwise vs fp32
+
+# one batch across every boundary (T = 882), and short ones for small windows (T = 303)
+MIXED = [1, 2, 63, 64, 65, 128, 129, 130, 300]
+SHORT = [1, 2, 9, 17, 33, 90, 151]
+
+
+def make_qkv(lengths, dtype, seed=0, head_dim=HEAD_DIM):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lengths), 3, HEADS, head_dim, generator=g)
+    return qkv.to(dtype=dtype, device=DEVICE)
+
+
+def batch_of(lengths):
+    return pack([[0] * n for n in lengths], list(range(len(lengths))), DEVICE)
+
+
+def locate(lengths, flat_index, head_dim=HEAD_DIM):
+    """'token t (sequence b, position p), head h, dim d' for an index into [T, heads * head_dim]."""
+    t, f = divmod(int(flat_index), HEADS * head_dim)
+    start = 0
+    for b, n in enumerate(lengths):
+        if t < start + n:
+            return f"token {t} (sequence {b} of length {n}, position {t - start}), head {f // head_dim}, dim {f % head_dim}"
+        start += n
+    return f"token {t}"
+
+
+def assert_close(name, out, ref, atol, rtol, lengths, head_dim=HEAD_DIM):
+    """Elementwise |out - ref| <= atol + rtol * |ref|; on failure says how much and where."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    out, ref = out.float().cpu(), ref.float().cpu()
+    bad = ~torch.isfinite(out)
+    assert not bad.any(), f"{name}: non-finite output at {locate(lengths, bad.flatten().nonzero()[0], head_dim)}"
+    diff = (out - ref).abs()
+    excess = diff - (atol + rtol * ref.abs())
+    if excess.numel() and excess.max() > 0:
+        i = int(excess.argmax())
+        raise AssertionError(
+            f"{name}: {int((excess > 0).sum())} of {diff.numel()} elements outside atol={atol} rtol={rtol}; "
+            f"max diff {diff.max():.3g} at {locate(lengths, diff.argmax(), head_dim)}; worst excess at "
+            f"{locate(lengths, i, head_dim)}: got {out.flatten()[i]:.7g}, expected {ref.flatten()[i]:.7g}"
+        )
+
+
+def check_against_reference(name, fn, qkv, batch, window, atol, rtol, lengths):
+    """fp32: `fn` vs ops_torch.attention directly. fp16/bf16: 2x torch's own error rule (see top)."""
+    out = fn(qkv, batch, window, SCALE)
+    assert out.dtype == qkv.dtype, f"{name}: dtype {out.dtype} != {qkv.dtype}"
+    if qkv.dtype == torch.float32:
+        assert_close(name, out, ops_torch.attention(qkv, batch, window, SCALE), atol, rtol, lengths)
+        return
+    ref32 = ops_torch.attention(qkv.float(), batch, window, SCALE)
+    torch_lowp = ops_torch.attention(qkv, batch, window, SCALE)
+    torch_err = (torch_lowp.float() - ref32).abs().max().item()
+    diff = (out.float() - ref32).abs()
+    err = diff.max().item()
+    assert err <= 2 * torch_err + atol, (
+        f"{name}: max error {err:.3g} against fp32 at {locate(lengths, diff.argmax())}, "
+        f"more than 2x torch's own {qkv.dtype} error {torch_err:.3g} + {atol}"
+    )
+    assert_close(name + " (vs fp32)", out, ref32, *LOWP_SANITY[qkv.dtype], lengths)
+
+
+def dense_reference(qkv, lengths, window, scale):
+    """Float64 softmax attention with an explicit |i - j| <= w mask, one sequence at a time:
+    shares no code with ops_torch's banded path."""
+    q, k, v = qkv.double().cpu().unbind(1)  # [T, heads, d]
+    out, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        s = torch.einsum("ihd,jhd->hij", q[sl], k[sl]) * scale
+        if window is not None:
+            pos = torch.arange(n)
+            s = s.masked_fill((pos[:, None] - pos[None, :]).abs()[None] > window, float("-inf"))
+        out.append(torch.einsum("hij,jhd->ihd", s.softmax(-1), v[sl]).reshape(n, -1))
+        start += n
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the Triton kernel
+@pytest.mark.parametrize("window", [None, 64], ids=["full", "w64"])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_triton_attention_mixed_lengths(dtype, atol, rtol, window):
+    qkv = make_qkv(MIXED, dtype)
+    check_against_reference(f"triton {dtype} window={window}", attention, qkv, batch_of(MIXED), window, atol, rtol, MIXED)
+
+
+@pytest.mark.parametrize("window", [8, 16], ids=["w8", "w16"])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_triton_attention_small_window(dtype, atol, rtol, window):
+    # windows far smaller than a block: every query block starts mid-block and rows see only
+    # part of each key block; sequences of 17..151 tokens span 1 to 3 query blocks
+    qkv = make_qkv(SHORT, dtype, seed=1)
+    check_against_reference(f"triton {dtype} window={window}", attention, qkv, batch_of(SHORT), window, atol, rtol, SHORT)
+
+
+@pytest.mark.parametrize("window", [None, 0, 16], ids=["full", "w0", "w16"])
+def test_triton_attention_matches_explicit_mask(window):
+    # independent of ops_torch: float64, dense per-sequence scores, an explicit |i - j| <= w mask;
+    # w = 0 means each token attends to itself only, so the output is exactly its own v
+    lengths = [1, 5, 70, 140]
+    qkv = make_qkv(lengths, torch.float32, seed=2)
+    out = attention(qkv, batch_of(lengths), window, SCALE)
+    assert_close(f"window={window} vs explicit mask", out, dense_reference(qkv, lengths, window, SCALE), 1e-5, 1e-5, lengths)
+    if window == 0:
+        assert_close("w0 == v", out, qkv[:, 2].reshape(len(out), -1), 1e-6, 0.0, lengths)
+
+
+def test_window_skipping_keeps_results():
+    # a window that covers every sequence skips nothing and must agree exactly with full attention
+    lengths = [3, 64, 129, 200]
+    qkv = make_qkv(lengths, torch.float32, seed=3)
+    batch = batch_of(lengths)
+    full = attention(qkv, batch, None, SCALE)
+    wide = attention(qkv, batch, max(lengths), SCALE)
+    assert torch.equal(full, wide), f"max diff {(full - wide).abs().max():.3g}"
+
+
+def test_window_skips_far_keys():
+    # Poison one token's k and v with NaN. A query block [m0, m0 + BLOCK_M) loads only the keys in
+    # [m0 - w, m0 + BLOCK_M + w), so any query further than w + BLOCK_M from the poisoned token must
+    # never touch it: its output stays finite and equal to the reference with that token removed.
+    # Full attention, which must read every key, is NaN everywhere in that sequence (the test bites).
+    w, block_m = 8, _CONFIG_FP32[0]
+    lengths = [10, 400, 7]
+    qkv = make_qkv(lengths, torch.float32, seed=4)
+    poisoned_pos = 200
+    poisoned = lengths[0] + poisoned_pos
+    qkv[poisoned, 1:] = float("nan")
+    batch = batch_of(lengths)
+    out = attention(qkv, batch, w, SCALE).cpu()
+
+    clean = qkv.clone()
+    clean[poisoned, 1:] = 0.0
+    ref = ops_torch.attention(clean, batch, w, SCALE).cpu()
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    far = (seq != 1) | ((pos - poisoned_pos).abs() > w + block_m)
+    assert far.sum() > 200
+    assert_close("queries far from a NaN key", out[far], ref[far], 1e-5, 1e-5, lengths)
+    near = (seq == 1) & ((pos - poisoned_pos).abs() <= w)
+    assert torch.isnan(out[near]).all(), "queries whose window holds the NaN key should see it"
+
+    full = attention(qkv, batch, None, SCALE).cpu()
+    assert torch.isnan(full[seq == 1]).all() and torch.isfinite(full[seq != 1]).all()
+
+
+def test_window_work_is_proportional_to_window():
+    # the score entries the kernel computes for w = 64: at most (64 + 128) keys per query row
+    lengths = [8192, 4096, 100, 1]
+    done, dense = attention_work(lengths, 64)
+    assert done <= sum(lengths) * 192 + 64 * 192 * len(lengths)
+    assert done < dense / 20
+    assert attention_work([1000], None)[0] >= 1000 * 1000
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 128])
+def test_triton_attention_other_head_dims(head_dim):
+    lengths = [1, 40, 75]
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(sum(lengths), 3, HEADS, head_dim, generator=g).to(DEVICE)
+    batch = batch_of(lengths)
+    for window in (None, 16):
+        out = attention(qkv, batch, window, SCALE)
+        ref = ops_torch.attention(qkv, batch, window, SCALE)
+        assert_close(f"head_dim={head_dim} window={window}", out, ref, 1e-5, 1e-5, lengths, head_dim)
+
+
+def test_triton_attention_rejects_bad_input():
+    batch = batch_of([4])
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(torch.zeros(4, 3, HEADS, 48, device=DEVICE), batch, None, SCALE)
+    with pytest.raises(ValueError, match=r"\[T, 3, heads, head_dim\]"):
+        attention(torch.zeros(4, 2, HEADS, 64, device=DEVICE), batch, None, SCALE)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        attention(torch.zeros(4, 3, HEADS, 64, dtype=torch.float64, device=DEVICE), batch, None, SCALE)
+    with pytest.raises(ValueError, match="contiguous"):
+        attention(torch.zeros(4, 3, 64, HEADS, device=DEVICE).transpose(2, 3), batch, None, SCALE)
+
+
+# ----------------------------------------------------------------------------- torch's varlen
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error message")
+def test_torch_varlen_refuses_cpu():
+    assert not varlen_available()
+    qkv = torch.zeros(4, 3, HEADS, HEAD_DIM, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="torch-varlen"):
+        varlen_attention(qkv, batch_of([4]), None, SCALE)
+
+
+@requires_cuda
+@pytest.mark.parametrize("window", [None, 64, 8], ids=["full", "w64", "w8"])
+@pytest.mark.parametrize("dtype, atol, rtol", [FP16, BF16])
+def test_torch_varlen_attention(dtype, atol, rtol, window):
+    if not varlen_available():
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    lengths = MIXED if window != 8 else SHORT
+    qkv = make_qkv(lengths, dtype, seed=6)
+    batch = batch_of(lengths)
+    if window is not None and not varlen_supports_window():
+        with pytest.raises(RuntimeError, match="window_size"):
+            varlen_attention(qkv, batch, window, SCALE)
+        return
+    check_against_reference(f"torch-varlen {dtype} window={window}", varlen_attention, qkv, batch, window, atol, rtol, lengths)
