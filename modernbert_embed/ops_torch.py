@@ -8,6 +8,8 @@ same signatures. Tensors are packed: `[T, ...]` holds all tokens of all sequence
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -42,15 +44,19 @@ def rotary(qkv, positions, cos, sin):
     """Rotate q and k of the packed `qkv` [T, 3, heads, head_dim] (rotate-half form), in fp32.
 
     `positions` [T] restart at 0 for every sequence; `cos`/`sin` come from `rope_tables`.
-    Returns a tensor of the same shape and dtype (v untouched).
+    Works in place on fp32 input and returns `qkv` (v untouched).
     """
     half = qkv.shape[-1] // 2
     c = cos[positions][:, None, None, :]  # [T, 1, 1, half]
     s = sin[positions][:, None, None, :]
-    qk = qkv[:, :2].float()  # [T, 2, heads, head_dim]
+    qk = qkv[:, :2] if qkv.dtype == torch.float32 else qkv[:, :2].float()  # [T, 2, heads, head_dim]
     x1, x2 = qk[..., :half], qk[..., half:]
-    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)
-    return torch.cat((rotated, qkv[:, 2:]), dim=1)
+    x1_s = x1 * s
+    x1.mul_(c).sub_(x2 * s)  # x1 cos - x2 sin
+    x2.mul_(c).add_(x1_s)  # x2 cos + x1 sin
+    if qk.data_ptr() != qkv.data_ptr():
+        qkv[:, :2] = qk
+    return qkv
 
 
 # ----------------------------------------------------------------------------- attention
@@ -59,25 +65,37 @@ def attention(qkv, batch, window, scale):
 
     qkv: [T, 3, heads, head_dim] (rotary applied). window: None for full attention, or the half
     window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim].
+
+    One exact SDPA call per sequence, no padding. A local layer on a sequence of at most w + 1
+    tokens is full attention; up to 3w tokens a band mask over L x L costs less than blocks; longer
+    sequences go block by block, so the work follows the window, not L^2.
     """
-    if window is None:
-        return _attention_full(qkv, batch.lengths, scale)
-    return _attention_banded(qkv, batch.lengths, window, scale)
-
-
-def _attention_full(qkv, lengths, scale):
-    # One exact SDPA call per sequence: no padding, cost sum(L_i^2).
     T, _, heads, d = qkv.shape
     out = torch.empty(T, heads, d, dtype=qkv.dtype, device=qkv.device)
-    q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each [heads, T, d]
+    q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # each [heads, T, d], strided views
     start = 0
-    for n in lengths:
+    for n in batch.lengths:
         end = start + n
-        out[start:end] = F.scaled_dot_product_attention(
-            q[None, :, start:end], k[None, :, start:end], v[None, :, start:end], scale=scale
-        )[0].transpose(0, 1)
+        if window is not None and n > 3 * window:
+            out[start:end] = _attention_banded(qkv[start:end], (n,), window, scale).view(n, heads, d)
+        else:
+            mask = None if window is None or n <= window + 1 else _band_mask(n, window, qkv.device, qkv.dtype)
+            out[start:end] = F.scaled_dot_product_attention(
+                q[None, :, start:end], k[None, :, start:end], v[None, :, start:end], attn_mask=mask, scale=scale
+            )[0].transpose(0, 1)
         start = end
     return out.view(T, heads * d)
+
+
+def _additive(visible: torch.Tensor, dtype) -> torch.Tensor:
+    # SDPA turns a boolean mask into an additive one on every call; cached masks are made additive once.
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+@functools.lru_cache(maxsize=256)
+def _band_mask(n: int, w: int, device, dtype) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    return _additive((i[:, None] - i[None, :]).abs() <= w, dtype)  # [n, n]: 0 visible, -inf hidden
 
 
 def _attention_banded(qkv, lengths, w, scale):
@@ -88,23 +106,11 @@ def _attention_banded(qkv, lengths, w, scale):
     same-sequence pairs only, so neighbours in the pack never see each other.
     """
     T, _, heads, d = qkv.shape
-    dev = qkv.device
     blk = w
     nb = -(-T // blk)
     span = blk + 2 * w  # keys visible to one query block
     pad_right = nb * blk - T + w
-
-    seq_id = torch.repeat_interleave(
-        torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev)
-    )
-    # Padding gets its own id (-1): a padded query then always sees itself and stays finite.
-    seq_pad = F.pad(seq_id, (w, pad_right), value=-1)  # [T + w + pad_right]
-    q_seq = F.pad(seq_id, (0, nb * blk - T), value=-1).view(nb, blk)
-    k_seq = seq_pad.unfold(0, span, blk)  # [nb, span]
-    qi = torch.arange(blk, device=dev)[:, None]
-    kj = torch.arange(span, device=dev)[None, :] - w  # key offset relative to block start
-    in_window = (qi - kj).abs() <= w  # [blk, span]
-    mask = in_window[None] & (q_seq[:, :, None] == k_seq[:, None, :])  # [nb, blk, span]
+    mask = _banded_mask(tuple(lengths), w, qkv.device, qkv.dtype)  # [nb, 1, blk, span]
 
     q, k, v = qkv.unbind(1)  # [T, heads, d]
     qb = F.pad(q, (0, 0, 0, 0, 0, nb * blk - T)).view(nb, blk, heads, d).transpose(1, 2)
@@ -112,9 +118,28 @@ def _attention_banded(qkv, lengths, w, scale):
     vp = F.pad(v, (0, 0, 0, 0, w, pad_right)).unfold(0, span, blk)
     kb = kp.permute(0, 1, 3, 2)  # [nb, heads, span, d]
     vb = vp.permute(0, 1, 3, 2)
-    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)
+    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
     out = ob.transpose(1, 2).reshape(nb * blk, heads * d)[:T]
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _banded_mask(lengths: tuple, w: int, device, dtype) -> torch.Tensor:
+    """Additive mask [nb, 1, w, 3w] of `_attention_banded`: |i - j| <= w and same sequence."""
+    T, blk = sum(lengths), w
+    nb = -(-T // blk)
+    span = blk + 2 * w
+    seq_id = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+    )
+    # Padding gets its own id (-1): a padded query then always sees itself and stays finite.
+    seq_pad = F.pad(seq_id, (w, nb * blk - T + w), value=-1)
+    q_seq = F.pad(seq_id, (0, nb * blk - T), value=-1).view(nb, blk)
+    k_seq = seq_pad.unfold(0, span, blk)  # [nb, span]
+    qi = torch.arange(blk, device=device)[:, None]
+    kj = torch.arange(span, device=device)[None, :] - w  # key offset relative to the block start
+    visible = ((qi - kj).abs() <= w)[None] & (q_seq[:, :, None] == k_seq[:, None, :])  # [nb, blk, span]
+    return _additive(visible, dtype)[:, None]
 
 
 # ----------------------------------------------------------------------------- GeGLU
