@@ -1,0 +1,147 @@
+"""GPU throughput: our engine (per dtype and attention backend) against transformers and
+sentence-transformers on the same random full-size weights and the same token ids.
+
+    python benchmarks/bench_gpu.py --out bench_gpu.json             # ~3 minutes on an H100
+    python benchmarks/bench_gpu.py --device cpu --config small --quick   # dry run of the logic
+
+Rows: transformers bf16 (SDPA, padded batches of 32 sorted by length, 8 for the long corpus; the
+baseline of every ratio), sentence-transformers bf16, ours bf16 (default backends, attention
+forced to "torch-varlen" and to "triton", a larger token budget; with --torch-ops also the torch
+ops instead of the kernels) and ours fp16. Corpora: "mixed" (log-normal lengths, median ~100, up to 512), "fixed512" and
+"long" (~8k-token documents). Goals: ours bf16 >= 3x transformers on mixed, >= 1M tokens/s at
+fixed 512, long-document rate >= 0.5x the 512 rate. MFU over the card's dense bf16 peak (known
+cards) and over a large bf16 matmul measured in the same run. A row that fails (a backend that
+is missing, an out-of-memory) is recorded with its error; the run goes on, and past
+`--time-budget` seconds the remaining rows are recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+from modernbert_embed.config import ModernBertConfig  # noqa: E402
+
+
+# In the order they run (the most telling first, in case the time budget runs out); torch-ops
+# only with --torch-ops or --only.
+ROW_SETS = ("default", "attn=torch-varlen", "st", "fp16", "attn=triton", "big-budget", "torch-ops")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the logic")
+    p.add_argument("--config", choices=("base", "small"), default="base")
+    p.add_argument("--quick", action="store_true", help="small corpora, one repeat")
+    p.add_argument("--mixed-tokens", type=int, default=None, help="tokens in the mixed corpus (default 200k)")
+    p.add_argument("--fixed-docs", type=int, default=None, help="512-token documents (default 512)")
+    p.add_argument("--long-len", type=int, default=None, help="tokens per long document (default 8192)")
+    p.add_argument("--long-docs", type=int, default=None, help="long documents (default 16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 3)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of ours' default rows (default: the library's)")
+    p.add_argument("--big-batch-tokens", type=int, default=65536, help="token budget of the 'large budget' row")
+    p.add_argument("--time-budget", type=float, default=170.0,
+                   help="seconds after which the remaining rows are skipped (default 170)")
+    p.add_argument("--no-st", action="store_true", help="leave out sentence-transformers")
+    p.add_argument("--torch-ops", action="store_true",
+                   help="add ours with the torch ops instead of the kernels (slow: a loop over sequences)")
+    p.add_argument("--only", nargs="*", default=None, choices=ROW_SETS,
+                   help="run only these row sets (the transformers baseline always runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write this run's results as JSON")
+    p.add_argument("--append", type=Path, default=None, help="append this run's results as one JSON line")
+    p.add_argument("--markdown", type=Path, default=None, help="append the table to this markdown file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA GPU is available (use --device cpu for a dry run)", file=sys.stderr)
+        return 2
+    small = args.quick or device.type == "cpu"
+    mixed_tokens = args.mixed_tokens or (2000 if small else 200_000)
+    fixed_docs = args.fixed_docs or (4 if small else 512)
+    long_len = args.long_len or (1024 if small else 8192)
+    long_docs = args.long_docs or (1 if small else 16)
+    reps = args.repeats or (1 if small else 3)
+    repeats = {"mixed": reps, "fixed512": reps, "long": reps}
+
+    with tempfile.TemporaryDirectory(prefix="mbe-bench-") as tmp:
+        folder = Path(tmp) / "checkpoint"
+        h.write_checkpoint(folder, args.config, seed=args.seed)
+        cfg = ModernBertConfig.from_file(folder / "config.json")
+        vocab = h.Vocab.of(cfg)
+        corpora = {
+            "mixed": h.mixed_corpus(vocab, mixed_tokens, seed=0),
+            "fixed512": h.fixed_corpus(vocab, 512, fixed_docs, seed=1),
+            "long": h.long_corpus(vocab, long_len, long_docs, seed=2),
+        }
+        hf_long_batch = max(1, min(32, 65536 // long_len))
+        settings = {"config": args.config, "quick": args.quick, "repeats": repeats, "warmup": 1,
+                    "seed": args.seed, "transformers_batch_size": {"mixed": 32, "fixed512": 32, "long": hf_long_batch},
+                    "ours_max_batch_tokens": args.max_batch_tokens or "library default",
+                    "big_batch_tokens": args.big_batch_tokens, "time_budget_s": args.time_budget}
+        results = h.Results("bench_gpu", device, settings, args.out, args.append, args.markdown)
+        results.corpora = [c.summary() for c in corpora.values()]
+        n = 8192 if device.type == "cuda" else 512
+        results.peaks = {"nominal": h.nominal_peak_tflops(results.info.get("gpu")),
+                         "bf16": h.matmul_tflops(device, torch.bfloat16, n, repeats=10 if device.type == "cuda" else 2),
+                         "fp16": h.matmul_tflops(device, torch.float16, n, repeats=10 if device.type == "cuda" else 2)}
+        results.settings["matmul_n"] = n
+        results.save()
+        print(f"bench_gpu: {h.machine_line(results.info)}")
+        print("corpora: " + "; ".join(f"{c['name']} {c['docs']} docs {c['tokens']} tokens" for c in results.corpora))
+        print("peaks (TFLOP/s): " + ", ".join(f"{k} {v:.4g}" for k, v in results.peaks.items() if v))
+
+        all3 = ["mixed", "fixed512", "long"]
+        mbt = args.max_batch_tokens
+
+        def ours(dtype, backend="auto", attention="auto", max_batch_tokens=mbt):
+            return lambda: h.Ours(folder, device, dtype, backend=backend, attention=attention,
+                                  max_batch_tokens=max_batch_tokens)
+
+        bf16, fp16 = torch.bfloat16, torch.float16
+        specs = {
+            "transformers": h.Spec("transformers", "bf16", "sdpa, batch 32", lambda: h.Transformers(folder, device, bf16),
+                                   all3, encode_kwargs={"long": {"batch_size": hf_long_batch}},
+                                   corpus_variant={"long": f"sdpa, batch {hf_long_batch}"}, baseline=True),
+            "default": h.Spec("ours", "bf16", "default", ours(bf16), all3),
+            "attn=torch-varlen": h.Spec("ours", "bf16", "attn=torch-varlen", ours(bf16, attention="torch-varlen"), all3),
+            "st": h.Spec("sentence-transformers", "bf16", "batch 32",
+                         lambda: h.SentenceTransformers(folder, device, bf16, work_dir=Path(tmp) / "st"),
+                         ["mixed", "fixed512"]),
+            "fp16": h.Spec("ours", "fp16", "default", ours(fp16), all3),
+            "attn=triton": h.Spec("ours", "bf16", "attn=triton", ours(bf16, attention="triton"), all3),
+            "big-budget": h.Spec("ours", "bf16", f"max_batch_tokens={args.big_batch_tokens}",
+                                 ours(bf16, max_batch_tokens=args.big_batch_tokens), ["mixed", "fixed512"]),
+            "torch-ops": h.Spec("ours", "bf16", "torch ops", ours(bf16, backend="torch"), ["mixed"]),
+        }
+        chosen = [k for k in specs if k == "transformers" or (
+            (not args.only or k in args.only) and not (k == "st" and args.no_st)
+            and not (k == "torch-ops" and not args.torch_ops and not args.only))]
+        specs = [specs[k] for k in chosen]
+        goals = [
+            h.Goal("ours", "bf16", "default", "mixed", "ratio", 3.0),
+            h.Goal("ours", "bf16", "default", "fixed512", "rate", 1e6),
+            h.Goal("ours", "bf16", "default", "long", "vs_corpus", 0.5, other_corpus="fixed512"),
+        ]
+        h.run_plan(results, specs, corpora, cfg, device, warmup=1, repeats=repeats, goals=goals,
+                   time_budget=args.time_budget)
+        print()
+        print(results.finish())
+    failed = [r for r in results.rows if r.error and r.engine == "ours" and r.variant == "default"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

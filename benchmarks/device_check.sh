@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a machine with a CUDA GPU and torch / triton / transformers /
+# sentence-transformers already installed, and no network:
+#   install the project (no dependencies), print the GPU and versions, the GPU-marked tests, the
+#   kernel tests on the GPU, parity against transformers, the GPU benchmark, then a summary.
+# Results (JSON, markdown tables, one log per step) go to $OUT/device-check when OUT is set, else
+# ./device-check-out. Each step runs under `timeout`; a failed or timed-out step is reported in
+# the summary and the run goes on. About 6 minutes on an H100; DEVICE_CHECK_BUDGET (seconds,
+# default 450) caps the whole run: each step gets at most what is left of it after the time kept
+# for the steps after it.
+#
+#   bash benchmarks/device_check.sh            # or: make device-check
+set -u
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+if [ -n "${OUT:-}" ]; then DEST="$OUT/device-check"; else DEST="$ROOT/device-check-out"; fi
+mkdir -p "$DEST"
+rm -f "$DEST/results.md" "$DEST/pythonpath"
+BUDGET=${DEVICE_CHECK_BUDGET:-450}
+START=$(date +%s)
+SUMMARY="$DEST/summary.tsv"
+printf 'step\tstatus\tseconds\tlog\n' > "$SUMMARY"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+MODERNBERT_EMBED_COMMIT=${MODERNBERT_EMBED_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export MODERNBERT_EMBED_COMMIT
+
+# step NAME LIMIT_S RESERVE_S CMD... : run CMD (a command or one of the functions below) with its
+# output in $DEST/NAME.log and on the console, under min(LIMIT_S, what is left of the budget once
+# RESERVE_S is kept for the steps after it); records the outcome. The limit is in $STEP_LIMIT.
+step() {
+    local name=$1 limit=$2 reserve=$3
+    shift 3
+    local left status rc t0
+    left=$((BUDGET - ($(date +%s) - START) - reserve))
+    if [ "$left" -lt 20 ]; then
+        printf '%s\t%s\t%s\t%s\n' "$name" "SKIPPED (budget spent)" 0 "-" >> "$SUMMARY"
+        echo "=== $name: skipped, the budget of ${BUDGET}s is spent"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    export STEP_LIMIT=$limit
+    echo "=== $name (limit ${limit}s): $*"
+    t0=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee "$DEST/$name.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=ok ;;
+        124|137) status="TIMEOUT after ${limit}s" ;;
+        5) status="no tests collected" ;;
+        *) status="FAIL (rc $rc)" ;;
+    esac
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$name.log" >> "$SUMMARY"
+    echo "=== $name: $status"
+}
+
+install() {
+    if "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . ; then
+        return 0
+    fi
+    # Without pip (or setuptools) the package still imports, from a folder of links that puts
+    # kernels/ and weights/ inside modernbert_embed as the installed layout does.
+    echo "pip install failed; importing the package through links under $DEST/pkg instead"
+    rm -rf "$DEST/pkg" && mkdir -p "$DEST/pkg/modernbert_embed"
+    for f in "$ROOT"/modernbert_embed/*; do ln -s "$f" "$DEST/pkg/modernbert_embed/"; done
+    ln -sfn "$ROOT/kernels" "$DEST/pkg/modernbert_embed/kernels"
+    ln -sfn "$ROOT/weights" "$DEST/pkg/modernbert_embed/weights"
+    echo "$DEST/pkg" > "$DEST/pythonpath"
+    return 1
+}
+
+environment() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || nvidia-smi
+    "$PY" - <<'PYEOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
+for dist in ("triton", "transformers", "sentence-transformers", "tokenizers", "safetensors", "numpy", "pytest",
+             "modernbert-embed"):
+    try:
+        print(f"{dist} {md.version(dist)}")
+    except md.PackageNotFoundError:
+        print(f"{dist} NOT INSTALLED")
+import modernbert_embed
+print("modernbert_embed from", modernbert_embed.__file__)
+try:
+    from modernbert_embed.kernels import triton_ops
+    print("triton ops:", triton_ops().name)
+except Exception as e:
+    print("triton ops NOT importable:", type(e).__name__, e)
+try:
+    from modernbert_embed.kernels.torch_varlen import varlen_available, varlen_supports_window
+    print("torch varlen attention:", varlen_available(), "| window_size:", varlen_supports_window())
+except Exception as e:
+    print("torch varlen attention NOT importable:", type(e).__name__, e)
+PYEOF
+}
+
+kernel_tests() {
+    local files=() f
+    for f in tests/test_kernels.py tests/test_kernel_*.py tests/test_attention.py tests/test_gpu_model.py; do
+        [ -f "$f" ] && files+=("$f")
+    done
+    if [ ${#files[@]} -eq 0 ]; then echo "no kernel test files"; return 5; fi
+    # The GPU-marked tests ran in the step before; these are the rest, on the GPU.
+    "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not gpu" --junitxml="$DEST/kernel-tests.xml" "${files[@]}"
+}
+
+parity() {
+    "$PY" benchmarks/parity_gpu.py --out "$DEST/parity_gpu.json" --markdown "$DEST/results.md"
+}
+
+bench() {
+    # New rows stop 50 s before the step's limit, so the benchmark ends on its own with everything
+    # it measured written.
+    "$PY" benchmarks/bench_gpu.py --time-budget $((STEP_LIMIT > 110 ? STEP_LIMIT - 50 : 60)) \
+        --out "$DEST/bench_gpu.json" --markdown "$DEST/results.md"
+}
+
+export PY DEST ROOT
+export -f install environment kernel_tests parity bench
+
+echo "device check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $MODERNBERT_EMBED_COMMIT, results in $DEST"
+#    name          limit reserve  command
+step install       60    380      install
+[ -f "$DEST/pythonpath" ] && export PYTHONPATH="$(cat "$DEST/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
+step environment   45    380      environment
+step pytest-gpu    110   260      "$PY" -m pytest -q -rfEs -p no:cacheprovider -m gpu --junitxml="$DEST/pytest-gpu.xml"
+step kernel-tests  80    260      kernel_tests
+step parity        80    180      parity
+step bench         200   0        bench
+
+echo
+[ -f "$DEST/results.md" ] && cat "$DEST/results.md" && echo
+echo "================================ summary ================================"
+echo "device check: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; commit $MODERNBERT_EMBED_COMMIT; results in $DEST"
+sed -n '2,3p' "$DEST/environment.log" 2>/dev/null
+for f in pytest-gpu kernel-tests; do
+    [ -f "$DEST/$f.log" ] && echo "$f: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$DEST/$f.log" | tail -n 1)"
+done
+[ -f "$DEST/parity.log" ] && grep -E '^parity_gpu: .*failed' "$DEST/parity.log"
+if [ -f "$DEST/bench_gpu.json" ]; then
+    "$PY" - "$DEST/bench_gpu.json" <<'PYEOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+for r in rows:
+    if r["goal"]:
+        print(f"goal: {r['engine']} {r['dtype']} {r['variant']} on {r['corpus']}: {r['goal']}")
+bad = [r for r in rows if r["error"]]
+print(f"bench rows: {len(rows) - len(bad)} measured, {len(bad)} with an error or skipped")
+PYEOF
+fi
+echo
+column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
+# Nonzero when a step did not end well, so that a caller sees it.
+if tail -n +2 "$SUMMARY" | grep -q -v -E $'\t(ok|no tests collected)\t'; then exit 1; fi
+exit 0
