@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import quantize as _quantize
 from .batching import pack, plan_batches
 from .config import ModernBertConfig
 from .model import ModernBert
@@ -22,7 +23,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-PRECISIONS = ("float32", "float16")
+PRECISIONS = _quantize.PRECISIONS  # float32, float16, int8, uint8, binary, ubinary
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
@@ -132,19 +133,35 @@ class Embedder:
                truncate_dim: int | None = None, normalize_embeddings: bool = True,
                batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                precision: str = "float32", convert_to_tensor: bool = False,
-               show_progress_bar: bool | None = None):
+               show_progress_bar: bool | None = None, long: str = "truncate", overlap: int | None = None,
+               ranges=None, calibration_embeddings=None):
         """Embed texts: [N, d] (numpy, or a torch tensor on the model's device with
         convert_to_tensor=True); a single string gives [d]. prompt_name picks one of the trained
         prefixes (search_query, search_document, classification, clustering); prompt is prepended
-        as given. truncate_dim keeps the first d features (Matryoshka), then normalises."""
+        as given. truncate_dim keeps the first d features (Matryoshka), then normalises.
+        precision int8/uint8 quantise with `ranges` ([2, d] minima, maxima), else ranges taken from
+        `calibration_embeddings`, else from this call's embeddings; binary/ubinary pack the signs
+        (see `quantize.py`). long="chunk" embeds texts longer than max_seq_length as overlapping
+        windows (`overlap` tokens) combined into one vector (see `chunking.py`); "truncate" cuts them."""
+        from .chunking import check_long, check_overlap, embed_long
+
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         check_texts(texts)
         prefix = resolve_prompt(prompt, prompt_name)
         self._check_options(truncate_dim, precision)
-        ids, _ = self.tokenize(texts, prefix) if texts else ([], [])
-        out = self._embed(ids, truncate_dim, normalize_embeddings, batch_size, max_batch_tokens,
-                          precision, convert_to_tensor, show_progress_bar)
+        check_long(long)
+        check_overlap(overlap)
+        if overlap is not None and long != "chunk":
+            raise ValueError("overlap applies to long='chunk' only")
+        if long == "chunk":
+            result, _ = embed_long(self, texts, prefix, overlap, truncate_dim, normalize_embeddings,
+                                   batch_size, max_batch_tokens, show_progress_bar)
+            out = self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
+        else:
+            ids, _ = self.tokenize(texts, prefix) if texts else ([], [])
+            out = self._embed(ids, truncate_dim, normalize_embeddings, batch_size, max_batch_tokens,
+                              precision, convert_to_tensor, show_progress_bar, ranges, calibration_embeddings)
         return out[0] if single else out
 
     def encode_query(self, sentences, **kwargs):
@@ -157,12 +174,12 @@ class Embedder:
     def encode_tokens(self, token_ids, truncate_dim: int | None = None, normalize_embeddings: bool = True,
                       batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                       precision: str = "float32", convert_to_tensor: bool = False,
-                      show_progress_bar: bool | None = None):
+                      show_progress_bar: bool | None = None, ranges=None, calibration_embeddings=None):
         """Embed pre-tokenised inputs (each `[CLS] ... [SEP]` included), same options as encode."""
         ids = self._check_ids(token_ids)
         self._check_options(truncate_dim, precision)
         return self._embed(ids, truncate_dim, normalize_embeddings, batch_size, max_batch_tokens,
-                           precision, convert_to_tensor, show_progress_bar)
+                           precision, convert_to_tensor, show_progress_bar, ranges, calibration_embeddings)
 
     def hidden_states(self, token_ids, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
         """Final-norm hidden states, one float32 CPU tensor [len_i, hidden] per input, input order."""
@@ -222,7 +239,7 @@ class Embedder:
         return out
 
     def _embed(self, ids, truncate_dim, normalize, batch_size, max_batch_tokens, precision,
-               convert_to_tensor, show_progress_bar):
+               convert_to_tensor, show_progress_bar, ranges=None, calibration_embeddings=None):
         dim = truncate_dim or self.config.hidden_size
         result = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
         plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size) if ids else []
@@ -240,6 +257,16 @@ class Embedder:
                 bar.update(batch.num_seqs)
         if bar is not None:
             bar.close()
+        return self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
+
+    def _finish(self, result, precision, convert_to_tensor, ranges=None, calibration_embeddings=None):
+        """float32 embeddings [N, d] on the device -> the requested precision and container."""
+        if (ranges is not None or calibration_embeddings is not None) and \
+                precision not in _quantize.SCALAR_PRECISIONS:
+            raise ValueError(f"ranges / calibration_embeddings apply to int8 and uint8, not {precision!r}")
+        if precision in _quantize.QUANTIZED_PRECISIONS:
+            codes = _quantize.quantize_embeddings(result.cpu().numpy(), precision, ranges, calibration_embeddings)
+            return torch.from_numpy(codes).to(self.device) if convert_to_tensor else codes
         if precision == "float16":
             result = result.half()
         if convert_to_tensor:

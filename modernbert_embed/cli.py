@@ -1,0 +1,173 @@
+"""The `modernbert-embed` command (also `python -m modernbert_embed`).
+
+    modernbert-embed embed INPUT... -o OUTDIR [options]   embed a corpus into a folder of shards
+    modernbert-embed verify OUTDIR                         check a finished folder (files, checksums, counts)
+
+Exit status: 0 done (or nothing left to do), 1 bad input or a failure while embedding, 2 a refused
+invocation (bad options, missing inputs, an output folder of a different job), 130 interrupted.
+A killed or interrupted `embed` resumes where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import quantize as Q
+from .tokenizer import PROMPTS
+
+DEFAULT_MODEL = "nomic-ai/modernbert-embed-base"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows an option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, True, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modernbert-embed",
+        description="Text embeddings with ModernBERT (nomic-ai/modernbert-embed-base and its family).",
+        epilog="Exit status: 0 done, 1 bad input or failure, 2 refused invocation, 130 interrupted.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser(
+        "embed", help="embed a corpus into a folder of shards (resumable)",
+        description="Embed every document of the inputs into OUTDIR: shard-NNNNN.npy embeddings, a "
+                    "row-aligned shard-NNNNN.meta.parquet (or .jsonl) of row, id, tokens and truncated, "
+                    "and manifest.json. Run the same command again after a crash or kill to resume.",
+        formatter_class=_Formatter)
+    e.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text (.txt: one document a line, blank lines included), JSON Lines (.jsonl) or "
+                        "Parquet (.parquet) files")
+    e.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (new, empty, or "
+                   "the folder of an unfinished run of the same command)")
+    g = e.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--max-batch-tokens", type=_positive, default=None, metavar="N",
+                   help="tokens per batch (default 16384)")
+    g = e.add_argument_group("input")
+    g.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "parquet"],
+                   help="auto: from the file name")
+    g.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    g.add_argument("--id-field", default=None, metavar="FIELD",
+                   help="field / column holding each document's id; given, every row must have it "
+                        "(default: 'id' where present)")
+    g.add_argument("--on-error", default="stop", choices=["stop", "skip"],
+                   help="a bad row (invalid UTF-8 or JSON, missing or non-string text): stop with its file "
+                        "and line, or skip it and list it in the manifest")
+    g = e.add_argument_group("embedding")
+    p = g.add_mutually_exclusive_group()
+    p.add_argument("--prompt-name", choices=sorted(PROMPTS), default=None,
+                   help="prefix the model was trained with; use search_document for a retrieval corpus")
+    p.add_argument("--prompt", default=None, metavar="STR", help="a prefix of your own, prepended as given")
+    g.add_argument("--truncate-dim", type=_positive, default=None, metavar="N",
+                   help="keep the first N dimensions (Matryoshka), then normalise")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="store unnormalised embeddings")
+    g.add_argument("--long", default="truncate", choices=["truncate", "chunk"],
+                   help="documents over max_seq_length: truncate (counted and flagged) or chunk "
+                        "(overlapping windows, token-weighted mean, normalised)")
+    g.add_argument("--overlap", type=_non_negative, default=None, metavar="TOKENS",
+                   help="tokens shared by consecutive windows with --long chunk (default: 128, or a "
+                        "quarter of a window when smaller)")
+    g = e.add_argument_group("output")
+    g.add_argument("--precision", default="float32", choices=list(Q.PRECISIONS),
+                   help="int8/uint8: per-dimension ranges from a calibration sample, stored in the manifest; "
+                        "binary/ubinary: packed sign bits (768 dims -> 96 bytes)")
+    g.add_argument("--calibration", default=None, metavar="FILE",
+                   help="int8/uint8 ranges to reuse: a calibration.json or manifest.json of an earlier "
+                        "run, or a .npy of float embeddings")
+    g.add_argument("--calibration-size", type=_positive, default=1000, metavar="N",
+                   help="documents, spread evenly over the input, to calibrate int8/uint8 on")
+    g.add_argument("--shard-size", type=_positive, default=10000, metavar="N", help="input rows per shard")
+    g.add_argument("--meta-format", default=None, choices=["parquet", "jsonl"],
+                   help="row metadata files (default: parquet when pyarrow is installed, else jsonl)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check a finished output folder: files, checksums and counts")
+    v.add_argument("output", metavar="OUTDIR")
+    return parser
+
+
+def _options(args):
+    from .corpus import EmbedOptions
+
+    prompt = args.prompt if args.prompt is not None else (PROMPTS[args.prompt_name] if args.prompt_name else "")
+    return EmbedOptions(
+        inputs=list(args.inputs), output=args.output, model=args.model, revision=args.revision,
+        input_format=args.input_format, text_field=args.text_field,
+        id_field=args.id_field or "id", id_required=args.id_field is not None,
+        prompt=prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
+        precision=args.precision, calibration=args.calibration, calibration_size=args.calibration_size,
+        long=args.long, overlap=args.overlap, shard_size=args.shard_size, meta_format=args.meta_format,
+        on_error=args.on_error, max_batch_tokens=args.max_batch_tokens, device=args.device, dtype=args.dtype,
+        progress=args.progress, quiet=args.quiet,
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .corpus import CorpusError, CorpusJob, verify_output
+    from .weights import CheckpointError
+
+    try:
+        if args.command == "verify":
+            print(verify_output(args.output))
+            return 0
+        job = CorpusJob(_options(args))
+        result = job.run()
+    except CorpusError as e:
+        print(f"modernbert-embed: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (CheckpointError, ConfigError) as e:
+        print(f"modernbert-embed: error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError) as e:  # option values the library rejects
+        print(f"modernbert-embed: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, TypeError)) else 1
+    except OSError as e:  # a disk full, a file that vanished or cannot be written
+        print(f"modernbert-embed: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("modernbert-embed: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(result.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

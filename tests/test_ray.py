@@ -1,0 +1,136 @@
+"""The Ray Data adapter on a local Ray cluster on CPU, with a small random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SMALL_CONFIG, fixture_file
+
+REAL_VOCAB = {**SMALL_CONFIG, "vocab_size": 50368, "pad_token_id": 50283, "cls_token_id": 50281,
+              "sep_token_id": 50282, "bos_token_id": 50281, "eos_token_id": 50282}
+TEXTS = [f"document number {i}: " + "some words about corpora and shards " * (i % 7) for i in range(37)]
+
+
+def test_adapter_module_imports_the_real_ray_lazily():
+    import importlib
+
+    mod = importlib.import_module("modernbert_embed.ray")
+    assert mod.__name__ == "modernbert_embed.ray"
+    try:
+        real = mod._import("ray")
+    except ImportError:
+        pytest.skip("ray is not installed (the ray extra)")
+    assert real is not mod and hasattr(real, "init") and real.__name__ == "ray"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from modernbert_embed.weights import write_random_checkpoint
+
+    tok = fixture_file("tokenizer.json")
+    return write_random_checkpoint(tmp_path_factory.mktemp("ray-ckpt"), REAL_VOCAB, seed=21, tokenizer_json=tok,
+                                   max_seq_length=64)
+
+
+def test_callable_class_without_a_cluster(ckpt):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (the ray extra)")
+    from modernbert_embed import Embedder
+    from modernbert_embed.ray import RayEmbedder
+
+    ref = Embedder.from_pretrained(ckpt, device="cpu").encode(TEXTS[:5], prompt_name="search_document")
+    f = RayEmbedder(str(ckpt), prompt_name="search_document", device="cpu")
+    table = f(pa.table({"text": TEXTS[:5], "n": list(range(5))}))
+    assert table.column_names == ["text", "n", "embedding"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 128)
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()), ref, atol=1e-5)
+    d = f({"text": np.array(TEXTS[:5], dtype=object)})
+    np.testing.assert_allclose(d["embedding"], ref, atol=1e-5)
+    pd = pytest.importorskip("pandas")
+    df = f(pd.DataFrame({"text": TEXTS[:5]}))
+    np.testing.assert_allclose(np.stack(df["embedding"]), ref, atol=1e-5)
+    with pytest.raises(TypeError, match="column 'text', row 1 of this batch is null"):
+        f(pa.table({"text": ["a", None]}))
+    with pytest.raises(KeyError, match="no column 'text'"):
+        f(pa.table({"body": ["a"]}))
+    with pytest.raises(ValueError, match="needs fixed ranges"):
+        RayEmbedder(str(ckpt), precision="int8", device="cpu")
+    from modernbert_embed import quantize as Q
+    from modernbert_embed.ray import embed_dataset
+
+    with pytest.raises(ValueError, match="needs fixed ranges"):
+        embed_dataset(None, str(ckpt), precision="uint8")
+    r = Q.calibration_ranges(ref[:3])  # the last rows fall partly outside: clipped, the same everywhere
+    q = RayEmbedder(str(ckpt), prompt_name="search_document", precision="int8", ranges=r.tolist(), device="cpu")
+    codes = q(pa.table({"text": TEXTS[:5]}))
+    assert codes.schema.field("embedding").type == pa.list_(pa.int8(), 128)
+    np.testing.assert_array_equal(np.array(codes.column("embedding").to_pylist()),
+                                  Q.quantize_embeddings(ref, "int8", ranges=r))
+    b = RayEmbedder(str(ckpt), precision="ubinary", device="cpu", keep_columns=False)(pa.table({"text": TEXTS[:3]}))
+    assert b.column_names == ["embedding"] and b.schema.field("embedding").type == pa.list_(pa.uint8(), 16)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="ray is not installed (the ray extra: pip install 'ray[data]')")
+    pytest.importorskip("pyarrow", reason="pyarrow is not installed (the ray extra)")
+    # Logical CPUs: two actors hold one each, and reading and writing need some left.
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_embed_dataset_on_a_local_cpu_cluster(ckpt, ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modernbert_embed import Embedder
+    from modernbert_embed.ray import embed_dataset
+
+    ray = ray_cluster
+    ids = list(range(len(TEXTS)))
+    whole = pa.table({"id": ids, "text": TEXTS})
+    ds = ray.data.from_arrow([whole.slice(0, 12), whole.slice(12, 12), whole.slice(24)])  # three blocks
+    out = embed_dataset(ds, str(ckpt), num_actors=2, batch_size=8, prompt_name="search_document")
+    out.write_parquet(str(tmp_path / "out"))
+
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 128)
+    assert sorted(table.column("id").to_pylist()) == ids  # every row once
+    got = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
+    ref = Embedder.from_pretrained(ckpt, device="cpu").encode(TEXTS, prompt_name="search_document")
+    np.testing.assert_allclose(np.array([got[i] for i in ids]), ref, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_example_script_writes_fixed_size_float32_lists(ckpt, ray_cluster, tmp_path):
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    from modernbert_embed import Embedder
+
+    spec = importlib.util.spec_from_file_location("ray_embed_example", ROOT / "examples" / "ray_embed.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"doc": f"d{i}", "body": t}) + "\n" for i, t in enumerate(TEXTS)))
+    rc = example.main([str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt), "--text-field", "body",
+                       "--truncate-dim", "64", "--num-actors", "1", "--batch-size", "16"])
+    assert rc == 0
+    table = pq.read_table(tmp_path / "out")
+    import pyarrow as pa
+
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert set(table.column_names) == {"doc", "body", "embedding"}
+    got = dict(zip(table.column("doc").to_pylist(), table.column("embedding").to_pylist()))
+    ref = Embedder.from_pretrained(ckpt, device="cpu").encode(TEXTS, truncate_dim=64)
+    np.testing.assert_allclose(np.array([got[f"d{i}"] for i in range(len(TEXTS))]), ref, atol=1e-5)
+    assert sys.modules.get("ray") is ray_cluster  # the real package, not the adapter module
