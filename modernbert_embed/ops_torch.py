@@ -146,7 +146,7 @@ def _banded_mask(lengths: tuple, w: int, device, dtype) -> torch.Tensor:
 def geglu(u):
     """`gelu_erf(u[:, :I]) * u[:, I:]` for the `Wi` output u: [T, 2I] -> [T, I]."""
     x, gate = u.chunk(2, dim=-1)
-    return F.gelu(x) * gate
+    return F.gelu(x).mul_(gate)  # in place on gelu's fresh output: one [T, I] buffer, not two
 
 
 # ----------------------------------------------------------------------------- pooling
