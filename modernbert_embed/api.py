@@ -257,6 +257,11 @@ class Embedder:
                 bar.update(batch.num_seqs)
         if bar is not None:
             bar.close()
+        bad = (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
+        if bad:  # one check per call, not per batch: it synchronises the device
+            raise FloatingPointError(
+                f"non-finite embeddings for input(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+                f"(model dtype {self.dtype}; float16 can overflow where bfloat16 does not)")
         return self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
 
     def _finish(self, result, precision, convert_to_tensor, ranges=None, calibration_embeddings=None):

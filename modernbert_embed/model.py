@@ -51,11 +51,19 @@ class LayerNorm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.eps, residual)
 
 
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = _weight(vocab, hidden)
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModernBertConfig, ops: Ops):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
-        self.tok_embeddings.weight.requires_grad_(False)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops)
 
     def forward(self, input_ids):

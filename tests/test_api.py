@@ -231,3 +231,16 @@ def test_same_as_sentence_transformers_on_text(tmp_path):
     ours = Embedder.from_pretrained(folder).encode_query(texts)
     cos = (ours * ref).sum(1)
     assert cos.min() >= 0.99999, cos
+
+
+def test_non_finite_never_reaches_the_output(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = write_random_checkpoint(tmp_path, SMALL_CONFIG, seed=14)
+    sd = load_file(folder / "model.safetensors")
+    sd["embeddings.tok_embeddings.weight"][7] = float("nan")  # one poisoned token
+    save_file(sd, folder / "model.safetensors")
+    m = Embedder.from_pretrained(folder)
+    assert np.isfinite(m.encode_tokens([[1, 5, 2]])).all()
+    with pytest.raises(FloatingPointError, match=r"input\(s\) \[1\]"):
+        m.encode_tokens([[1, 5, 2], [1, 7, 2], [1, 9, 2]])
