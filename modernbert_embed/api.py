@@ -88,7 +88,7 @@ class Embedder:
         self.name = name
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        self.ops = model.layers[0].attn.ops if len(model.layers) else None
+        self.ops = model.ops
 
     # --------------------------------------------------------------------------- loading
     @classmethod
@@ -104,8 +104,7 @@ class Embedder:
         ops = select_ops(device, backend=backend, attention=attention)
         model = ModernBert(cfg, ops, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        model.load_state_dict(load_state_dict(folder, expected, dtype, device), strict=True, assign=True)
-        model.eval()
+        model.load(load_state_dict(folder, expected, dtype, device))
         max_seq_length = read_max_seq_length(folder, cfg)
         tok_path = folder / "tokenizer.json"
         tokenizer = TextTokenizer(tok_path, max_seq_length) if tok_path.is_file() else None

@@ -134,6 +134,16 @@ class ModernBert(nn.Module):
             EncoderLayer(cfg, i, tables[cfg.rope_theta(i)], ops) for i in range(cfg.num_hidden_layers)
         )
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops)
+        self.ops = ops
+
+    def load(self, state_dict: dict) -> None:
+        """Take the checkpoint's tensors (names and shapes already checked), in the ops' layout."""
+        self.load_state_dict(state_dict, strict=True, assign=True)
+        if self.ops.column_major_weights:
+            for module in self.modules():
+                if isinstance(module, Linear):  # same shape and values, transposed storage
+                    module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+        self.eval()
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
