@@ -40,36 +40,13 @@ import numpy as np
 import torch
 
 from modernbert_embed.config import ModernBertConfig
+from modernbert_embed.weights import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- model shapes
-# A small ModernBERT (4.48 schema) for smoke runs: 2 heads of 64 (the real head_dim), the real
-# window of +-64, 4 layers (global, local, local, global), a 1024-token vocabulary.
-SMALL_CONFIG: dict[str, Any] = {
-    "model_type": "modernbert",
-    "architectures": ["ModernBertModel"],
-    "vocab_size": 1024,
-    "hidden_size": 128,
-    "intermediate_size": 192,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "global_attn_every_n_layers": 3,
-    "local_attention": 128,
-    "global_rope_theta": 160000.0,
-    "local_rope_theta": 10000.0,
-    "norm_eps": 1e-5,
-    "max_position_embeddings": 8192,
-    "hidden_activation": "gelu",
-    "attention_bias": False,
-    "mlp_bias": False,
-    "norm_bias": False,
-    "pad_token_id": 3,
-    "cls_token_id": 1,
-    "sep_token_id": 2,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+# A small ModernBERT (4.48 schema) for smoke runs: the one the tests use.
+SMALL_CONFIG: dict[str, Any] = small_config()
 
 
 def config_dict(name: str) -> dict[str, Any]:

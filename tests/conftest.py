@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modernbert_embed.weights import small_config
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,32 +23,9 @@ FIXTURES = Path(
     os.environ.get("MODERNBERT_EMBED_FIXTURES", ROOT.parent / "shared" / "fixtures" / "modernbert-embed-base")
 )
 
-# A small ModernBERT in the 4.48 schema: 2 heads of 64 (the real head_dim), window +-64 as in the
-# real model, 4 layers (global, local, local, global).
-SMALL_CONFIG = {
-    "model_type": "modernbert",
-    "architectures": ["ModernBertModel"],
-    "vocab_size": 1024,
-    "hidden_size": 128,
-    "intermediate_size": 192,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "global_attn_every_n_layers": 3,
-    "local_attention": 128,
-    "global_rope_theta": 160000.0,
-    "local_rope_theta": 10000.0,
-    "norm_eps": 1e-5,
-    "max_position_embeddings": 8192,
-    "hidden_activation": "gelu",
-    "attention_bias": False,
-    "mlp_bias": False,
-    "norm_bias": False,
-    "pad_token_id": 3,
-    "cls_token_id": 1,
-    "sep_token_id": 2,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+# A small ModernBERT in the 4.48 schema (see weights.small_config): 2 heads of 64, window +-64,
+# 4 layers (global, local, local, global).
+SMALL_CONFIG = small_config()
 
 
 def fixture_file(name: str) -> Path:

@@ -2,7 +2,7 @@
 ones in the real layout for tests and benchmarks."""
 
 from .checkpoint import CheckpointError, load_state_dict, map_key
-from .random_checkpoint import write_random_checkpoint
+from .random_checkpoint import small_config, write_random_checkpoint
 from .resolve import resolve_checkpoint
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "load_state_dict",
     "map_key",
     "resolve_checkpoint",
+    "small_config",
     "write_random_checkpoint",
 ]

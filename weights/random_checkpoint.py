@@ -18,6 +18,38 @@ import torch
 from ..config import ModernBertConfig
 
 
+def small_config(**overrides) -> dict[str, Any]:
+    """A small ModernBERT config.json (4.48 schema) for tests and smoke runs: 2 heads of 64 (the
+    real head_dim), the real window of +-64, 4 layers (global, local, local, global), a 1024-token
+    vocabulary with [CLS]=1, [SEP]=2, [PAD]=3. `overrides` replace or add keys."""
+    cfg = {
+        "model_type": "modernbert",
+        "architectures": ["ModernBertModel"],
+        "vocab_size": 1024,
+        "hidden_size": 128,
+        "intermediate_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "global_attn_every_n_layers": 3,
+        "local_attention": 128,
+        "global_rope_theta": 160000.0,
+        "local_rope_theta": 10000.0,
+        "norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "hidden_activation": "gelu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "norm_bias": False,
+        "pad_token_id": 3,
+        "cls_token_id": 1,
+        "sep_token_id": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
 def random_state_dict(cfg: ModernBertConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     H, I = cfg.hidden_size, cfg.intermediate_size
