@@ -37,7 +37,8 @@ device-check:
 	bash benchmarks/device_check.sh
 
 lint: $(STAMP)
-	$(PY) -m pyflakes modernbert_embed kernels weights tests benchmarks 2>/dev/null || true
+	$(PIP) install -q ruff
+	$(VENV)/bin/ruff check --select E9,F modernbert_embed kernels weights tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

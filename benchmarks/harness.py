@@ -387,7 +387,6 @@ def matmul_tflops(device, dtype: torch.dtype, n: int, repeats: int = 5) -> float
     b = torch.randn(n, n, device=device).to(dtype)
     with torch.inference_mode():
         timing, _ = measure(lambda: a @ b, device, warmup=2 if device.type == "cuda" else 1, repeats=repeats)
-    del a, b
     return 2 * n**3 / min(timing.times) / 1e12
 
 

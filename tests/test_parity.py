@@ -6,7 +6,6 @@ one batch; the random weights make attention peaked so that window or rotary mis
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
