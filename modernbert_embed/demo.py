@@ -35,7 +35,7 @@ def _tokenizer_for_random_model(folder: Path) -> Path:
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"],
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(QUERIES + DOCUMENTS + [__doc__], trainer)
     tok.post_processor = processors.TemplateProcessing(
@@ -67,11 +67,13 @@ def main(argv=None) -> int:
         random_weights = False
     except CheckpointError as e:
         print(f"The real weights could not be loaded ({e}), so this demo runs on random weights instead.")
-        tmp = Path(tempfile.mkdtemp(prefix="modernbert-embed-demo-"))
         from modernbert_embed.weights import write_random_checkpoint
 
-        write_random_checkpoint(tmp, None, seed=0, tokenizer_json=_tokenizer_for_random_model(tmp))
-        model = Embedder.from_pretrained(tmp)
+        with tempfile.TemporaryDirectory(prefix="modernbert-embed-demo-") as tmp:  # 600 MB, removed after loading
+            tmp = Path(tmp)
+            write_random_checkpoint(tmp, None, seed=0, tokenizer_json=_tokenizer_for_random_model(tmp))
+            model = Embedder.from_pretrained(tmp)
+            model.name = "random weights (base shape)"
         random_weights = True
     print(f"loaded {model.name} on {model.device} ({model.dtype}) in {time.perf_counter() - t0:.1f} s")
     if random_weights:
