@@ -44,9 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a folder to write the random checkpoint to (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--out", type=Path, default=None, help="write this run's results as JSON")
-    p.add_argument("--append", type=Path, default=None, help="append this run's results as one JSON line")
-    p.add_argument("--markdown", type=Path, default=None, help="append the table to this markdown file")
+    h.add_output_args(p)
     return p.parse_args(argv)
 
 

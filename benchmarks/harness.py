@@ -44,6 +44,14 @@ from modernbert_embed.weights import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def add_output_args(p, append: bool = True) -> None:
+    """The results-file options every benchmark script takes."""
+    p.add_argument("--out", type=Path, default=None, help="write this run's results as JSON")
+    if append:
+        p.add_argument("--append", type=Path, default=None, help="append this run's results as one JSON line")
+    p.add_argument("--markdown", type=Path, default=None, help="append the table to this markdown file")
+
+
 # ----------------------------------------------------------------------------- model shapes
 # A small ModernBERT (4.48 schema) for smoke runs: the one the tests use.
 SMALL_CONFIG: dict[str, Any] = small_config()

@@ -203,8 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="*", default=None,
                    help="dtype:choice cases, e.g. bf16:auto fp16:attn=torch-varlen fp32:backend=torch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
-    p.add_argument("--markdown", type=Path, default=None, help="append the table to this markdown file")
+    h.add_output_args(p, append=False)
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
