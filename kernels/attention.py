@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_qkv
+
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax is computed with exp2, the factor folded into the scale
 
 # Tile sizes, (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen for an H100 and head_dim 64.
@@ -158,13 +160,7 @@ def attention(qkv, batch, window, scale):
     half window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim] in qkv's dtype.
     fp32 inputs use exact fp32 dots (no TF32).
     """
-    if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv must be [T, 3, heads, head_dim], got {tuple(qkv.shape)}")
-    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
-    if not qkv.is_contiguous():
-        raise ValueError("qkv must be contiguous")
-    T, _, heads, head_dim = qkv.shape
+    T, heads, head_dim = check_qkv(qkv)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if window is not None and (int(window) != window or window < 0):

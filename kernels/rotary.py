@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_qkv
+
 
 @triton.jit
 def _rotary_kernel(
@@ -56,16 +58,10 @@ def _rotary_kernel(
 
 def rotary(qkv, positions, cos, sin):
     """Rotate q and k of the packed `qkv` [T, 3, heads, head_dim] IN PLACE (fp32 math) and return
-    it. Same values as `ops_torch.rotary` (which returns a new tensor); v is untouched.
+    it. Same values as `ops_torch.rotary`; v is untouched.
     `positions` [T] must index rows of the `cos`/`sin` tables [max_positions, head_dim // 2]:
     out-of-range positions are not checked (that would cost a device sync)."""
-    if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv must be [T, 3, heads, head_dim], got {tuple(qkv.shape)}")
-    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
-    if not qkv.is_contiguous():
-        raise ValueError("qkv must be contiguous (it is rotated in place)")
-    T, _, heads, head_dim = qkv.shape
+    T, heads, head_dim = check_qkv(qkv, "it is rotated in place")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
     half = head_dim // 2
