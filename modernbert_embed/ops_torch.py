@@ -77,7 +77,7 @@ def attention(qkv, batch, window, scale):
     for n in batch.lengths:
         end = start + n
         if window is not None and n > 3 * window:
-            out[start:end] = _attention_banded(qkv[start:end], (n,), window, scale).view(n, heads, d)
+            out[start:end] = _attention_banded(qkv[start:end], window, scale).view(n, heads, d)
         else:
             mask = None if window is None or n <= window + 1 else _band_mask(n, window, qkv.device, qkv.dtype)
             out[start:end] = F.scaled_dot_product_attention(
@@ -98,47 +98,38 @@ def _band_mask(n: int, w: int, device, dtype) -> torch.Tensor:
     return _additive((i[:, None] - i[None, :]).abs() <= w, dtype)  # [n, n]: 0 visible, -inf hidden
 
 
-def _attention_banded(qkv, lengths, w, scale):
-    """Sliding-window attention over the whole packed stream, block by block.
+def _attention_banded(qkv, w, scale):
+    """Sliding-window attention over one sequence, block by block.
 
-    Queries are cut into blocks of `w`; block b sees the keys [b*w - w, b*w + 2w), so work is
-    proportional to T * 3w, not to any sequence length squared. A mask keeps |i - j| <= w and
-    same-sequence pairs only, so neighbours in the pack never see each other.
+    Queries are cut into blocks of `w`; block b sees the keys [b*w - w, b*w + 2w), so the work is
+    proportional to L * 3w, not to L^2. A mask keeps the pairs with |i - j| <= w.
     """
-    T, _, heads, d = qkv.shape
+    n, _, heads, d = qkv.shape
     blk = w
-    nb = -(-T // blk)
+    nb = -(-n // blk)
     span = blk + 2 * w  # keys visible to one query block
-    pad_right = nb * blk - T + w
-    mask = _banded_mask(tuple(lengths), w, qkv.device, qkv.dtype)  # [nb, 1, blk, span]
+    pad_right = nb * blk - n + w
+    mask = _banded_mask(n, w, qkv.device, qkv.dtype)  # [nb, 1, blk, span]
 
-    q, k, v = qkv.unbind(1)  # [T, heads, d]
-    qb = F.pad(q, (0, 0, 0, 0, 0, nb * blk - T)).view(nb, blk, heads, d).transpose(1, 2)
-    kp = F.pad(k, (0, 0, 0, 0, w, pad_right)).unfold(0, span, blk)  # [nb, heads, d, span]
-    vp = F.pad(v, (0, 0, 0, 0, w, pad_right)).unfold(0, span, blk)
-    kb = kp.permute(0, 1, 3, 2)  # [nb, heads, span, d]
-    vb = vp.permute(0, 1, 3, 2)
+    q, k, v = qkv.unbind(1)  # [n, heads, d]
+    qb = F.pad(q, (0, 0, 0, 0, 0, nb * blk - n)).view(nb, blk, heads, d).transpose(1, 2)
+    kb = F.pad(k, (0, 0, 0, 0, w, pad_right)).unfold(0, span, blk).permute(0, 1, 3, 2)  # [nb, heads, span, d]
+    vb = F.pad(v, (0, 0, 0, 0, w, pad_right)).unfold(0, span, blk).permute(0, 1, 3, 2)
     ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-    out = ob.transpose(1, 2).reshape(nb * blk, heads * d)[:T]
-    return out
+    return ob.transpose(1, 2).reshape(nb * blk, heads * d)[:n]
 
 
 @functools.lru_cache(maxsize=64)
-def _banded_mask(lengths: tuple, w: int, device, dtype) -> torch.Tensor:
-    """Additive mask [nb, 1, w, 3w] of `_attention_banded`: |i - j| <= w and same sequence."""
-    T, blk = sum(lengths), w
-    nb = -(-T // blk)
-    span = blk + 2 * w
-    seq_id = torch.repeat_interleave(
-        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
-    )
-    # Padding gets its own id (-1): a padded query then always sees itself and stays finite.
-    seq_pad = F.pad(seq_id, (w, nb * blk - T + w), value=-1)
-    q_seq = F.pad(seq_id, (0, nb * blk - T), value=-1).view(nb, blk)
-    k_seq = seq_pad.unfold(0, span, blk)  # [nb, span]
-    qi = torch.arange(blk, device=device)[:, None]
-    kj = torch.arange(span, device=device)[None, :] - w  # key offset relative to the block start
-    visible = ((qi - kj).abs() <= w)[None] & (q_seq[:, :, None] == k_seq[:, None, :])  # [nb, blk, span]
+def _banded_mask(n: int, w: int, device, dtype) -> torch.Tensor:
+    """Additive mask [nb, 1, w, 3w] of `_attention_banded` for a sequence of n tokens."""
+    blk, nb = w, -(-n // w)
+    q_pos = torch.arange(nb * blk, device=device).view(nb, blk)  # query positions, padding past n
+    k_pos = torch.arange(-w, nb * blk + w, device=device).unfold(0, blk + 2 * w, blk)  # [nb, span]
+    near = (q_pos[:, :, None] - k_pos[:, None, :]).abs() <= w
+    # Padding (outside 0..n-1) only sees padding: a padded query sees itself and stays finite.
+    q_real = q_pos < n
+    k_real = (k_pos >= 0) & (k_pos < n)
+    visible = near & (q_real[:, :, None] == k_real[:, None, :])
     return _additive(visible, dtype)[:, None]
 
 
