@@ -152,13 +152,26 @@ def _config(dtype, head_dim, window):
     return _CONFIG_FULL if window is None else _CONFIG_LOCAL
 
 
-def attention(qkv, batch, window, scale):
+def _check_config(config):
+    try:
+        block_m, block_n, num_warps, num_stages = (int(c) for c in config)
+    except (TypeError, ValueError):
+        raise ValueError(f"config must be (BLOCK_M, BLOCK_N, num_warps, num_stages), got {config!r}") from None
+    for name, v in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
+    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got {num_warps}, {num_stages}")
+
+
+def attention(qkv, batch, window, scale, *, config=None):
     """Bidirectional attention within each packed sequence, as `ops_torch.attention`.
 
     qkv: [T, 3, heads, head_dim] contiguous (rotary applied), fp32 / fp16 / bf16; `batch` gives
     `cu_seqlens` (int32, on qkv's device) and `max_seqlen`. window: None for full attention, or the
     half window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim] in qkv's dtype.
-    fp32 inputs use exact fp32 dots (no TF32).
+    fp32 inputs use exact fp32 dots (no TF32). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    overrides the tiles chosen for the dtype and window (benchmarks sweep it).
     """
     T, heads, head_dim = check_qkv(qkv)
     if head_dim not in HEAD_DIMS:
@@ -175,7 +188,11 @@ def attention(qkv, batch, window, scale):
     if T == 0 or heads == 0 or B == 0:
         return out
 
-    block_m, block_n, num_warps, num_stages = _config(qkv.dtype, head_dim, window)
+    if config is None:
+        config = _config(qkv.dtype, head_dim, window)
+    else:
+        _check_config(config)
+    block_m, block_n, num_warps, num_stages = config
     # one program per (query block, sequence, head); blocks past a shorter sequence's end exit
     num_m_blocks = triton.cdiv(batch.max_seqlen, block_m)
     grid = (num_m_blocks * B * heads,)

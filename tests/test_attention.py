@@ -206,6 +206,26 @@ def test_triton_attention_other_head_dims(head_dim):
         assert_close(f"head_dim={head_dim} window={window}", out, ref, 1e-5, 1e-5, lengths, head_dim)
 
 
+@pytest.mark.parametrize("config", [(16, 16, 1, 1), (32, 64, 2, 2), (128, 32, 4, 3)], ids=str)
+@pytest.mark.parametrize("window", [None, 64], ids=["full", "w64"])
+def test_triton_attention_tile_override(config, window):
+    # the benchmarks sweep tile shapes: any valid (BLOCK_M, BLOCK_N, warps, stages) must give the
+    # same attention, including tiles smaller and larger than the window and unequal M / N
+    lengths = [1, 17, 64, 65, 140]
+    qkv = make_qkv(lengths, torch.float32, seed=5)
+    out = attention(qkv, batch_of(lengths), window, SCALE, config=config)
+    assert_close(f"config={config} window={window}", out, dense_reference(qkv, lengths, window, SCALE),
+                 1e-5, 1e-5, lengths)
+
+
+def test_triton_attention_rejects_bad_config():
+    qkv, batch = make_qkv([4], torch.float32), batch_of([4])
+    for bad, what in [((48, 64, 4, 3), "BLOCK_M"), ((64, 8, 4, 3), "BLOCK_N"), ((64, 64, 3, 3), "num_warps"),
+                      ((64, 64, 4, 0), "num_stages"), ((64, 64), "config must be")]:
+        with pytest.raises(ValueError, match=what):
+            attention(qkv, batch, None, SCALE, config=bad)
+
+
 def test_triton_attention_rejects_bad_input():
     batch = batch_of([4])
     with pytest.raises(ValueError, match="head_dim"):
