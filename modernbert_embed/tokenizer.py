@@ -64,5 +64,8 @@ class TextTokenizer:
         check_texts(texts)
         if prompt:
             texts = [prompt + t for t in texts]
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: the
+        # same ids and truncation, about 20% faster
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=True)
         return [e.ids for e in encodings], [len(e.overflowing) > 0 for e in encodings]
