@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a machine with a CUDA GPU and torch / triton / transformers /
 # sentence-transformers already installed, and no network:
-#   install the project (no dependencies), print the GPU and versions, the GPU-marked tests, the
-#   kernel tests on the GPU, parity against transformers, the GPU benchmark, then a summary.
-# Results (JSON, markdown tables, one log per step) go to $OUT/device-check when OUT is set, else
-# ./device-check-out. Each step runs under `timeout`; a failed or timed-out step is reported in
-# the summary and the run goes on. About 6 minutes on an H100; DEVICE_CHECK_BUDGET (seconds,
-# default 450) caps the whole run: each step gets at most what is left of it after the time kept
-# for the steps after it.
+#   install the project (no dependencies), print the GPU and versions; then, side by side (they
+#   are correctness checks, and mostly compile Triton kernels on the CPU cores), the GPU-marked
+#   tests, the kernel tests on the GPU (two processes) and parity against transformers; then,
+#   alone on the GPU, the model benchmark against the peers and the op-by-op benchmark (kernels
+#   vs torch, attention vs torch's kernels, a profile by op, an attention tile sweep); a summary.
+# Results (JSON, markdown tables, one log per step and part) go to $OUT/device-check when OUT is
+# set, else ./device-check-out. Each step runs under `timeout`; a failed or timed-out step is
+# reported in the summary and the run goes on. About 6 minutes on an H100; DEVICE_CHECK_BUDGET
+# (seconds, default 450) caps the whole run: each step gets at most what is left of it after the
+# time kept for the steps after it.
 #
 #   bash benchmarks/device_check.sh            # or: make device-check
 set -u
@@ -17,7 +20,7 @@ ROOT=$(pwd)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 if [ -n "${OUT:-}" ]; then DEST="$OUT/device-check"; else DEST="$ROOT/device-check-out"; fi
 mkdir -p "$DEST"
-rm -f "$DEST/results.md" "$DEST/pythonpath"
+rm -f "$DEST/results.md" "$DEST/parity.md" "$DEST/ops.md" "$DEST/pythonpath" "$DEST"/*.rc
 BUDGET=${DEVICE_CHECK_BUDGET:-450}
 START=$(date +%s)
 SUMMARY="$DEST/summary.tsv"
@@ -98,18 +101,52 @@ except Exception as e:
 PYEOF
 }
 
-kernel_tests() {
-    local files=() f
-    for f in tests/test_kernels.py tests/test_kernel_*.py tests/test_attention.py tests/test_gpu_model.py; do
-        [ -f "$f" ] && files+=("$f")
-    done
-    if [ ${#files[@]} -eq 0 ]; then echo "no kernel test files"; return 5; fi
-    # The GPU-marked tests ran in the step before; these are the rest, on the GPU.
-    "$PY" -m pytest -q -rfEs -p no:cacheprovider -m "not gpu" --junitxml="$DEST/kernel-tests.xml" "${files[@]}"
+# part NAME CMD... : run CMD in the background with its output in $DEST/NAME.log, under the
+# step's limit less a margin; `wait_parts` waits for all of them and records each in the summary.
+PARTS=()
+part() {
+    local name=$1
+    shift
+    ( t0=$(date +%s)
+      timeout --signal=TERM --kill-after=5 $((STEP_LIMIT > 30 ? STEP_LIMIT - 10 : STEP_LIMIT)) "$@" \
+          > "$DEST/$name.log" 2>&1
+      echo "$? $(( $(date +%s) - t0 ))" > "$DEST/$name.rc" ) &
+    PARTS+=("$name")
 }
 
-parity() {
-    "$PY" benchmarks/parity_gpu.py --out "$DEST/parity_gpu.json" --markdown "$DEST/results.md"
+wait_parts() {
+    local name rc secs status worst=0
+    wait
+    for name in "${PARTS[@]}"; do
+        read -r rc secs < "$DEST/$name.rc" 2>/dev/null || { rc=1; secs=0; }
+        case $rc in
+            0) status=ok ;;
+            124|137) status="TIMEOUT" ;;
+            5) status="no tests collected"; rc=0 ;;
+            *) status="FAIL (rc $rc)" ;;
+        esac
+        [ "$rc" -ne 0 ] && worst=1
+        printf '%s\t%s\t%s\t%s\n' "  $name" "$status" "$secs" "$name.log" >> "$SUMMARY"
+        echo "----- $name: $status in ${secs}s; the last lines of $name.log:"
+        tail -n 25 "$DEST/$name.log"
+    done
+    PARTS=()
+    return $worst
+}
+
+checks() {
+    # Side by side: each part mostly compiles kernels (one CPU core each) and runs small GPU work.
+    # The GPU-marked tests ran alone would take the longest; the kernel tests are split in two.
+    export OMP_NUM_THREADS=4
+    local pytest=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
+    part pytest-gpu "${pytest[@]}" -m gpu --junitxml="$DEST/pytest-gpu.xml"
+    local f
+    for f in tests/test_kernels.py tests/test_attention.py; do
+        [ -f "$f" ] && part "kernel-tests-$(basename "$f" .py)" "${pytest[@]}" -m "not gpu" \
+            --junitxml="$DEST/kernel-tests-$(basename "$f" .py).xml" "$f"
+    done
+    part parity "$PY" benchmarks/parity_gpu.py --out "$DEST/parity_gpu.json" --markdown "$DEST/parity.md"
+    wait_parts
 }
 
 bench() {
@@ -119,25 +156,33 @@ bench() {
         --out "$DEST/bench_gpu.json" --markdown "$DEST/results.md"
 }
 
+ops() {
+    # The tile sweep (last) stops 30 s before the step's limit.
+    "$PY" benchmarks/bench_ops_gpu.py --time-budget $((STEP_LIMIT > 60 ? STEP_LIMIT - 30 : 30)) \
+        --out "$DEST/bench_ops_gpu.json" --markdown "$DEST/ops.md"
+}
+
 export PY DEST ROOT
-export -f install environment kernel_tests parity bench
+export SUMMARY
+export -f install environment part wait_parts checks bench ops
 
 echo "device check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $MODERNBERT_EMBED_COMMIT, results in $DEST"
-#    name          limit reserve  command
-step install       60    380      install
+#    name          limit reserve  command      (install and environment always run: no reserve)
+step install       60    0        install
 [ -f "$DEST/pythonpath" ] && export PYTHONPATH="$(cat "$DEST/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
-step environment   45    380      environment
-step pytest-gpu    110   260      "$PY" -m pytest -q -rfEs -p no:cacheprovider -m gpu --junitxml="$DEST/pytest-gpu.xml"
-step kernel-tests  80    260      kernel_tests
-step parity        80    180      parity
-step bench         200   0        bench
+step environment   45    0        environment
+step checks        150   240      checks
+step bench         190   60       bench
+step ops           90    0        ops
 
 echo
-[ -f "$DEST/results.md" ] && cat "$DEST/results.md" && echo
+for f in parity.md results.md ops.md; do
+    [ -f "$DEST/$f" ] && cat "$DEST/$f" && echo
+done
 echo "================================ summary ================================"
 echo "device check: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; commit $MODERNBERT_EMBED_COMMIT; results in $DEST"
 sed -n '2,3p' "$DEST/environment.log" 2>/dev/null
-for f in pytest-gpu kernel-tests; do
+for f in pytest-gpu kernel-tests-test_kernels kernel-tests-test_attention; do
     [ -f "$DEST/$f.log" ] && echo "$f: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$DEST/$f.log" | tail -n 1)"
 done
 [ -f "$DEST/parity.log" ] && grep -E '^parity_gpu: .*failed' "$DEST/parity.log"

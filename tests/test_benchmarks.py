@@ -154,3 +154,38 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     assert cases["fp32:auto"]["status"] == "PASS" and cases["fp32:auto"]["max_diff_crossing"] < 1e-4
     assert cases["bf16:auto"]["status"] == "PASS"
     assert cases["bf16:attn=torch-varlen"]["status"] == "N/A"  # optional and unavailable here
+
+
+def test_ops_benchmark_dry_run_on_cpu(bench, tmp_path, one_thread):
+    """bench_ops_gpu's logic on the CPU (kernels under the interpreter): every op timed for both
+    implementations, attention rows, a profile grouped by op, one best tile per sweep case."""
+    ops = bench("bench_ops_gpu")
+    out, md = tmp_path / "ops.json", tmp_path / "ops.md"
+    rc = ops.main(["--device", "cpu", "--quick", "--dtype", "fp32", "--out", str(out), "--markdown", str(md)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["bandwidth_gbs"]["copy"] > 0
+    names = {r["op"] for r in rec["ops"]}
+    assert names == {"layer_norm +residual", "layer_norm", "rotary (in place)", "geglu", "pool mean+L2"}
+    for r in rec["ops"]:
+        assert r["error"] is None and r["ms"] > 0 and r["gb_s"] > 0, r
+        assert (r["speedup_vs_torch"] is not None) == (r["impl"] == "triton")
+    impls = {(r["case"], r["impl"]) for r in rec["attention"] if r["error"] is None}
+    assert {impl for _, impl in impls} == {"triton", "torch (SDPA per sequence)"}
+    profile = rec["profile"]["4x64"]
+    assert profile["kernel_ms"] > 0 and "gemm" in profile["groups_ms"]
+    sweep = rec["sweep"]
+    for case in {r["case"] for r in sweep}:
+        rows = [r for r in sweep if r["case"] == case]
+        assert rows[0]["default"] and sum(r["best"] for r in rows) == 1
+    assert "bench_ops_gpu" in md.read_text()
+
+
+def test_visible_pairs_counts_the_window(bench):
+    ops = bench("bench_ops_gpu")
+    for lengths, w in [([1, 5, 200], 64), ([130], 64), ([129], 64), ([10], 0), ([70], None), ([300, 3], 16)]:
+        brute = sum(1 for n in lengths for i in range(n) for j in range(n) if w is None or abs(i - j) <= w)
+        assert ops.visible_pairs(lengths, w) == brute, (lengths, w)
+    assert ops.group_of("_attention_kernel") == "attention"
+    assert ops.group_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert ops.group_of("_layer_norm_kernel") == "layer_norm"
