@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from . import quantize as _quantize
-from .batching import pack, plan_batches
+from .batching import pack, plan_batches, upload
 from .config import ModernBertConfig
 from .model import ModernBert
 from .ops import select_ops
@@ -25,6 +26,9 @@ DTYPES = {
 }
 PRECISIONS = _quantize.PRECISIONS  # float32, float16, int8, uint8, binary, ubinary
 DEFAULT_MAX_BATCH_TOKENS = 16384
+# With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
+# for: two keep the GPU fed while the host packs the next batch.
+RUN_AHEAD = 2
 
 
 def resolve_device(device) -> torch.device:
@@ -240,28 +244,58 @@ class Embedder:
     def _embed(self, ids, truncate_dim, normalize, batch_size, max_batch_tokens, precision,
                convert_to_tensor, show_progress_bar, ranges=None, calibration_embeddings=None):
         dim = truncate_dim or self.config.hidden_size
-        result = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
         plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size) if ids else []
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(ids), unit="doc", desc="Embedding")
+        try:
+            result = self._run_plan(ids, plan, dim, normalize, None if bar is None else lambda n, _: bar.update(n))
+        finally:
+            if bar is not None:
+                bar.close()
+        self._check_finite(result)
+        return self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
+
+    def _check_finite(self, result: torch.Tensor) -> None:
+        """Refuse non-finite embeddings, naming the inputs. Once per call, not per batch: it waits
+        for the device."""
+        bad = (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(
+                f"non-finite embeddings for input(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+                f"(model dtype {self.dtype}; float16 can overflow where bfloat16 does not)")
+
+    def _run_plan(self, ids, plan, dim, normalize, on_done=None) -> torch.Tensor:
+        """Embed `ids` batch by batch as `plan` groups them: float32 [len(ids), dim] on the device,
+        in input order. Nothing here waits for the GPU (inputs go up through pinned memory, each
+        batch's rows are scattered into place on the device), so while the GPU runs one batch the
+        host packs the next. `on_done(docs, tokens)` is called as batches finish, in plan order;
+        with it, on a GPU, the host stays at most RUN_AHEAD batches ahead so that the counts are
+        of batches computed, not merely queued."""
+        result = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
+        track = on_done is not None and self.device.type == "cuda"
+        pending: collections.deque = collections.deque()
         for order in plan:
             batch = pack(ids, order, self.device)
             hidden = self.model(batch)
             emb = self.ops.pool(hidden, batch, self.pooling, dim, normalize)
-            result[torch.tensor(batch.order, device=self.device)] = emb
-            if bar is not None:
-                bar.update(batch.num_seqs)
-        if bar is not None:
-            bar.close()
-        bad = (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
-        if bad:  # one check per call, not per batch: it synchronises the device
-            raise FloatingPointError(
-                f"non-finite embeddings for input(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} "
-                f"(model dtype {self.dtype}; float16 can overflow where bfloat16 does not)")
-        return self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
+            result.index_copy_(0, upload(np.asarray(order, dtype=np.int64), torch.int64, self.device), emb)
+            if track:
+                event = torch.cuda.Event()
+                event.record()
+                pending.append((event, batch.num_seqs, batch.num_tokens))
+                if len(pending) > RUN_AHEAD:
+                    event, n, t = pending.popleft()
+                    event.synchronize()
+                    on_done(n, t)
+            elif on_done is not None:
+                on_done(batch.num_seqs, batch.num_tokens)
+        for event, n, t in pending:
+            event.synchronize()
+            on_done(n, t)
+        return result
 
     def _finish(self, result, precision, convert_to_tensor, ranges=None, calibration_embeddings=None):
         """float32 embeddings [N, d] on the device -> the requested precision and container."""

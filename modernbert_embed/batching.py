@@ -7,9 +7,11 @@ caller's order is restored at the end and every input yields exactly one output.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -59,19 +61,33 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, batch_size: int 
     return batches
 
 
+def upload(values: np.ndarray, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A 1-d host array as a tensor on `device`. For a GPU the values go through pinned memory
+    with a non-blocking copy, so the host never waits for the GPU's queue to drain (a copy from
+    ordinary memory may): the host prepares the next batch while the GPU computes this one. The
+    pinned buffer is kept until the copy has run (torch's pinned-memory allocator records it)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype=dtype, device=device)
+    host = torch.empty(len(values), dtype=dtype, pin_memory=True)
+    host.numpy()[:] = values
+    return host.to(device, non_blocking=True)
+
+
 def pack(sequences: Sequence[Sequence[int]], order: Sequence[int], device=None) -> Batch:
     """Pack the token-id lists `sequences[i] for i in order` into one `Batch` on `device`."""
     chosen = [sequences[i] for i in order]
     lengths = tuple(len(s) for s in chosen)
-    flat = [t for s in chosen for t in s]
-    ids = torch.tensor(flat, dtype=torch.int64)
-    positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths])
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+    T = sum(lengths)
+    ids = np.fromiter(itertools.chain.from_iterable(chosen), dtype=np.int64, count=T)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    starts = ends - np.asarray(lengths, dtype=np.int64)
+    positions = np.arange(T, dtype=np.int64) - np.repeat(starts, lengths)  # restart at 0 per sequence
+    cu = np.concatenate([[0], ends])
     return Batch(
-        input_ids=ids.to(device, non_blocking=True),
-        positions=positions.to(device, non_blocking=True),
-        cu_seqlens=cu.to(device, non_blocking=True),
+        input_ids=upload(ids, torch.int64, device),
+        positions=upload(positions, torch.int64, device),
+        cu_seqlens=upload(cu, torch.int32, device),
         max_seqlen=max(lengths),
         lengths=lengths,
         order=tuple(order),

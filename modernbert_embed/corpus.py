@@ -825,7 +825,7 @@ class CorpusJob:
     # ---------------------------------------------------------------- embedding
     def _embed(self, prep: Prepared, progress) -> np.ndarray:
         """float32 embeddings [docs, dim] of one prepared shard, batch by batch as Embedder.encode
-        would plan them, reporting progress after every few batches."""
+        would plan them, reporting progress as batches finish."""
         import torch
 
         from .api import DEFAULT_MAX_BATCH_TOKENS
@@ -836,24 +836,18 @@ class CorpusJob:
         mbt = o.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
         dim = o.truncate_dim or emb.config.hidden_size
         seqs = prep.seqs
-        out = torch.empty(len(seqs), dim, dtype=torch.float32, device=emb.device)
         plan = plan_batches([len(s) for s in seqs], mbt) if seqs else []
-        # Groups of whole batches: embedding a group plans exactly these batches again.
-        group: list[int] = []
-        tokens = 0
         done_seqs = 0
-        for bi, batch in enumerate(plan):
-            group += batch
-            tokens += sum(len(seqs[i]) for i in batch)
-            if tokens < 4 * mbt and bi + 1 < len(plan):
-                continue
-            part = emb._embed([seqs[i] for i in group], o.truncate_dim, o.normalize, None, mbt,
-                              "float32", True, False)
-            out[torch.tensor(group, device=emb.device)] = part
-            done_seqs += len(group)
+
+        def on_done(n, tokens):
+            nonlocal done_seqs
+            done_seqs += n
             if progress is not None:
                 progress(done_seqs, len(seqs), tokens)
-            group, tokens = [], 0
+
+        emb._check_options(o.truncate_dim, "float32")
+        out = emb._run_plan(seqs, plan, dim, o.normalize, on_done)
+        emb._check_finite(out)
         if prep.windows is not None:
             from .chunking import combine
 

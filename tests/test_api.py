@@ -91,6 +91,32 @@ def test_plan_batches_budget_and_cover():
 
 
 # ------------------------------------------------------------------ text input
+def test_pack_layout():
+    from modernbert_embed.batching import pack
+
+    seqs = [[5, 6, 7], [8], [9, 10], list(range(11, 80))]
+    b = pack(seqs, [3, 0, 2, 1])
+    assert b.input_ids.tolist() == seqs[3] + seqs[0] + seqs[2] + seqs[1]
+    assert b.positions.tolist() == list(range(69)) + [0, 1, 2] + [0, 1] + [0]
+    assert b.cu_seqlens.dtype == torch.int32 and b.cu_seqlens.tolist() == [0, 69, 72, 74, 75]
+    assert (b.max_seqlen, b.lengths, b.order) == (69, (69, 3, 2, 1), (3, 0, 2, 1))
+    assert b.input_ids.dtype == b.positions.dtype == torch.int64
+
+
+def test_run_plan_reports_every_batch_in_order(model):
+    # the batch loop behind encode and the corpus command: rows land in input order whatever
+    # the plan, and on_done hears of every batch once, with its documents and tokens
+    ids = random_ids([5, 300, 1, 77, 129, 64, 2, 400, 33], seed=7)
+    plan = plan_batches([len(s) for s in ids], max_batch_tokens=450)
+    assert len(plan) > 2
+    seen = []
+    out = model._run_plan(ids, plan, 64, True, lambda n, t: seen.append((n, t)))
+    assert seen == [(len(b), sum(len(ids[i]) for i in b)) for b in plan]
+    ref = model.encode_tokens(ids, truncate_dim=64, convert_to_tensor=True, max_batch_tokens=10**6)
+    assert out.shape == (len(ids), 64)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
 def test_prompts_and_texts(text_model):
     tok = text_model.tokenizer
     q = text_model.encode_query(["What is TSNE?"])
