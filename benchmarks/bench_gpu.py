@@ -6,8 +6,9 @@ sentence-transformers on the same random full-size weights and the same token id
 
 Rows: transformers bf16 (SDPA, padded batches of 32 sorted by length, 8 for the long corpus; the
 baseline of every ratio), sentence-transformers bf16, ours bf16 (default backends, attention
-forced to "torch-varlen" and to "triton", a larger token budget; with --torch-ops also the torch
-ops instead of the kernels) and ours fp16. Corpora: "mixed" (log-normal lengths, median ~100, up to 512), "fixed512" and
+forced to "torch-varlen" and to "triton", a larger token budget, text in through `encode`
+with the tokenisation first or beside the GPU; with --torch-ops also the torch ops instead of the
+kernels) and ours fp16. Corpora: "mixed" (log-normal lengths, median ~100, up to 512), "fixed512" and
 "long" (~8k-token documents). Goals: ours bf16 >= 3x transformers on mixed, >= 1M tokens/s at
 fixed 512, long-document rate >= 0.5x the 512 rate. MFU over the card's dense bf16 peak (known
 cards) and over a large bf16 matmul measured in the same run. A row that fails (a backend that
@@ -32,7 +33,7 @@ from modernbert_embed.config import ModernBertConfig  # noqa: E402
 
 # In the order they run (the most telling first, in case the time budget runs out); torch-ops
 # only with --torch-ops or --only.
-ROW_SETS = ("default", "attn=torch-varlen", "st", "fp16", "attn=triton", "big-budget", "torch-ops")
+ROW_SETS = ("default", "attn=torch-varlen", "st", "fp16", "text", "attn=triton", "big-budget", "torch-ops")
 
 
 def parse_args(argv=None):
@@ -119,13 +120,20 @@ def main(argv=None) -> int:
                          lambda: h.SentenceTransformers(folder, device, bf16, work_dir=Path(tmp) / "st"),
                          ["mixed", "fixed512"]),
             "fp16": h.Spec("ours", "fp16", "default", ours(fp16), all3),
+            "text": h.Spec("ours", "bf16", "text in, tokenised first",
+                           lambda: h.OursText(folder, device, bf16, work_dir=Path(tmp) / "st",
+                                              tokenize_chunk=10**9), ["mixed"]),
+            "text-ahead": h.Spec("ours", "bf16", "text in, tokenised beside the GPU (chunks of 256)",
+                                 lambda: h.OursText(folder, device, bf16, work_dir=Path(tmp) / "st",
+                                                    tokenize_chunk=256), ["mixed"]),
             "attn=triton": h.Spec("ours", "bf16", "attn=triton", ours(bf16, attention="triton"), all3),
             "big-budget": h.Spec("ours", "bf16", f"max_batch_tokens={args.big_batch_tokens}",
                                  ours(bf16, max_batch_tokens=args.big_batch_tokens), ["mixed", "fixed512"]),
             "torch-ops": h.Spec("ours", "bf16", "torch ops", ours(bf16, backend="torch"), ["mixed"]),
         }
+        row_set = {"text-ahead": "text"}  # specs that belong to a row set of another name
         chosen = [k for k in specs if k == "transformers" or (
-            (not args.only or k in args.only) and not (k == "st" and args.no_st)
+            (not args.only or row_set.get(k, k) in args.only) and not (k == "st" and args.no_st)
             and not (k == "torch-ops" and not args.torch_ops and not args.only))]
         specs = [specs[k] for k in chosen]
         goals = [

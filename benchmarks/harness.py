@@ -442,6 +442,36 @@ class Ours(Engine):
         del self.model
 
 
+class OursText(Engine):
+    """`Embedder.encode` on the id-tokenizer texts of the corpus: the text path, tokenisation
+    included (on a GPU, chunks of `tokenize_chunk` texts are tokenised beside the model)."""
+
+    def __init__(self, folder, device, dtype: torch.dtype, work_dir: Path | None = None,
+                 tokenize_chunk: int | None = None):
+        from modernbert_embed import Embedder
+
+        st_dir = st_folder(Path(folder), Path(work_dir or Path(folder).parent / "st-model"))
+        self.model = Embedder.from_pretrained(st_dir, device=device, dtype=dtype)
+        if tokenize_chunk:
+            self.model.tokenize_chunk = tokenize_chunk
+        self.texts: dict[int, list[str]] = {}
+        self.label = f"ours text ({self.model.ops.name}, tokenize_chunk {self.model.tokenize_chunk})"
+
+    def encode(self, corpus: Corpus) -> torch.Tensor:
+        key = id(corpus)
+        if key not in self.texts:
+            texts = id_texts(corpus.ids)
+            got, _ = self.model.tokenize(texts[:8])
+            if [list(g) for g in got] != [list(s) for s in corpus.ids[:8]]:
+                raise RuntimeError("id tokenizer round trip failed in the text path")
+            self.texts[key] = texts
+        with torch.inference_mode():
+            return self.model.encode(self.texts[key], convert_to_tensor=True)
+
+    def close(self) -> None:
+        del self.model
+
+
 def load_transformers_model(folder, dtype: torch.dtype, attn_implementation: str = "sdpa"):
     """`ModernBertModel.from_pretrained` with `dtype=` (transformers >= 4.56) or `torch_dtype=`."""
     import transformers

@@ -29,6 +29,9 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 # With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
 # for: two keep the GPU fed while the host packs the next batch.
 RUN_AHEAD = 2
+# Texts per tokenisation chunk when encode tokenises beside the GPU (see _tokenize_ahead); the
+# Embedder's `tokenize_chunk` attribute, set from this.
+TOKENIZE_CHUNK = 4096
 
 
 def resolve_device(device) -> torch.device:
@@ -93,6 +96,7 @@ class Embedder:
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.ops = model.ops
+        self.tokenize_chunk = TOKENIZE_CHUNK
 
     # --------------------------------------------------------------------------- loading
     @classmethod
@@ -161,11 +165,55 @@ class Embedder:
             result, _ = embed_long(self, texts, prefix, overlap, truncate_dim, normalize_embeddings,
                                    batch_size, max_batch_tokens, show_progress_bar)
             out = self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
+        elif self._tokenize_ahead(len(texts)):
+            result = self._embed_texts_pipelined(texts, prefix, truncate_dim, normalize_embeddings, batch_size,
+                                                 max_batch_tokens, show_progress_bar)
+            out = self._finish(result, precision, convert_to_tensor, ranges, calibration_embeddings)
         else:
             ids, _ = self.tokenize(texts, prefix) if texts else ([], [])
             out = self._embed(ids, truncate_dim, normalize_embeddings, batch_size, max_batch_tokens,
                               precision, convert_to_tensor, show_progress_bar, ranges, calibration_embeddings)
         return out[0] if single else out
+
+    def _tokenize_ahead(self, n_texts: int) -> bool:
+        """Tokenise in chunks beside the model? On a GPU, for more than one chunk of texts: the
+        tokenizer runs on the CPU cores while the GPU computes. On the CPU both would share the
+        same cores, so there the texts are tokenised first, all at once."""
+        return self.device.type == "cuda" and n_texts > self.tokenize_chunk
+
+    def _embed_texts_pipelined(self, texts, prefix, truncate_dim, normalize, batch_size, max_batch_tokens,
+                               show_progress_bar) -> torch.Tensor:
+        """encode's text path in chunks of `tokenize_chunk` texts: a worker thread tokenises chunk
+        k + 1 (the tokenizer releases the GIL) while this thread queues chunk k on the GPU. Each
+        chunk is planned on its own (longest first within the chunk); rows land in input order.
+        float32 [len(texts), dim] on the device, checked finite."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        dim = truncate_dim or self.config.hidden_size
+        result = torch.empty(len(texts), dim, dtype=torch.float32, device=self.device)
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), unit="doc", desc="Embedding")
+        on_done = None if bar is None else (lambda n, _: bar.update(n))
+        chunk = max(1, int(self.tokenize_chunk))
+        starts = list(range(0, len(texts), chunk))
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+                ahead = pool.submit(self.tokenize, texts[:chunk], prefix)
+                for k, start in enumerate(starts):
+                    ids, _ = ahead.result()
+                    if k + 1 < len(starts):
+                        nxt = starts[k + 1]
+                        ahead = pool.submit(self.tokenize, texts[nxt:nxt + chunk], prefix)
+                    plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size)
+                    result[start:start + len(ids)] = self._run_plan(ids, plan, dim, normalize, on_done)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._check_finite(result)
+        return result
 
     def encode_query(self, sentences, **kwargs):
         return self.encode(sentences, prompt_name="search_query", **kwargs)

@@ -139,6 +139,28 @@ def test_prompts_and_texts(text_model):
     assert sim.shape == (1, 1) and -1.0 <= float(sim) <= 1.0
 
 
+def test_text_path_tokenised_beside_the_model(text_model, monkeypatch):
+    # On a GPU, encode tokenises chunk k + 1 in a thread while chunk k runs. Forced here on the
+    # CPU with chunks of 7 texts: same rows, in input order, as tokenising everything first.
+    import modernbert_embed.api as api
+
+    rng = np.random.default_rng(3)
+    words = ["tsne", "embedding", "of", "the", "a", "vector", "graph", "model", "search", "ünïcode", "中文"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(0, 90, size=30)]
+    ref = text_model.encode(texts, prompt_name="search_document", truncate_dim=128)
+    monkeypatch.setattr(text_model, "tokenize_chunk", 7)
+    monkeypatch.setattr(api.Embedder, "_tokenize_ahead", lambda self, n: n > self.tokenize_chunk)
+    calls = []
+    tokenize = api.Embedder.tokenize
+    monkeypatch.setattr(api.Embedder, "tokenize", lambda self, t, p="": calls.append(len(t)) or tokenize(self, t, p))
+    out = text_model.encode(texts, prompt_name="search_document", truncate_dim=128, batch_size=3,
+                            show_progress_bar=True)
+    assert calls == [7, 7, 7, 7, 2]  # chunk by chunk
+    assert out.shape == ref.shape and np.allclose(out, ref, atol=1e-5), np.abs(out - ref).max()
+    single = text_model.encode(texts[11], prompt_name="search_document", truncate_dim=128)
+    assert np.allclose(out[11], single, atol=1e-5)
+
+
 def test_truncation_at_max_seq_length(text_model):
     text = "word " * 9000
     ids, truncated = text_model.tokenizer.encode([text, "short"])

@@ -134,7 +134,7 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     bench_gpu = bench("bench_gpu")
     out = tmp_path / "bench_gpu.json"
     rc = bench_gpu.main(["--device", "cpu", "--config", "small", "--quick", "--mixed-tokens", "300",
-                         "--fixed-docs", "1", "--long-len", "600", "--only", "default", "attn=torch-varlen",
+                         "--fixed-docs", "1", "--long-len", "600", "--only", "default", "attn=torch-varlen", "text",
                          "--out", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
@@ -144,6 +144,8 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     assert all(r["goal"] for r in ours)
     varlen = [r for r in rows if r["variant"] == "attn=torch-varlen"]
     assert len(varlen) == 3 and all(r["error"] for r in varlen)  # no flash attention on the CPU
+    text = [r for r in rows if r["variant"].startswith("text in")]
+    assert len(text) == 2 and all(not r["error"] and r["min_cos"] > 0.9999 for r in text)  # same ids as the corpus
 
     parity = bench("parity_gpu")
     out = tmp_path / "parity.json"
