@@ -44,6 +44,59 @@ HEAD_DIMS = (16, 32, 64, 128)  # powers of two; tl.dot needs K >= 16
 
 
 @triton.jit
+def _attend_block(
+    q, acc, m_i, l_i,  # query tile, running output / row max (log2 units) / row sum, fp32
+    kv_base, n0, offs_m, hi, window, qk_scale,
+    ROW: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the block is in range and in every row's window
+):
+    """One key block [n0, n0 + BLOCK_N) folded into the running softmax of the query tile."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kv_off = offs_n.to(tl.int64)[:, None] * ROW
+    if MASKED:
+        n_valid = offs_n < hi  # never read past the visible range (nor the sequence)
+        k = tl.load(kv_base + kv_off + K_OFF, mask=n_valid[:, None], other=0.0)
+    else:
+        k = tl.load(kv_base + kv_off + K_OFF)
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+
+    if MASKED:
+        # keys past the range and, with a window, pairs further apart than w score -inf
+        visible = n_valid[None, :]
+        if HAS_WINDOW:
+            dist = offs_m[:, None] - offs_n[None, :]
+            visible = visible & (dist <= window) & (dist >= -window)
+        s = tl.where(visible, s, float("-inf"))
+        # a row with nothing visible yet keeps max -inf, and is shifted by 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every score of the block counts
+        m_shift = m_new
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)  # rescales what was summed under the old max
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    # the value block, accumulated as p @ v (p rounded to the input dtype, fp32 sum)
+    if MASKED:
+        v = tl.load(kv_base + kv_off + V_OFF, mask=n_valid[:, None], other=0.0)
+    else:
+        v = tl.load(kv_base + kv_off + V_OFF)
+    acc = acc * alpha[:, None]
+    if IEEE_DOT:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attention_kernel(
     qkv_ptr,  # [T, 3, HEADS, HEAD_DIM] contiguous (fp32 / fp16 / bf16): q, k, v of every token
     out_ptr,  # [T, HEADS * HEAD_DIM] contiguous, same dtype as qkv
@@ -82,14 +135,6 @@ def _attention_kernel(
     q_ptrs = qkv_ptr + q_rows[:, None] * ROW + h * HEAD_DIM + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
 
-    # the keys this block can see: the whole sequence, or its window clipped to the sequence
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 - window, 0)
-        hi = tl.minimum(m0 + BLOCK_M + window, seq_len)  # exclusive: last query + w + 1
-    else:
-        lo = 0
-        hi = seq_len
-
     # k and v of key 0 of this head; K_OFF / V_OFF step over q (and k) within a token
     kv_base = qkv_ptr + seq_start.to(tl.int64) * ROW + h * HEAD_DIM + offs_d[None, :]
     K_OFF: tl.constexpr = HEADS * HEAD_DIM
@@ -100,42 +145,30 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi  # never read past the visible range (nor the sequence)
-
-        # load a key block [BLOCK_N, HEAD_DIM] and score it against the query tile, fp32
-        kv_off = offs_n.to(tl.int64)[:, None] * ROW
-        k = tl.load(kv_base + kv_off + K_OFF, mask=n_valid[:, None], other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-
-        # mask keys past the range and, with a window, pairs further apart than w
-        visible = n_valid[None, :]
+    if HAS_WINDOW or IEEE_DOT:
+        # the keys this block can see: its window clipped to the sequence, or the whole sequence.
+        # In a window every block may hold pairs further apart than w, so every block is masked;
+        # fp32 (the exactness path) keeps this one loop too: two loops need more registers than
+        # its tiles leave (ptxas spills).
         if HAS_WINDOW:
-            dist = offs_m[:, None] - offs_n[None, :]
-            visible = visible & (dist <= window) & (dist >= -window)
-        s = tl.where(visible, s, float("-inf"))
-
-        # online softmax: new row max; a row with nothing visible yet keeps max -inf, and is
-        # shifted by 0 instead so that exp2(-inf - -inf) never makes a NaN
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)  # rescales what was summed under the old max
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
-        # load the value block and accumulate p @ v (p rounded to the input dtype, fp32 sum)
-        v = tl.load(kv_base + kv_off + V_OFF, mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None]
-        if IEEE_DOT:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
+            lo = tl.maximum(m0 - window, 0)
+            hi = tl.minimum(m0 + BLOCK_M + window, seq_len)  # exclusive: last query + w + 1
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+            lo = 0
+            hi = seq_len
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, kv_base, n0, offs_m, hi, window, qk_scale,
+                                          ROW, K_OFF, V_OFF, BLOCK_N, HAS_WINDOW, IEEE_DOT, MASKED=True)
+    else:
+        # every key of the sequence: whole blocks without any mask (no bounds on the loads, no
+        # -inf selects), then the partial last block, masked
+        full = (seq_len // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, kv_base, n0, offs_m, seq_len, window, qk_scale,
+                                          ROW, K_OFF, V_OFF, BLOCK_N, HAS_WINDOW, IEEE_DOT, MASKED=False)
+        if full < seq_len:
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, kv_base, full, offs_m, seq_len, window, qk_scale,
+                                          ROW, K_OFF, V_OFF, BLOCK_N, HAS_WINDOW, IEEE_DOT, MASKED=True)
 
     # normalise (a row that saw nothing has l = 0 and acc = 0: divide by 1, write zeros) and store
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
