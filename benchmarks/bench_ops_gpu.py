@@ -194,49 +194,50 @@ def attention_cases(quick):
     return [("full", [512] * 32, None), ("full", [8192] * 2, None), ("window", [512] * 32, 64), ("window", [8192] * 2, 64)]
 
 
-def attention_rows(cfg, cases, dtype, device):
+def attention_inputs(cfg, cases, dtype, device):
+    """Per case: (name, window, batch, random qkv, FLOPs of the work the model needs, scale)."""
     heads, d = cfg.num_attention_heads, cfg.head_dim
-    rows = []
     for kind, lengths, window in cases:
-        batch = batch_of(lengths, device)
         qkv = torch.randn(sum(lengths), 3, heads, d, device=device).to(dtype)
         flops = 4 * d * heads * visible_pairs(lengths, window)
+        yield f"{kind} {len(lengths)}x{lengths[0]}", window, batch_of(lengths, device), qkv, flops, d**-0.5
+
+
+def attention_rows(cfg, cases, dtype, device):
+    rows = []
+    for name, window, batch, qkv, flops, scale in attention_inputs(cfg, cases, dtype, device):
         base = None
         for impl, fn in attention_impls(device, dtype):
             try:
-                ms = time_ms(lambda: fn(qkv, batch, window, d**-0.5), device)
+                ms = time_ms(lambda: fn(qkv, batch, window, scale), device)
                 err = None
             except Exception as e:  # noqa: BLE001
                 ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
             if impl == "triton":
                 base = ms
-            rows.append({"case": f"{kind} {len(lengths)}x{lengths[0]}", "window": window, "impl": impl, "ms": ms,
+            rows.append({"case": name, "window": window, "impl": impl, "ms": ms,
                          "tflops": flops / (ms * 1e-3) / 1e12 if ms else None,
-                         "triton_speedup": ms / base if ms and base else None, "error": err})
+                         "vs_triton": ms / base if ms and base else None, "error": err})
     return rows
 
 
 def sweep_rows(cfg, cases, dtype, device, deadline, quick):
     from modernbert_embed.kernels.attention import _config, attention
 
-    heads, d = cfg.num_attention_heads, cfg.head_dim
     rows = []
-    for kind, lengths, window in cases:
-        batch = batch_of(lengths, device)
-        qkv = torch.randn(sum(lengths), 3, heads, d, device=device).to(dtype)
-        flops = 4 * d * heads * visible_pairs(lengths, window)
-        default = _config(dtype, d, window)
+    for name, window, batch, qkv, flops, scale in attention_inputs(cfg, cases, dtype, device):
+        default = _config(dtype, cfg.head_dim, window)
         tiles = FULL_TILES if window is None else LOCAL_TILES
         tiles = [default] + [t for t in tiles if t != default]
         case_rows = []
         for tile in tiles[:3] if quick else tiles:
-            row = {"case": f"{kind} {len(lengths)}x{lengths[0]}", "tile": list(tile), "default": tile == default,
+            row = {"case": name, "tile": list(tile), "default": tile == default,
                    "ms": None, "tflops": None, "best": False, "error": None}
             if time.perf_counter() > deadline:
                 row["error"] = "skipped: time budget spent"
             else:
                 try:
-                    row["ms"] = time_ms(lambda: attention(qkv, batch, window, d**-0.5, config=tile), device)
+                    row["ms"] = time_ms(lambda: attention(qkv, batch, window, scale, config=tile), device)
                     row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                 except Exception as e:  # noqa: BLE001 - a tile that does not fit is a finding
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -313,7 +314,7 @@ def markdown(record) -> str:
                    + (f" {r['error']}" if r["error"] else ""))
     out += ["", "| attention | impl | ms | TFLOP/s (needed work) | ms / triton ms |", "|---|---|---:|---:|---:|"]
     for r in record["attention"]:
-        out.append(f"| {r['case']} | {r['impl']} | {_f(r['ms'])} | {_f(r['tflops'])} | {_f(r['triton_speedup'], '{:.2f}')} |"
+        out.append(f"| {r['case']} | {r['impl']} | {_f(r['ms'])} | {_f(r['tflops'])} | {_f(r['vs_triton'], '{:.2f}')} |"
                    + (f" {r['error']}" if r["error"] else ""))
     for name, p in record.get("profile", {}).items():
         if "error" in p:

@@ -82,6 +82,16 @@ def read_max_seq_length(folder: Path, cfg: ModernBertConfig) -> int:
     return cfg.max_position_embeddings
 
 
+def _progress_bar(total: int, show: bool | None):
+    """(tqdm bar over `total` documents, on_done callback for `_run_plan`), or (None, None)."""
+    if not show:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="doc", desc="Embedding")
+    return bar, lambda docs, _tokens: bar.update(docs)
+
+
 class Embedder:
     """Text embeddings with ModernBERT: tokenise, pack by length, encode unpadded, pool."""
 
@@ -191,12 +201,7 @@ class Embedder:
 
         dim = truncate_dim or self.config.hidden_size
         result = torch.empty(len(texts), dim, dtype=torch.float32, device=self.device)
-        bar = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), unit="doc", desc="Embedding")
-        on_done = None if bar is None else (lambda n, _: bar.update(n))
+        bar, on_done = _progress_bar(len(texts), show_progress_bar)
         chunk = max(1, int(self.tokenize_chunk))
         starts = list(range(0, len(texts), chunk))
         try:
@@ -293,13 +298,9 @@ class Embedder:
                convert_to_tensor, show_progress_bar, ranges=None, calibration_embeddings=None):
         dim = truncate_dim or self.config.hidden_size
         plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size) if ids else []
-        bar = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), unit="doc", desc="Embedding")
+        bar, on_done = _progress_bar(len(ids), show_progress_bar)
         try:
-            result = self._run_plan(ids, plan, dim, normalize, None if bar is None else lambda n, _: bar.update(n))
+            result = self._run_plan(ids, plan, dim, normalize, on_done)
         finally:
             if bar is not None:
                 bar.close()
