@@ -197,6 +197,26 @@ bad = [r for r in rows if r["error"]]
 print(f"bench rows: {len(rows) - len(bad)} measured, {len(bad)} with an error or skipped")
 PYEOF
 fi
+if [ -f "$DEST/bench_ops_gpu.json" ]; then
+    "$PY" - "$DEST/bench_ops_gpu.json" <<'PYEOF'
+import json, sys
+rec = json.load(open(sys.argv[1]))
+for case in dict.fromkeys(r["case"] for r in rec["attention"]):
+    parts = [f"{r['impl'].split(' ')[0]} {r['tflops']:.0f}" for r in rec["attention"] if r["case"] == case and r["tflops"]]
+    print(f"attention {case} TFLOP/s: " + ", ".join(parts))
+for name, p in rec.get("profile", {}).items():
+    if "groups_ms" in p:
+        shares = ", ".join(f"{g} {ms / p['kernel_ms']:.0%}" for g, ms in list(p["groups_ms"].items())[:5])
+        busy = f"GPU busy {p['busy_share']:.0%}; " if p.get("busy_share") is not None else ""
+        print(f"profile {name}: {p['wall_ms']:.2f} ms/forward, {busy}{shares}")
+for case in dict.fromkeys(r["case"] for r in rec.get("sweep", [])):
+    rows = [r for r in rec["sweep"] if r["case"] == case and r["ms"]]
+    best = min(rows, key=lambda r: r["ms"], default=None)
+    default = next((r for r in rows if r["default"]), None)
+    if best and default:
+        print(f"tiles {case}: default {tuple(default['tile'])} {default['ms']:.3g} ms, best {tuple(best['tile'])} {best['ms']:.3g} ms")
+PYEOF
+fi
 echo
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
 # Nonzero when a step did not end well, so that a caller sees it.
