@@ -136,15 +136,22 @@ wait_parts() {
 
 checks() {
     # Side by side: each part mostly compiles kernels (one CPU core each) and runs small GPU work.
-    # The GPU-marked tests ran alone would take the longest; the kernel tests are split in two.
+    # The GPU-marked tests alone would take the longest; the kernel tests are spread over workers
+    # (pytest-xdist) or, without it, split in two.
     export OMP_NUM_THREADS=4
     local pytest=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
     part pytest-gpu "${pytest[@]}" -m gpu --junitxml="$DEST/pytest-gpu.xml"
     local f
-    for f in tests/test_kernels.py tests/test_attention.py; do
-        [ -f "$f" ] && part "kernel-tests-$(basename "$f" .py)" "${pytest[@]}" -m "not gpu" \
-            --junitxml="$DEST/kernel-tests-$(basename "$f" .py).xml" "$f"
-    done
+    if "$PY" -c "import xdist" 2>/dev/null; then
+        # pytest-xdist: the kernel tests' compiles spread over six workers
+        part kernel-tests "${pytest[@]}" -n 6 -m "not gpu" --junitxml="$DEST/kernel-tests.xml" \
+            tests/test_kernels.py tests/test_attention.py
+    else
+        for f in tests/test_kernels.py tests/test_attention.py; do
+            [ -f "$f" ] && part "kernel-tests-$(basename "$f" .py)" "${pytest[@]}" -m "not gpu" \
+                --junitxml="$DEST/kernel-tests-$(basename "$f" .py).xml" "$f"
+        done
+    fi
     part parity "$PY" benchmarks/parity_gpu.py --out "$DEST/parity_gpu.json" --markdown "$DEST/parity.md"
     wait_parts
 }
@@ -182,7 +189,7 @@ done
 echo "================================ summary ================================"
 echo "device check: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; commit $MODERNBERT_EMBED_COMMIT; results in $DEST"
 sed -n '2,3p' "$DEST/environment.log" 2>/dev/null
-for f in pytest-gpu kernel-tests-test_kernels kernel-tests-test_attention; do
+for f in pytest-gpu kernel-tests kernel-tests-test_kernels kernel-tests-test_attention; do
     [ -f "$DEST/$f.log" ] && echo "$f: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$DEST/$f.log" | tail -n 1)"
 done
 [ -f "$DEST/parity.log" ] && grep -E '^parity_gpu: .*failed' "$DEST/parity.log"
