@@ -200,12 +200,28 @@ def test_bad_text_input(text_model, texts, kwargs, error, message):
         ([[1, 2], None], "input 1 is None"),
         ([[1, 2], [[1, 2]]], "flat sequence"),
         ([[1.5, 2.0]], "integers"),
+        ([[1, 2], [1, 2.5, 2]], "input 1: token ids must be integers"),  # not only the first element
+        ([[True, False]], "integers"),
+        ([(1, 2), (1, 1024)], "input 1: token id 1024 at position 1"),  # tuples take the same checks
         ([[1] * 8193], "input 0 has 8193 tokens"),
     ],
 )
 def test_bad_token_input(model, ids, message):
     with pytest.raises((ValueError, TypeError), match=message):
         model.encode_tokens(ids)
+
+
+def test_id_lists_checked_in_one_pass_same_as_per_input(model):
+    # lists and tuples of ints (numpy ints too) take the one-pass check; mixed containers fall
+    # back to the per-input one; both give the same embeddings
+    ids = random_ids([5, 77, 1, 300], seed=9)
+    as_tuples = [tuple(s) for s in ids]
+    as_np_ints = [[np.int64(t) for t in s] for s in ids]
+    mixed = [np.asarray(ids[0]), ids[1], torch.tensor(ids[2]), tuple(ids[3])]
+    ref = model.encode_tokens(ids)
+    for variant in (as_tuples, as_np_ints, mixed):
+        assert np.array_equal(model.encode_tokens(variant), ref)
+    assert model._check_ids(ids) == ids and model._check_id_lists(mixed) is None
 
 
 def test_tensor_and_numpy_ids_accepted(model):
