@@ -174,11 +174,14 @@ def memory_bound_ops(cfg, T, dtype, device, ops_triton, ops_ref, bw_copy, bw_nom
     return rows
 
 
-def attention_impls(device, dtype):
+def attention_impls(device, dtype, tables):
     from modernbert_embed import ops_torch
     from modernbert_embed.kernels.attention import attention
 
-    impls = [("triton", attention)]
+    def attention_rope(qkv, batch, window, scale):
+        return attention(qkv, batch, window, scale, rope=tables)
+
+    impls = [("triton", attention), ("triton+rope", attention_rope)]
     if device.type == "cuda" and dtype != torch.float32:
         from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available
 
@@ -205,10 +208,15 @@ def attention_inputs(cfg, cases, dtype, device):
 
 
 def attention_rows(cfg, cases, dtype, device):
+    """Each implementation per case. "triton+rope" takes q and k unrotated and rotates
+    them itself: compare it with "triton" plus the rotary op's time (the memory-bound table)."""
+    from modernbert_embed.ops_torch import rope_tables
+
+    tables = rope_tables(cfg.global_rope_theta, cfg.head_dim, cfg.max_position_embeddings, device)
     rows = []
     for name, window, batch, qkv, flops, scale in attention_inputs(cfg, cases, dtype, device):
         base = None
-        for impl, fn in attention_impls(device, dtype):
+        for impl, fn in attention_impls(device, dtype, tables):
             try:
                 ms = time_ms(lambda: fn(qkv, batch, window, scale), device)
                 err = None

@@ -38,31 +38,64 @@ LOG2E = 1.4426950408889634  # 1 / ln(2): softmax is computed with exp2, the fact
 # Register use for sm_90a, head_dim 64, bf16: full 227/thread, local 143/thread, no spills.
 _CONFIG_FULL = (128, 64, 4, 3)
 _CONFIG_LOCAL = (64, 64, 4, 3)
+# Full attention rotating k as it loads it: the cos/sin tiles and the two k halves need more
+# registers than 4 warps leave a 128-row tile (ptxas spills); 8 warps hold it.
+_CONFIG_FULL_ROPE = (128, 64, 8, 3)
 _CONFIG_FP32 = (64, 32, 8, 3)
 _CONFIG_WIDE = (64, 64, 4, 2)  # head_dim 128
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two; tl.dot needs K >= 16
 
 
 @triton.jit
+def _rotate_rows(x_ptrs, trig, cos_ptr, sin_ptr, HALF: tl.constexpr, mask, MASKED: tl.constexpr):
+    """The two rotated halves of the rows at `x_ptrs` (first halves; the second sit HALF further),
+    rotated in fp32 by the table rows `trig` and rounded to the storage dtype, exactly as the
+    rotary kernel would have written them."""
+    if MASKED:
+        x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + trig, mask=mask, other=0.0)
+        sn = tl.load(sin_ptr + trig, mask=mask, other=0.0)
+    else:
+        x1 = tl.load(x_ptrs).to(tl.float32)
+        x2 = tl.load(x_ptrs + HALF).to(tl.float32)
+        c = tl.load(cos_ptr + trig)
+        sn = tl.load(sin_ptr + trig)
+    dtype = x_ptrs.dtype.element_ty
+    return (x1 * c - x2 * sn).to(dtype), (x2 * c + x1 * sn).to(dtype)
+
+
+@triton.jit
 def _attend_block(
-    q, acc, m_i, l_i,  # query tile, running output / row max (log2 units) / row sum, fp32
-    kv_base, n0, offs_m, hi, window, qk_scale,
-    ROW: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr,
+    q, q2, acc, m_i, l_i,  # query tile (with ROPE: its two rotated halves), running output / row max (log2 units) / row sum
+    kv_base, kh_base, cos_ptr, sin_ptr, n0, offs_m, hi, window, qk_scale,
+    ROW: tl.constexpr, K_OFF: tl.constexpr, V_OFF: tl.constexpr, HALF: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+    ROPE: tl.constexpr,  # rotate each key block as it is loaded (q came rotated)
     MASKED: tl.constexpr,  # False: every key of the block is in range and in every row's window
 ):
     """One key block [n0, n0 + BLOCK_N) folded into the running softmax of the query tile."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_off = offs_n.to(tl.int64)[:, None] * ROW
-    if MASKED:
-        n_valid = offs_n < hi  # never read past the visible range (nor the sequence)
-        k = tl.load(kv_base + kv_off + K_OFF, mask=n_valid[:, None], other=0.0)
+    n_valid = offs_n < hi  # never read past the visible range (nor the sequence)
+    if ROPE:
+        # positions restart at 0 in every sequence, so key n0 + i sits at table row n0 + i
+        trig = offs_n.to(tl.int64)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        k, k2 = _rotate_rows(kh_base + kv_off + K_OFF, trig, cos_ptr, sin_ptr, HALF, n_valid[:, None], MASKED)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q2, tl.trans(k2), s, input_precision="ieee")
+        else:
+            s = tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k)))
     else:
-        k = tl.load(kv_base + kv_off + K_OFF)
-    if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+        if MASKED:
+            k = tl.load(kv_base + kv_off + K_OFF, mask=n_valid[:, None], other=0.0)
+        else:
+            k = tl.load(kv_base + kv_off + K_OFF)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
     s = s * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
 
     if MASKED:
@@ -101,6 +134,8 @@ def _attention_kernel(
     qkv_ptr,  # [T, 3, HEADS, HEAD_DIM] contiguous (fp32 / fp16 / bf16): q, k, v of every token
     out_ptr,  # [T, HEADS * HEAD_DIM] contiguous, same dtype as qkv
     cu_ptr,  # [B + 1] int32: sequence b is tokens cu[b] : cu[b + 1]
+    cos_ptr,  # [P, HALF] float32 rotary tables, read only when ROPE
+    sin_ptr,
     qk_scale,  # float: softmax scale * log2(e), so exp2(s * qk_scale) == exp(s * scale)
     window,  # int: half window w (keys with |i - j| <= w); read only when HAS_WINDOW
     num_m_blocks,  # int: query blocks of the longest sequence, cdiv(max_seqlen, BLOCK_M)
@@ -108,6 +143,8 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr,  # power of two >= 16 (tl.dot's minimum K), the whole head in one tile
     HAS_WINDOW: tl.constexpr,  # False: every key of the sequence (no window arithmetic compiled in)
     IEEE_DOT: tl.constexpr,  # fp32 inputs: exact fp32 dots instead of TF32 (parity with torch fp32)
+    ROPE: tl.constexpr,  # q and k arrive unrotated: rotate them on load (qkv is not written)
+    HALF: tl.constexpr,  # HEAD_DIM // 2
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per step
 ):
@@ -132,11 +169,20 @@ def _attention_kernel(
 
     # load the query tile [BLOCK_M, HEAD_DIM]; int64 rows so T * ROW may pass 2**31
     q_rows = (seq_start + offs_m).to(tl.int64)
-    q_ptrs = qkv_ptr + q_rows[:, None] * ROW + h * HEAD_DIM + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
-
     # k and v of key 0 of this head; K_OFF / V_OFF step over q (and k) within a token
     kv_base = qkv_ptr + seq_start.to(tl.int64) * ROW + h * HEAD_DIM + offs_d[None, :]
+    if ROPE:
+        # two half tiles [BLOCK_M, HALF], rotated once here; keys are rotated block by block
+        offs_h = tl.arange(0, HALF)
+        trig = offs_m.to(tl.int64)[:, None] * HALF + offs_h[None, :]
+        q_half = qkv_ptr + q_rows[:, None] * ROW + h * HEAD_DIM + offs_h[None, :]
+        q, q2 = _rotate_rows(q_half, trig, cos_ptr, sin_ptr, HALF, m_valid[:, None], True)
+        kh_base = qkv_ptr + seq_start.to(tl.int64) * ROW + h * HEAD_DIM + offs_h[None, :]
+    else:
+        q_ptrs = qkv_ptr + q_rows[:, None] * ROW + h * HEAD_DIM + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+        q2 = q
+        kh_base = kv_base
     K_OFF: tl.constexpr = HEADS * HEAD_DIM
     V_OFF: tl.constexpr = 2 * HEADS * HEAD_DIM
 
@@ -157,18 +203,21 @@ def _attention_kernel(
             lo = 0
             hi = seq_len
         for n0 in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, kv_base, n0, offs_m, hi, window, qk_scale,
-                                          ROW, K_OFF, V_OFF, BLOCK_N, HAS_WINDOW, IEEE_DOT, MASKED=True)
+            acc, m_i, l_i = _attend_block(q, q2, acc, m_i, l_i, kv_base, kh_base, cos_ptr, sin_ptr, n0, offs_m, hi,
+                                          window, qk_scale, ROW, K_OFF, V_OFF, HALF, BLOCK_N, HAS_WINDOW,
+                                          IEEE_DOT, ROPE, MASKED=True)
     else:
         # every key of the sequence: whole blocks without any mask (no bounds on the loads, no
         # -inf selects), then the partial last block, masked
         full = (seq_len // BLOCK_N) * BLOCK_N
         for n0 in range(0, full, BLOCK_N):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, kv_base, n0, offs_m, seq_len, window, qk_scale,
-                                          ROW, K_OFF, V_OFF, BLOCK_N, HAS_WINDOW, IEEE_DOT, MASKED=False)
+            acc, m_i, l_i = _attend_block(q, q2, acc, m_i, l_i, kv_base, kh_base, cos_ptr, sin_ptr, n0, offs_m, seq_len,
+                                          window, qk_scale, ROW, K_OFF, V_OFF, HALF, BLOCK_N, HAS_WINDOW,
+                                          IEEE_DOT, ROPE, MASKED=False)
         if full < seq_len:
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, kv_base, full, offs_m, seq_len, window, qk_scale,
-                                          ROW, K_OFF, V_OFF, BLOCK_N, HAS_WINDOW, IEEE_DOT, MASKED=True)
+            acc, m_i, l_i = _attend_block(q, q2, acc, m_i, l_i, kv_base, kh_base, cos_ptr, sin_ptr, full, offs_m, seq_len,
+                                          window, qk_scale, ROW, K_OFF, V_OFF, HALF, BLOCK_N, HAS_WINDOW,
+                                          IEEE_DOT, ROPE, MASKED=True)
 
     # normalise (a row that saw nothing has l = 0 and acc = 0: divide by 1, write zeros) and store
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -177,11 +226,13 @@ def _attention_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
 
 
-def _config(dtype, head_dim, window):
+def _config(dtype, head_dim, window, rope=False):
     if dtype == torch.float32:
         return _CONFIG_FP32
     if head_dim > 64:
         return _CONFIG_WIDE
+    if rope and window is None:
+        return _CONFIG_FULL_ROPE
     return _CONFIG_FULL if window is None else _CONFIG_LOCAL
 
 
@@ -197,7 +248,26 @@ def _check_config(config):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got {num_warps}, {num_stages}")
 
 
-def attention(qkv, batch, window, scale, *, config=None):
+def _check_rope(rope, head_dim, max_seqlen, device):
+    try:
+        cos, sin = rope
+    except (TypeError, ValueError):
+        raise ValueError("rope must be a (cos, sin) pair of tables") from None
+    half = head_dim // 2
+    if half < 16 or half & (half - 1):
+        raise ValueError(f"rotary inside attention needs head_dim // 2 a power of two >= 16 (tl.dot), "
+                         f"got head_dim {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != half:
+            raise ValueError(f"rope {name} table must be float32 [max_positions, {half}], got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if not t.is_contiguous() or t.device != device:
+            raise ValueError(f"rope {name} table must be contiguous and on {device}")
+        if t.shape[0] < max_seqlen:
+            raise ValueError(f"rope {name} table has {t.shape[0]} positions, the batch needs {max_seqlen}")
+
+
+def attention(qkv, batch, window, scale, *, config=None, rope=None):
     """Bidirectional attention within each packed sequence, as `ops_torch.attention`.
 
     qkv: [T, 3, heads, head_dim] contiguous (rotary applied), fp32 / fp16 / bf16; `batch` gives
@@ -205,6 +275,10 @@ def attention(qkv, batch, window, scale, *, config=None):
     half window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim] in qkv's dtype.
     fp32 inputs use exact fp32 dots (no TF32). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
     overrides the tiles chosen for the dtype and window (benchmarks sweep it).
+    rope=(cos, sin): q and k in `qkv` are NOT rotated yet; the kernel rotates them as it loads them
+    (float32 tables [max_positions, head_dim // 2] from `rope_tables`, position = index within the
+    sequence, as `pack` numbers them) and leaves `qkv` unchanged: the rotary op's pass over q and
+    k is saved.
     """
     T, heads, head_dim = check_qkv(qkv)
     if head_dim not in HEAD_DIMS:
@@ -216,13 +290,18 @@ def attention(qkv, batch, window, scale, *, config=None):
         raise ValueError(f"batch.cu_seqlens is on {cu.device} but qkv is on {qkv.device}")
     if cu.dtype != torch.int32 or cu.dim() != 1:
         raise ValueError(f"batch.cu_seqlens must be a 1-d int32 tensor, got {cu.dtype} {tuple(cu.shape)}")
+    if rope is not None:
+        _check_rope(rope, head_dim, batch.max_seqlen, qkv.device)
+        cos, sin = rope
+    else:
+        cos = sin = qkv  # not read
     out = torch.empty(T, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     B = cu.shape[0] - 1
     if T == 0 or heads == 0 or B == 0:
         return out
 
     if config is None:
-        config = _config(qkv.dtype, head_dim, window)
+        config = _config(qkv.dtype, head_dim, window, rope is not None)
     else:
         _check_config(config)
     block_m, block_n, num_warps, num_stages = config
@@ -230,9 +309,10 @@ def attention(qkv, batch, window, scale, *, config=None):
     num_m_blocks = triton.cdiv(batch.max_seqlen, block_m)
     grid = (num_m_blocks * B * heads,)
     _attention_kernel[grid](
-        qkv, out, cu, float(scale) * LOG2E, 0 if window is None else int(window), num_m_blocks,
+        qkv, out, cu, cos, sin, float(scale) * LOG2E, 0 if window is None else int(window), num_m_blocks,
         HEADS=heads, HEAD_DIM=head_dim, HAS_WINDOW=window is not None,
-        IEEE_DOT=qkv.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE_DOT=qkv.dtype == torch.float32, ROPE=rope is not None, HALF=head_dim // 2,
+        BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -204,6 +204,9 @@ def cases(dtypes, hidden=768, heads=12, intermediate=1152, window=64, max_positi
         yield f"pool {dn} cls", lambda x=x: pool(x, batch, "cls", None, False)
         yield f"attention {dn} full", lambda qkv=qkv: attention(qkv, batch, None, head_dim**-0.5)
         yield f"attention {dn} window={window}", lambda qkv=qkv: attention(qkv, batch, window, head_dim**-0.5)
+        yield f"attention {dn} full +rope", lambda qkv=qkv, t=tables: attention(qkv, batch, None, head_dim**-0.5, rope=(t, t))
+        yield (f"attention {dn} window={window} +rope",
+               lambda qkv=qkv, t=tables: attention(qkv, batch, window, head_dim**-0.5, rope=(t, t)))
 
 
 def run(arch=90, dtypes=tuple(DTYPES), only=None):

@@ -83,8 +83,11 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: Batch):
         qkv = self.Wqkv(x).view(-1, 3, self.heads, self.head_dim)  # [T, 3, heads, d]
-        qkv = self.ops.rotary(qkv, batch.positions, self.cos, self.sin)
-        out = self.ops.attention(qkv, batch, self.window, self.scale)  # [T, H]
+        if self.ops.fused_rotary:  # the attention kernel rotates q and k as it loads them
+            out = self.ops.attention(qkv, batch, self.window, self.scale, rope=(self.cos, self.sin))
+        else:
+            qkv = self.ops.rotary(qkv, batch.positions, self.cos, self.sin)
+            out = self.ops.attention(qkv, batch, self.window, self.scale)  # [T, H]
         return self.Wo(out)
 
 

@@ -15,7 +15,7 @@ import torch
 from . import ops_torch
 
 BACKENDS = ("auto", "torch", "triton")
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "torch-varlen")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-rope", "torch-varlen")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Ops:
     # Store Linear weights [out, in] column-major (contiguous [in, out]): CPU BLAS runs x @ W^T
     # faster as a plain NN product. GPU GEMMs take the checkpoint's row-major layout as it is.
     column_major_weights: bool = False
+    # The attention op rotates q and k itself as it loads them (attention(..., rope=(cos, sin)));
+    # the model then skips the rotary op and its pass over q and k.
+    fused_rotary: bool = False
 
 
 TORCH_OPS = Ops(
@@ -52,8 +55,9 @@ def triton_available() -> bool:
 
 def select_ops(device: torch.device | str, backend: str = "auto", attention: str = "auto") -> Ops:
     """The ops for `device`. backend: "auto" (triton on CUDA, torch elsewhere), "torch", "triton".
-    attention: "auto" (follows backend), "torch", "triton", or "torch-varlen" (torch's own varlen
-    flash attention, CUDA only, where the installed torch has it)."""
+    attention: "auto" (follows backend), "torch", "triton", "triton-rope" (the Triton kernel with the
+    rotary embedding applied inside it, so no separate rotary pass) or "torch-varlen" (torch's own
+    varlen flash attention, CUDA only, where the installed torch has it)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown ops backend {backend!r}; choose one of {BACKENDS}")
     if attention not in ATTENTION_BACKENDS:
@@ -77,6 +81,12 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
         attn = ops_torch.attention
     elif attention == "triton":
         from .kernels.attention import attention as attn
+    elif attention == "triton-rope":
+        if not triton_available():
+            raise RuntimeError("attention backend 'triton-rope' was asked for but triton is not installed")
+        from .kernels.attention import attention as attn
+
+        return replace(ops, name=ops.name + "+attn:triton-rope", attention=attn, fused_rotary=True)
     else:
         from .kernels.torch_varlen import varlen_attention as attn
     return replace(ops, name=ops.name + f"+attn:{attention}", attention=attn)

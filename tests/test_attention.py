@@ -218,6 +218,40 @@ def test_triton_attention_tile_override(config, window):
                  1e-5, 1e-5, lengths)
 
 
+@pytest.mark.parametrize("window", [None, 64, 16], ids=["full", "w64", "w16"])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_rotary_inside_attention(dtype, atol, rtol, window):
+    # rope=(cos, sin): q and k come unrotated and are rotated as they are loaded; the same
+    # attention as the rotary op followed by the kernel, and qkv itself is left as it was
+    from modernbert_embed.batching import pack as pack_ids
+
+    qkv = make_qkv(MIXED, dtype, seed=6)
+    batch = batch_of(MIXED)
+    cos, sin = ops_torch.rope_tables(10000.0, HEAD_DIM, 512, DEVICE)
+    rotated = ops_torch.rotary(qkv.float().clone(), batch.positions, cos, sin).to(dtype)
+    before = qkv.clone()
+
+    def fused(qkv_, batch_, window_, scale_):
+        return attention(qkv, batch_, window_, scale_, rope=(cos, sin))
+
+    check_against_reference(f"rope {dtype} window={window}", fused, rotated, batch, window, atol, rtol, MIXED)
+    assert torch.equal(qkv, before), "attention with rope wrote into qkv"
+    # positions are the index within each sequence, as pack numbers them
+    assert torch.equal(batch.positions, pack_ids([[0] * n for n in MIXED], list(range(len(MIXED))), DEVICE).positions)
+
+
+def test_rotary_inside_attention_rejects_bad_tables():
+    qkv, batch = make_qkv([4], torch.float32), batch_of([4])
+    cos, sin = ops_torch.rope_tables(10000.0, HEAD_DIM, 16, DEVICE)
+    for rope, what in [((cos,), "pair"), ((cos.double(), sin), "float32"), ((cos[:, :8], sin), "float32"),
+                       ((cos[:2], sin[:2]), "positions"), ((cos.t().contiguous().t(), sin), "contiguous")]:
+        with pytest.raises(ValueError, match=what):
+            attention(qkv, batch, None, SCALE, rope=rope)
+    with pytest.raises(ValueError, match="power of two"):
+        attention(make_qkv([4], torch.float32, head_dim=16), batch, None, SCALE,
+                  rope=ops_torch.rope_tables(10000.0, 16, 16, DEVICE))
+
+
 def test_triton_attention_rejects_bad_config():
     qkv, batch = make_qkv([4], torch.float32), batch_of([4])
     for bad, what in [((48, 64, 4, 3), "BLOCK_M"), ((64, 8, 4, 3), "BLOCK_N"), ((64, 64, 3, 3), "num_warps"),

@@ -173,7 +173,7 @@ def test_ops_benchmark_dry_run_on_cpu(bench, tmp_path, one_thread):
         assert r["error"] is None and r["ms"] > 0 and r["gb_s"] > 0, r
         assert (r["speedup_vs_torch"] is not None) == (r["impl"] == "triton")
     impls = {(r["case"], r["impl"]) for r in rec["attention"] if r["error"] is None}
-    assert {impl for _, impl in impls} == {"triton", "torch (SDPA per sequence)"}
+    assert {impl for _, impl in impls} == {"triton", "triton+rope", "torch (SDPA per sequence)"}
     profile = rec["profile"]["4x64"]
     assert profile["kernel_ms"] > 0 and "gemm" in profile["groups_ms"]
     sweep = rec["sweep"]

@@ -24,7 +24,8 @@ VOCAB, CLS, SEP = 50280, 50281, 50282
 CROSSING = [1, 2, 3, 64, 65, 66, 129, 130, 131, 300, 517]
 LONG = 8192
 HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
-ATTENTION = [pytest.param("auto", id="attn-auto"), pytest.param("torch-varlen", id="attn-torch-varlen")]
+ATTENTION = [pytest.param("auto", id="attn-auto"), pytest.param("triton-rope", id="attn-triton-rope"),
+             pytest.param("torch-varlen", id="attn-torch-varlen")]
 
 
 def ids_of(lengths, seed):

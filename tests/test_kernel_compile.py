@@ -47,7 +47,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     # every op, in every dtype, in every variant the model launches
     for dt in ("bf16", "fp16", "fp32"):
         for case in ("layer_norm {}", "layer_norm {} +residual", "rotary {}", "geglu {}", "pool {} mean normalize",
-                     "pool {} mean dim=256", "pool {} cls", "attention {} full", "attention {} window=64"):
+                     "pool {} mean dim=256", "pool {} cls", "attention {} full", "attention {} window=64",
+                     "attention {} full +rope", "attention {} window=64 +rope"):
             assert case.format(dt) in cases, f"{case.format(dt)} was not compiled"
     for r in results:
         assert r["ok"], r

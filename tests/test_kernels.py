@@ -12,6 +12,8 @@ shapes stay small (hidden 128 mostly, one case each at 768 / 1023 / 1500). Toler
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 
 import pytest
@@ -325,3 +327,27 @@ def test_embedder_triton_backend_with_torch_attention(small_checkpoint):
     # the caller's order restored
     assert_close("embedding", torch.as_tensor(tri.encode_tokens(ids, truncate_dim=64)),
                  torch.as_tensor(ref.encode_tokens(ids, truncate_dim=64)), 1e-5, 0.0)
+
+
+def test_embedder_with_rotary_inside_attention(small_checkpoint):
+    """attention="triton-rope": the kernel rotates q and k as it loads them and the model skips the
+    rotary op; the same embeddings and hidden states as the torch ops, in float32."""
+    from modernbert_embed import Embedder
+
+    ids = random_ids([130, 3, 1, 66, 200], vocab=SMALL_CONFIG["vocab_size"], seed=7)
+    ref = Embedder.from_pretrained(small_checkpoint, device=DEVICE, dtype="float32", backend="torch")
+    fused = Embedder.from_pretrained(small_checkpoint, device=DEVICE, dtype="float32", attention="triton-rope",
+                                     backend="triton")
+    assert fused.ops.fused_rotary and not ref.ops.fused_rotary
+    # the rotary op must not run: the attention modules get ops whose rotary records any call
+    calls = []
+    counting = dataclasses.replace(fused.ops, rotary=lambda *a: calls.append(1))
+    for layer in fused.model.layers:
+        layer.attn.ops = counting
+    h_ref = ref.hidden_states(ids)
+    h_out = fused.hidden_states(ids)
+    assert calls == []
+    for a, b in zip(h_out, h_ref):
+        assert_close("hidden", a, b, 1e-4, 0.0)
+    assert_close("embedding", torch.as_tensor(fused.encode_tokens(ids)), torch.as_tensor(ref.encode_tokens(ids)),
+                 1e-5, 0.0)
