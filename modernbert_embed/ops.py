@@ -15,7 +15,7 @@ import torch
 from . import ops_torch
 
 BACKENDS = ("auto", "torch", "triton")
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-rope", "torch-varlen")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-rope", "torch-varlen", "torch-varlen-global")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
     """The ops for `device`. backend: "auto" (triton on CUDA, torch elsewhere), "torch", "triton".
     attention: "auto" (follows backend), "torch", "triton", "triton-rope" (the Triton kernel with the
     rotary embedding applied inside it, so no separate rotary pass) or "torch-varlen" (torch's own
-    varlen flash attention, CUDA only, where the installed torch has it)."""
+    varlen flash attention, CUDA only, where the installed torch has it) or "torch-varlen-global"
+    (torch's varlen attention for the global layers, the Triton kernel for the windowed ones: for a
+    torch whose varlen attention has no window, or where each wins its own layer type)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown ops backend {backend!r}; choose one of {BACKENDS}")
     if attention not in ATTENTION_BACKENDS:
@@ -87,6 +89,21 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
         from .kernels.attention import attention as attn
 
         return replace(ops, name=ops.name + "+attn:triton-rope", attention=attn, fused_rotary=True)
-    else:
+    elif attention == "torch-varlen":
         from .kernels.torch_varlen import varlen_attention as attn
+    else:
+        from .kernels.attention import attention as local_attn
+        from .kernels.torch_varlen import varlen_attention as global_attn
+
+        attn = per_layer_type(global_attn, local_attn)
     return replace(ops, name=ops.name + f"+attn:{attention}", attention=attn)
+
+
+def per_layer_type(global_attention: Callable, local_attention: Callable) -> Callable:
+    """One attention op that sends global layers (window None) to one implementation and windowed
+    layers to another."""
+
+    def attention(qkv, batch, window, scale):
+        return (global_attention if window is None else local_attention)(qkv, batch, window, scale)
+
+    return attention

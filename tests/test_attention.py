@@ -295,3 +295,26 @@ def test_torch_varlen_attention(dtype, atol, rtol, window):
             varlen_attention(qkv, batch, window, SCALE)
         return
     check_against_reference(f"torch-varlen {dtype} window={window}", varlen_attention, qkv, batch, window, atol, rtol, lengths)
+
+
+def test_per_layer_type_attention_routes_by_window():
+    # "torch-varlen-global": global layers (window None) through torch's varlen attention, windowed
+    # layers through the Triton kernel
+    from modernbert_embed.ops import per_layer_type, select_ops
+
+    calls = []
+    attn = per_layer_type(lambda *a: calls.append("global"), lambda *a: calls.append("local"))
+    qkv, batch = make_qkv([4], torch.float32), batch_of([4])
+    attn(qkv, batch, None, SCALE)
+    attn(qkv, batch, 64, SCALE)
+    assert calls == ["global", "local"]
+
+    ops = select_ops(DEVICE, attention="torch-varlen-global")
+    assert ops.name.endswith("+attn:torch-varlen-global") and not ops.fused_rotary
+    lengths = [1, 70, 140]
+    qkv, batch = make_qkv(lengths, torch.float32), batch_of(lengths)
+    assert_close("windowed layer via triton", ops.attention(qkv, batch, 64, SCALE),
+                 dense_reference(qkv, lengths, 64, SCALE), 1e-5, 1e-5, lengths)
+    if not HAS_CUDA:  # the global layer went to torch's varlen attention, which needs CUDA
+        with pytest.raises(RuntimeError, match="torch-varlen"):
+            ops.attention(qkv, batch, None, SCALE)

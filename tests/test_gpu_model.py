@@ -25,7 +25,8 @@ CROSSING = [1, 2, 3, 64, 65, 66, 129, 130, 131, 300, 517]
 LONG = 8192
 HALF = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 ATTENTION = [pytest.param("auto", id="attn-auto"), pytest.param("triton-rope", id="attn-triton-rope"),
-             pytest.param("torch-varlen", id="attn-torch-varlen")]
+             pytest.param("torch-varlen", id="attn-torch-varlen"),
+             pytest.param("torch-varlen-global", id="attn-torch-varlen-global")]
 
 
 def ids_of(lengths, seed):
@@ -86,14 +87,14 @@ def reference(checkpoint, crossing_ids, long_ids, tf32_off):
 def load(checkpoint, dtype, attention="auto", backend="auto"):
     from modernbert_embed import Embedder
 
-    if attention == "torch-varlen":
+    if attention.startswith("torch-varlen"):
         try:
             from modernbert_embed.kernels.torch_varlen import varlen_available, varlen_supports_window
         except ImportError as e:
             pytest.skip(f"attention backend torch-varlen is not importable: {e}")
         if not varlen_available():
             pytest.skip(f"torch {torch.__version__} has no varlen flash attention")
-        if not varlen_supports_window():
+        if attention == "torch-varlen" and not varlen_supports_window():
             pytest.skip(f"torch {torch.__version__}'s varlen attention has no window_size (local layers)")
     return Embedder.from_pretrained(checkpoint, device=DEVICE, dtype=dtype, backend=backend, attention=attention)
 
