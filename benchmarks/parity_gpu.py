@@ -41,9 +41,10 @@ HALF_MIN_COS = 0.999
 # dtype:choice, where choice is "auto", "backend=<torch|triton>" or "attn=<torch|triton|torch-varlen>".
 # torch-varlen is optional (torch's flash attention: half precision on CUDA only, where the wheel has it).
 CUDA_CASES = ["fp32:auto", "fp32:backend=torch", "bf16:auto", "bf16:attn=triton", "bf16:attn=torch-varlen",
-              "bf16:backend=torch", "fp16:auto", "fp16:attn=torch-varlen"]
+              "bf16:backend=torch", "fp16:auto", "fp16:attn=torch-varlen", "bf16:attn=triton-rope",
+              "fp32:attn=triton-rope", "bf16:attn=torch-varlen-global"]
 CPU_CASES = ["fp32:auto", "bf16:auto", "fp16:auto", "bf16:attn=torch-varlen"]
-OPTIONAL = ("attn=torch-varlen",)
+OPTIONAL = ("attn=torch-varlen", "attn=torch-varlen-global")
 
 
 @dataclass
