@@ -12,6 +12,13 @@ T * (BLOCK_M + 2w), not to sum(L^2): with BLOCK_M = 64 and w = 64 every query bl
 192 keys (3 key blocks of 64) for the 129 a query really uses, whatever the sequence length. Keys
 outside that range are never loaded. `attention_work` counts the score entries computed.
 
+Global layers: every key block but the partial last one runs without masks.
+
+Rotary inside (rope=(cos, sin)): q and k arrive unrotated; q is rotated once per program, each key
+block as it is loaded, from the same fp32 tables and with the same rounding as the rotary kernel,
+so the separate pass over q and k is saved (at the cost of rotating each key block once per query
+block).
+
 Bytes per (sequence, head) for full attention: q and the output once, k and v once per query block
 (ceil(L / BLOCK_M) times), all else stays on chip.
 """
@@ -35,7 +42,8 @@ LOG2E = 1.4426950408889634  # 1 / ln(2): softmax is computed with exp2, the fact
 # fp32 (exact "ieee" dots on the FMA units, twice the registers per element): 64 x 32 tiles over
 #   8 warps; with 4 warps ptxas (sm_90a) needs 255 registers and spills.
 # Wider heads (128) halve the query rows so the accumulator and q tile keep the same size.
-# Register use for sm_90a, head_dim 64, bf16: full 227/thread, local 143/thread, no spills.
+# Register use for sm_90a, head_dim 64, bf16 (compile_check, triton 3.6 / 3.9): full 227 / 224,
+# local 126 / 143 per thread, no spills.
 _CONFIG_FULL = (128, 64, 4, 3)
 _CONFIG_LOCAL = (64, 64, 4, 3)
 # Full attention rotating k as it loads it: the cos/sin tiles and the two k halves need more
