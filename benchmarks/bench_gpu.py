@@ -66,8 +66,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA GPU is available (use --device cpu for a dry run)", file=sys.stderr)
+    if h.cuda_missing(device, "bench_gpu"):
         return 2
     small = args.quick or device.type == "cpu"
     mixed_tokens = args.mixed_tokens or (2000 if small else 200_000)

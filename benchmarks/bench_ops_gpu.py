@@ -23,7 +23,6 @@ Sections, in the order they run (the sweep last, cut by --time-budget):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,10 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
-
-# Nominal HBM bandwidth (GB/s), matched on the device name like the FLOP peaks in harness.
-GPU_BANDWIDTH_GBS = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
-                     ("GH200", 4000.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0)]
 
 FULL_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
               (128, 64, 4, 4), (128, 64, 4, 2), (64, 128, 4, 3)]
@@ -95,13 +90,6 @@ def time_ms(fn, device, min_total_s=0.03, max_reps=100):
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def nominal_bandwidth(gpu: str | None) -> float | None:
-    for key, gbs in GPU_BANDWIDTH_GBS:
-        if gpu and key.lower() in gpu.lower():
-            return gbs
-    return None
 
 
 def copy_bandwidth(numel, dtype, device) -> float:
@@ -347,8 +335,7 @@ def markdown(record) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_ops_gpu: no CUDA GPU is available (use --device cpu for a dry run)", file=sys.stderr)
+    if h.cuda_missing(device, "bench_ops_gpu"):
         return 2
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import triton
@@ -372,8 +359,7 @@ def main(argv=None) -> int:
     def save():
         record["elapsed_s"] = round(time.perf_counter() - started, 1)
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(record, indent=1, default=str))
+            h.write_json(args.out, record)
 
     with tempfile.TemporaryDirectory(prefix="mbe-ops-") as tmp:
         folder = h.write_checkpoint(Path(tmp) / "checkpoint", "small" if quick else "base", seed=0)
@@ -381,7 +367,7 @@ def main(argv=None) -> int:
         print(f"bench_ops_gpu: {h.machine_line(info)}", flush=True)
 
         record["bandwidth_gbs"] = {"copy": copy_bandwidth(T * cfg.hidden_size, dtype, device),
-                                   "nominal": nominal_bandwidth(info.get("gpu"))}
+                                   "nominal": h.nominal_bandwidth_gbs(info.get("gpu"))}
         record["ops"] = memory_bound_ops(cfg, T, dtype, device, ops_triton, ops_ref,
                                          record["bandwidth_gbs"]["copy"], record["bandwidth_gbs"]["nominal"])
         save()
@@ -406,9 +392,7 @@ def main(argv=None) -> int:
     text = markdown(record)
     print(text)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        with args.markdown.open("a") as f:
-            f.write(f"\n### bench_ops_gpu\n\n{text}\n")
+        h.append_markdown(args.markdown, "bench_ops_gpu", text)
     bad = [r for r in record["ops"] + record["attention"] if r["impl"] == "triton" and r["error"]]
     return 1 if bad else 0
 

@@ -378,13 +378,33 @@ GPU_BF16_PEAK_TFLOPS = [
 ]
 
 
-def nominal_peak_tflops(gpu_name: str | None) -> float | None:
-    if not gpu_name:
-        return None
-    for key, peak in GPU_BF16_PEAK_TFLOPS:
-        if key.lower() in gpu_name.lower():
-            return peak
+# Nominal HBM bandwidth (GB/s), matched the same way.
+GPU_BANDWIDTH_GBS = [("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+                     ("GH200", 4000.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0)]
+
+
+def _match_gpu(table, gpu_name: str | None) -> float | None:
+    """The value of the first key (most specific first) contained in the device name."""
+    for key, value in table:
+        if gpu_name and key.lower() in gpu_name.lower():
+            return value
     return None
+
+
+def nominal_peak_tflops(gpu_name: str | None) -> float | None:
+    return _match_gpu(GPU_BF16_PEAK_TFLOPS, gpu_name)
+
+
+def nominal_bandwidth_gbs(gpu_name: str | None) -> float | None:
+    return _match_gpu(GPU_BANDWIDTH_GBS, gpu_name)
+
+
+def cuda_missing(device: torch.device, script: str) -> bool:
+    """True (and says so) when a CUDA run was asked for on a machine without a CUDA GPU."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: no CUDA GPU is available (use --device cpu for a dry run)", file=sys.stderr)
+        return True
+    return False
 
 
 def matmul_tflops(device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -798,6 +818,21 @@ def markdown_table(rows: Sequence[Row], nominal: bool) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write `record` to `path` whole or not at all (a run cut short leaves the last complete one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+
+
+def append_markdown(path: Path, title: str, text: str) -> None:
+    """Append `text` under a `### title` heading (the device check gathers every script's tables)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f"\n### {title}\n\n{text}\n")
+
+
 class Results:
     """One run: machine, settings, corpora, peaks and rows; rewritten after every row so that a run
     cut short still leaves what it measured."""
@@ -823,10 +858,7 @@ class Results:
 
     def save(self) -> None:
         if self.out:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.out.with_suffix(self.out.suffix + ".tmp")
-            tmp.write_text(json.dumps(self.record(), indent=1, default=str))
-            tmp.replace(self.out)
+            write_json(self.out, self.record())
 
     def table(self) -> str:
         peaks = ", ".join(f"{k} {v:.3g}" for k, v in self.peaks.items() if v)
@@ -842,7 +874,5 @@ class Results:
             with self.append.open("a") as f:
                 f.write(json.dumps(self.record(), default=str) + "\n")
         if self.markdown:
-            self.markdown.parent.mkdir(parents=True, exist_ok=True)
-            with self.markdown.open("a") as f:
-                f.write(f"\n### {self.script}\n\n{text}\n")
+            append_markdown(self.markdown, self.script, text)
         return text

@@ -17,7 +17,6 @@ backend that is not available is reported, not failed); the JSON and table are w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -208,8 +207,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("parity_gpu: no CUDA GPU is available (use --device cpu for a dry run)", file=sys.stderr)
+    if h.cuda_missing(device, "parity_gpu"):
         return 2
     tf32_off()
     long_len = args.long_len or (1024 if args.quick or device.type == "cpu" else 8192)
@@ -246,16 +244,13 @@ def main(argv=None) -> int:
             print(f"  {case.case:<24} {case.status:<5} max abs diff {h.fmt_num(case.max_diff_crossing)} / "
                   f"{h.fmt_num(case.max_diff_long_batch)}, min cos {case.min_cos}  {case.error}", flush=True)
             if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(record(), indent=1, default=str))
+                h.write_json(args.out, record())
 
     text = f"parity_gpu on {h.machine_line(info)}\n\n{table(cases, long_len)}"
     print()
     print(text)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        with args.markdown.open("a") as f:
-            f.write(f"\n### parity_gpu\n\n{text}\n")
+        h.append_markdown(args.markdown, "parity_gpu", text)
     bad = [c for c in cases if c.status in ("FAIL", "ERROR")]
     if bad:
         print(f"parity_gpu: {len(bad)} case(s) failed: " + ", ".join(f"{c.case} ({c.status})" for c in bad))
