@@ -30,6 +30,16 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 MODERNBERT_EMBED_COMMIT=${MODERNBERT_EMBED_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export MODERNBERT_EMBED_COMMIT
 
+# status_of RC: how an exit status reads in the summary (5 is pytest's "no tests collected")
+status_of() {
+    case $1 in
+        0) echo ok ;;
+        124|137) echo TIMEOUT ;;
+        5) echo "no tests collected" ;;
+        *) echo "FAIL (rc $1)" ;;
+    esac
+}
+
 # step NAME LIMIT_S RESERVE_S CMD... : run CMD (a command or one of the functions below) with its
 # output in $DEST/NAME.log and on the console, under min(LIMIT_S, what is left of the budget once
 # RESERVE_S is kept for the steps after it); records the outcome. The limit is in $STEP_LIMIT.
@@ -49,12 +59,7 @@ step() {
     t0=$(date +%s)
     timeout --signal=TERM --kill-after=10 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee "$DEST/$name.log"
     rc=${PIPESTATUS[0]}
-    case $rc in
-        0) status=ok ;;
-        124|137) status="TIMEOUT after ${limit}s" ;;
-        5) status="no tests collected" ;;
-        *) status="FAIL (rc $rc)" ;;
-    esac
+    status=$(status_of "$rc")
     printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$name.log" >> "$SUMMARY"
     echo "=== $name: $status"
 }
@@ -119,13 +124,8 @@ wait_parts() {
     wait
     for name in "${PARTS[@]}"; do
         read -r rc secs < "$DEST/$name.rc" 2>/dev/null || { rc=1; secs=0; }
-        case $rc in
-            0) status=ok ;;
-            124|137) status="TIMEOUT" ;;
-            5) status="no tests collected"; rc=0 ;;
-            *) status="FAIL (rc $rc)" ;;
-        esac
-        [ "$rc" -ne 0 ] && worst=1
+        status=$(status_of "$rc")
+        [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && worst=1
         printf '%s\t%s\t%s\t%s\n' "  $name" "$status" "$secs" "$name.log" >> "$SUMMARY"
         echo "----- $name: $status in ${secs}s; the last lines of $name.log:"
         tail -n 25 "$DEST/$name.log"
@@ -171,7 +171,7 @@ ops() {
 
 export PY DEST ROOT
 export SUMMARY
-export -f install environment part wait_parts checks bench ops
+export -f status_of install environment part wait_parts checks bench ops
 
 echo "device check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $MODERNBERT_EMBED_COMMIT, results in $DEST"
 #    name          limit reserve  command      (install and environment always run: no reserve)
