@@ -166,19 +166,9 @@ def compile_launch(case, kernel, args, kwargs, arch):
     return result
 
 
-def _batch(lengths):
-    from ..batching import Batch
-
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return Batch(
-        input_ids=torch.zeros(sum(lengths), dtype=torch.int64),
-        positions=torch.cat([torch.arange(n) for n in lengths]),
-        cu_seqlens=cu, max_seqlen=max(lengths), lengths=tuple(lengths), order=tuple(range(len(lengths))),
-    )
-
-
 def cases(dtypes, hidden=768, heads=12, intermediate=1152, window=64, max_positions=8192):
     """(case name, launcher thunk) for every kernel variant the model runs, at the model's sizes."""
+    from ..batching import pack
     from .attention import attention
     from .geglu import geglu
     from .layer_norm import layer_norm
@@ -188,7 +178,7 @@ def cases(dtypes, hidden=768, heads=12, intermediate=1152, window=64, max_positi
     head_dim = hidden // heads
     lengths = [300, 129, 64, 1]
     T = sum(lengths)
-    batch = _batch(lengths)
+    batch = pack([[0] * n for n in lengths], range(len(lengths)))
     for dn in dtypes:
         dt = DTYPES[dn]
         x = torch.zeros(T, hidden, dtype=dt)

@@ -845,7 +845,6 @@ class CorpusJob:
             if progress is not None:
                 progress(done_seqs, len(seqs), tokens)
 
-        emb._check_options(o.truncate_dim, "float32")
         out = emb._run_plan(seqs, plan, dim, o.normalize, on_done)
         emb._check_finite(out)
         if prep.windows is not None:

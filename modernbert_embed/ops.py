@@ -83,12 +83,8 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
         attn = ops_torch.attention
     elif attention == "triton":
         from .kernels.attention import attention as attn
-    elif attention == "triton-rope":
-        if not triton_available():
-            raise RuntimeError("attention backend 'triton-rope' was asked for but triton is not installed")
+    elif attention == "triton-rope":  # the same kernel, given the tables: the model skips rotary
         from .kernels.attention import attention as attn
-
-        return replace(ops, name=ops.name + "+attn:triton-rope", attention=attn, fused_rotary=True)
     elif attention == "torch-varlen":
         from .kernels.torch_varlen import varlen_attention as attn
     else:
@@ -96,7 +92,8 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
         from .kernels.torch_varlen import varlen_attention as global_attn
 
         attn = per_layer_type(global_attn, local_attn)
-    return replace(ops, name=ops.name + f"+attn:{attention}", attention=attn)
+    return replace(ops, name=ops.name + f"+attn:{attention}", attention=attn,
+                   fused_rotary=attention == "triton-rope")
 
 
 def per_layer_type(global_attention: Callable, local_attention: Callable) -> Callable:
