@@ -15,3 +15,13 @@ def check_qkv(qkv: torch.Tensor, why_contiguous: str = "") -> tuple[int, int, in
         raise ValueError("qkv must be contiguous" + (f" ({why_contiguous})" if why_contiguous else ""))
     T, _, heads, head_dim = qkv.shape
     return T, heads, head_dim
+
+
+def check_rope_tables(cos, sin, half: int, device: torch.device) -> None:
+    """The rotary tables must be float32 [max_positions, half] tensors on `device` (qkv's)."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != half:
+            raise ValueError(f"rotary {name} table must be float32 [max_positions, {half}], got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != device:
+            raise ValueError(f"rotary {name} table is on {t.device} but qkv is on {device}")

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_qkv
+from ._checks import check_qkv, check_rope_tables
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax is computed with exp2, the factor folded into the scale
 
@@ -265,12 +265,10 @@ def _check_rope(rope, head_dim, max_seqlen, device):
     if half < 16 or half & (half - 1):
         raise ValueError(f"rotary inside attention needs head_dim // 2 a power of two >= 16 (tl.dot), "
                          f"got head_dim {head_dim}")
+    check_rope_tables(cos, sin, half, device)
     for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != half:
-            raise ValueError(f"rope {name} table must be float32 [max_positions, {half}], got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        if not t.is_contiguous() or t.device != device:
-            raise ValueError(f"rope {name} table must be contiguous and on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"rope {name} table must be contiguous")
         if t.shape[0] < max_seqlen:
             raise ValueError(f"rope {name} table has {t.shape[0]} positions, the batch needs {max_seqlen}")
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_qkv
+from ._checks import check_qkv, check_rope_tables
 
 
 @triton.jit
@@ -68,12 +68,7 @@ def rotary(qkv, positions, cos, sin):
     if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be int32/int64 [{T}], got {positions.dtype} "
                          f"{tuple(positions.shape)}")
-    for name, table in (("cos", cos), ("sin", sin)):
-        if table.dim() != 2 or table.shape[1] != half or table.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 [max_positions, {half}], got {table.dtype} "
-                             f"{tuple(table.shape)}")
-        if table.device != qkv.device:
-            raise ValueError(f"{name} is on {table.device} but qkv is on {qkv.device}")
+    check_rope_tables(cos, sin, half, qkv.device)
     if positions.device != qkv.device:
         raise ValueError(f"positions is on {positions.device} but qkv is on {qkv.device}")
     if T == 0 or heads == 0:

@@ -195,6 +195,8 @@ def test_rotary_rejects_bad_inputs():
         rotary(randn(4, 3, 2, 32), pos, cos, sin)
     with pytest.raises(ValueError):
         rotary(qkv, pos.float(), cos, sin)
+    with pytest.raises(ValueError, match="float32"):  # tables in the wrong dtype
+        rotary(qkv, pos, cos.double(), sin)
 
 
 # ----------------------------------------------------------------------------- GeGLU
