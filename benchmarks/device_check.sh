@@ -68,14 +68,9 @@ install() {
     if "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . ; then
         return 0
     fi
-    # Without pip (or setuptools) the package still imports, from a folder of links that puts
-    # kernels/ and weights/ inside modernbert_embed as the installed layout does.
-    echo "pip install failed; importing the package through links under $DEST/pkg instead"
-    rm -rf "$DEST/pkg" && mkdir -p "$DEST/pkg/modernbert_embed"
-    for f in "$ROOT"/modernbert_embed/*; do ln -s "$f" "$DEST/pkg/modernbert_embed/"; done
-    ln -sfn "$ROOT/kernels" "$DEST/pkg/modernbert_embed/kernels"
-    ln -sfn "$ROOT/weights" "$DEST/pkg/modernbert_embed/weights"
-    echo "$DEST/pkg" > "$DEST/pythonpath"
+    # Without pip (or setuptools) the package still imports from the repository itself.
+    echo "pip install failed; importing the package from $ROOT instead"
+    echo "$ROOT" > "$DEST/pythonpath"
     return 1
 }
 

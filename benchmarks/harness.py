@@ -447,10 +447,12 @@ class Engine:
 class Ours(Engine):
     def __init__(self, folder, device, dtype: torch.dtype, backend: str = "auto", attention: str = "auto",
                  max_batch_tokens: int | None = None):
-        from modernbert_embed import Embedder
+        from modernbert_embed import Checkpoint, Embedder
+        from modernbert_embed.ops import select_ops
 
-        self.model = Embedder.from_pretrained(folder, device=device, dtype=dtype, backend=backend,
-                                              attention=attention)
+        # the experiment switches go through from_checkpoint's `ops` (auto: the library's own choice)
+        ops = None if (backend, attention) == ("auto", "auto") else select_ops(device, backend, attention)
+        self.model = Embedder.from_checkpoint(Checkpoint(folder), device=device, dtype=dtype, ops=ops)
         self.kwargs = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
         self.label = f"ours ({self.model.ops.name if self.model.ops else backend})"
 

@@ -123,12 +123,14 @@ def max_diff(ours, ref):
 
 
 def run_case(case: Case, folder, ids_groups, ref_hidden, ref_pooled, device) -> None:
-    from modernbert_embed import Embedder
+    from modernbert_embed import Checkpoint, Embedder
+    from modernbert_embed.ops import select_ops
 
     t0 = time.perf_counter()
     try:
-        model = Embedder.from_pretrained(folder, device=device, dtype=h.dtype_of(case.dtype),
-                                         backend=case.backend, attention=case.attention)
+        ops = None if (case.backend, case.attention) == ("auto", "auto") else \
+            select_ops(device, case.backend, case.attention)
+        model = Embedder.from_checkpoint(Checkpoint(folder), device=device, dtype=h.dtype_of(case.dtype), ops=ops)
     except Exception as e:
         case.error = f"load: {type(e).__name__}: {e}"[:400]
         case.extra["traceback"] = traceback.format_exc()[-3000:]

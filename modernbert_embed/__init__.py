@@ -2,8 +2,11 @@
 
 from .api import Embedder
 from .config import ConfigError, ModernBertConfig
+from .engine import Engine, NonFiniteError
+from .options import EncodeOptions, OptionError
 from .tokenizer import PROMPTS
-from .weights import CheckpointError
+from .weights import Checkpoint, CheckpointError
 
-__all__ = ["Embedder", "ModernBertConfig", "ConfigError", "CheckpointError", "PROMPTS"]
+__all__ = ["Embedder", "Engine", "EncodeOptions", "OptionError", "NonFiniteError", "Checkpoint",
+           "ModernBertConfig", "ConfigError", "CheckpointError", "PROMPTS"]
 __version__ = "0.1.0"

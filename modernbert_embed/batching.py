@@ -14,6 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+# Tokens per batch unless the caller says otherwise: large enough to keep a GPU's matmuls
+# efficient, small enough that activations of a batch stay a few hundred MB.
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
 
 @dataclass(frozen=True)
 class Batch:

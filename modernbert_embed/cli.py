@@ -15,8 +15,7 @@ import sys
 
 from . import quantize as Q
 from .tokenizer import PROMPTS
-
-DEFAULT_MODEL = "nomic-ai/modernbert-embed-base"
+from .weights.resolve import DEFAULT_MODEL
 
 
 def _int_at_least(minimum: int):

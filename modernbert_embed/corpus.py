@@ -54,6 +54,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import quantize as Q
+from .weights.resolve import DEFAULT_MODEL
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -354,39 +355,12 @@ def read_meta(path: Path) -> dict[str, list]:
     return pq.read_table(path).to_pydict()
 
 
-# ================================================================================ model identity
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MODEL_FILES = ("config.json", "tokenizer.json", "sentence_bert_config.json", "modules.json",
-                "1_Pooling/config.json", "model.safetensors.index.json")
-
-
-def model_fingerprint(folder: Path) -> tuple[str, dict]:
-    """sha256 over the files that decide the embeddings (config, tokenizer, pooling, weights).
-    Files of the Hugging Face cache are links to blobs named by their sha256, which is used as is."""
-    files = [folder / n for n in _MODEL_FILES if (folder / n).is_file()]
-    files += sorted(folder.glob("model*.safetensors"))
-    per = {}
-    for f in files:
-        target = Path(os.path.realpath(f))
-        per[f.relative_to(folder).as_posix()] = target.name if _HEX64.match(target.name) else sha256_file(f)
-    h = hashlib.sha256(json.dumps(per, sort_keys=True).encode()).hexdigest()
-    return h, per
-
-
-def snapshot_revision(folder: Path) -> str | None:
-    """The commit of a Hugging Face cache snapshot folder (…/snapshots/<commit>), else None."""
-    parts = Path(os.path.abspath(folder)).parts
-    if len(parts) >= 2 and parts[-2] == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[-1]):
-        return parts[-1]
-    return None
-
-
 # ================================================================================ options and manifest
 @dataclass
 class EmbedOptions:
     inputs: list[str]
     output: str
-    model: str = "nomic-ai/modernbert-embed-base"
+    model: str = DEFAULT_MODEL
     revision: str | None = None
     input_format: str = "auto"
     text_field: str = "text"
@@ -563,8 +537,6 @@ class CorpusJob:
         self.opts = opts
         self.out = Path(opts.output)
         self._embedder = embedder
-        self.tokenize_ahead: bool | None = None  # None: on GPUs only
-        self._tokenize_early = True
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         for p in opts.inputs:
             if not Path(p).exists():
@@ -586,15 +558,14 @@ class CorpusJob:
         return self._embedder
 
     def _model_record(self, emb) -> dict:
-        from .weights import resolve_checkpoint
-
-        folder = resolve_checkpoint(self.opts.model, revision=self.opts.revision, local_files_only=True) \
-            if not Path(self.opts.model).expanduser().is_dir() else Path(self.opts.model).expanduser()
-        fingerprint, _ = model_fingerprint(folder)
+        ckpt = emb.checkpoint
+        if ckpt is None:
+            raise RefusedError("the corpus command needs an Embedder loaded from a checkpoint folder "
+                               "(Embedder.from_pretrained or from_checkpoint)")
         return {
             "name": self.opts.model,
-            "revision": self.opts.revision or snapshot_revision(folder),
-            "fingerprint": fingerprint,
+            "revision": self.opts.revision or ckpt.revision,
+            "fingerprint": ckpt.fingerprint,
             "embedding_dim": emb.config.hidden_size,
             "max_seq_length": emb.max_seq_length,
             "pooling": emb.pooling,
@@ -720,7 +691,7 @@ class CorpusJob:
         if self.opts.long == "chunk":
             from .chunking import split_long
 
-            w = split_long(emb, texts, self.opts.prompt, self.opts.overlap)
+            w = split_long(emb.tokenizer, texts, self.opts.prompt, emb.max_seq_length, self.opts.overlap)
             prep.windows, prep.seqs = w, w.ids
             prep.tokens, prep.truncated = w.doc_tokens, [False] * len(texts)
         else:
@@ -758,7 +729,7 @@ class CorpusJob:
                         f"into {self.out}: the inputs changed. Use another output folder, or delete "
                         f"{self.out} to start over.")
                 continue
-            if self._tokenize_early:
+            if self._embedder.tokenize_beside_model:
                 self._tokenize(prep, texts)
             else:
                 prep.texts = texts
@@ -828,15 +799,13 @@ class CorpusJob:
         would plan them, reporting progress as batches finish."""
         import torch
 
-        from .api import DEFAULT_MAX_BATCH_TOKENS
-        from .batching import plan_batches
+        from .batching import DEFAULT_MAX_BATCH_TOKENS
 
         emb = self._embedder
         o = self.opts
         mbt = o.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
         dim = o.truncate_dim or emb.config.hidden_size
         seqs = prep.seqs
-        plan = plan_batches([len(s) for s in seqs], mbt) if seqs else []
         done_seqs = 0
 
         def on_done(n, tokens):
@@ -845,14 +814,12 @@ class CorpusJob:
             if progress is not None:
                 progress(done_seqs, len(seqs), tokens)
 
-        out = emb._run_plan(seqs, plan, dim, o.normalize, on_done)
-        emb._check_finite(out)
+        out = emb.engine.embed(seqs, dim=dim, normalize=o.normalize, max_batch_tokens=mbt, on_batch=on_done)
         if prep.windows is not None:
             from .chunking import combine
 
             w = prep.windows
-            out = combine(out, w.owner, w.weights, w.num_docs, o.normalize) if seqs else \
-                torch.empty(0, dim, dtype=torch.float32, device=emb.device)
+            out = combine(out, w.owner, w.content_tokens, w.num_docs, o.normalize)
         return out.cpu().numpy()
 
     # ---------------------------------------------------------------- writing
@@ -894,7 +861,7 @@ class CorpusJob:
                 self._lock_file = None
 
     def _run(self) -> RunResult:
-        from .api import DEFAULT_MAX_BATCH_TOKENS
+        from .batching import DEFAULT_MAX_BATCH_TOKENS
 
         o = self.opts
         for s in self.sources:
@@ -1030,8 +997,6 @@ class CorpusJob:
 
         # On a GPU the reader thread tokenises ahead while the GPU computes; on the CPU the model
         # already keeps every core busy, and a tokeniser running alongside only gets in its way.
-        self._tokenize_early = self._embedder.device.type != "cpu" if self.tokenize_ahead is None \
-            else self.tokenize_ahead
         bar = self._bar(total, already)
         t0 = time.perf_counter()
         threads = [threading.Thread(target=reader, daemon=True, name="corpus-reader"),

@@ -14,9 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from modernbert_embed.weights.resolve import DEFAULT_MODEL
+
 QUERIES = ["What is TSNE?", "Who is Laurens van der Maaten?"]
 DOCUMENTS = ["TSNE is a dimensionality reduction algorithm created by Laurens van Der Maaten"]
-MODEL_ID = "nomic-ai/modernbert-embed-base"
 
 
 def _tokenizer_for_random_model(folder: Path) -> Path:
@@ -27,7 +28,7 @@ def _tokenizer_for_random_model(folder: Path) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(MODEL_ID, "tokenizer.json", local_files_only=True))
+        return Path(hf_hub_download(DEFAULT_MODEL, "tokenizer.json", local_files_only=True))
     except Exception:
         pass
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     from modernbert_embed import CheckpointError, Embedder
 
     argv = sys.argv[1:] if argv is None else argv
-    source = argv[0] if argv else MODEL_ID
+    source = argv[0] if argv else DEFAULT_MODEL
     t0 = time.perf_counter()
     try:
         model = Embedder.from_pretrained(source)

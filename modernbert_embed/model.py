@@ -1,7 +1,6 @@
 """ModernBERT, unpadded, top to bottom.
 
-What this computes is transformers' `ModernBertModel` (see REFERENCE.md in the design notes);
-how it departs from the textbook BERT:
+What this computes is transformers' `ModernBertModel`; how it departs from the textbook BERT:
   - pre-norm residual blocks; LayerNorms have a weight and no bias; layer 0 has no attention norm
     (its input is the normalised embedding);
   - no position embeddings: RoPE on q and k, theta 160k in global layers and 10k in local ones;
@@ -15,14 +14,29 @@ this file has no device branches.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .batching import Batch
 from .config import ModernBertConfig
-from .ops import Ops
-from .ops_torch import rope_tables
+
+if TYPE_CHECKING:
+    from .ops import Ops
+
+
+def rope_tables(theta: float, head_dim: int, max_positions: int, device=None):
+    """`cos, sin` of shape [max_positions, head_dim // 2], fp32.
+
+    `inv_freq` is computed in fp32 exactly as torch/transformers do (a float64 computation rounded
+    to fp32 differs in about a third of the entries), and the angle is `position * inv_freq` in fp32.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    pos = torch.arange(max_positions, dtype=torch.float32)
+    angles = pos[:, None] * inv_freq[None, :]
+    return angles.cos().to(device), angles.sin().to(device)
 
 
 def _weight(*shape) -> nn.Parameter:
@@ -51,6 +65,17 @@ class LayerNorm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.eps, residual)
 
 
+class RotaryTables(nn.Module):
+    """The rotary tables of one theta, shared by every layer that uses it: non-persistent buffers,
+    so they move with the model and never enter a checkpoint."""
+
+    def __init__(self, theta: float, head_dim: int, max_positions: int, device=None):
+        super().__init__()
+        cos, sin = rope_tables(theta, head_dim, max_positions, device)
+        self.register_buffer("cos", cos, persistent=False)  # [max_positions, head_dim / 2] fp32
+        self.register_buffer("sin", sin, persistent=False)
+
+
 class Embedding(nn.Module):
     def __init__(self, vocab: int, hidden: int):
         super().__init__()
@@ -71,12 +96,12 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModernBertConfig, layer: int, rope: tuple, ops: Ops):
+    def __init__(self, cfg: ModernBertConfig, layer: int, rope: RotaryTables, ops: Ops):
         super().__init__()
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.window = cfg.window(layer)  # None: global; w: keys with |i - j| <= w
         self.scale = cfg.head_dim**-0.5
-        self.cos, self.sin = rope  # [max_positions, head_dim / 2] fp32, shared by layers of one theta
+        self.rope = rope  # the tables of this layer's theta, shared with the other layers of that theta
         self.ops = ops
         self.Wqkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.Wo = Linear(cfg.hidden_size, cfg.hidden_size)
@@ -84,9 +109,9 @@ class Attention(nn.Module):
     def forward(self, x, batch: Batch):
         qkv = self.Wqkv(x).view(-1, 3, self.heads, self.head_dim)  # [T, 3, heads, d]
         if self.ops.fused_rotary:  # the attention kernel rotates q and k as it loads them
-            out = self.ops.attention(qkv, batch, self.window, self.scale, rope=(self.cos, self.sin))
+            out = self.ops.attention(qkv, batch, self.window, self.scale, rope=(self.rope.cos, self.rope.sin))
         else:
-            qkv = self.ops.rotary(qkv, batch.positions, self.cos, self.sin)
+            qkv = self.ops.rotary(qkv, batch.positions, self.rope.cos, self.rope.sin)
             out = self.ops.attention(qkv, batch, self.window, self.scale)  # [T, H]
         return self.Wo(out)
 
@@ -103,7 +128,7 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModernBertConfig, layer: int, rope: tuple, ops: Ops):
+    def __init__(self, cfg: ModernBertConfig, layer: int, rope: RotaryTables, ops: Ops):
         super().__init__()
         # Layer 0 has no attention norm: its input is the (already normalised) embedding.
         self.attn_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps, ops) if layer > 0 else None
@@ -129,7 +154,7 @@ class ModernBert(nn.Module):
         super().__init__()
         self.config = cfg
         tables = {
-            theta: rope_tables(theta, cfg.head_dim, cfg.max_position_embeddings, device)
+            theta: RotaryTables(theta, cfg.head_dim, cfg.max_position_embeddings, device)
             for theta in {cfg.global_rope_theta, cfg.local_rope_theta}
         }
         self.embeddings = Embeddings(cfg, ops)

@@ -1,12 +1,23 @@
-"""Op dispatch: the one place that decides which implementation of each op runs.
+"""Dispatch: the one place that decides the device, the dtype and which implementation of each op runs.
 
-Chosen once, when a model is loaded: Triton kernels on CUDA, plain torch on CPU. Either side
-can be forced (tests compare them, benchmarks measure them), and attention has its own switch
-because torch may offer a varlen flash attention with a window of its own.
+- Device: `resolve_device` (a CUDA index must exist).
+- dtype: float32 on the CPU; on a GPU bfloat16 where it has native bf16 (compute capability 8.0 and
+  newer), float16 before that.
+- Ops, chosen once at load: plain torch on the CPU; Triton kernels on CUDA GPUs of compute
+  capability 7.5 and newer (older ones get torch). Attention follows the GPU: where the Triton
+  attention kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
+- `self_check` runs each chosen op once on tiny inputs against its torch version; an op that fails
+  to compile or disagrees is replaced by torch's, with one warning naming the ops and the GPU, so
+  that a broken kernel shows at load and not on a user's first batch.
+
+Experiments (other attention implementations, to be measured) are `select_ops` arguments; a
+model built with them goes through `Embedder.from_checkpoint(..., ops=select_ops(...))`.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -16,6 +27,17 @@ from . import ops_torch
 
 BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-rope", "torch-varlen", "torch-varlen-global")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+# Compute capability (x10) from which the Triton kernels run at all, and from which the Triton
+# attention runs (below it the kernels compile without tensor-core dots and spill: torch's
+# attention serves those GPUs better).
+TRITON_MIN_ARCH = 75
+TRITON_ATTENTION_MIN_ARCH = 80
+BF16_MIN_ARCH = 80
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,8 @@ class Ops:
     fused_rotary: bool = False
 
 
+OP_NAMES = ("layer_norm", "rotary", "attention", "geglu", "pool")
+
 TORCH_OPS = Ops(
     name="torch",
     layer_norm=ops_torch.layer_norm,
@@ -45,6 +69,62 @@ TORCH_OPS = Ops(
 )
 
 
+# ----------------------------------------------------------------------------- device and dtype
+def resolve_device(device=None) -> torch.device:
+    """The device to load on: CUDA when present (the current GPU), else the CPU. `cuda:N` must name
+    a GPU this machine has."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported (cpu, cuda or cuda:N)")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but no CUDA GPU is available")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < count:
+        have = ", ".join(f"cuda:{i}" for i in range(count))
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} CUDA "
+                         f"GPU{'s' if count != 1 else ''} ({have})")
+    return torch.device("cuda", index)
+
+
+def arch(device: torch.device) -> int | None:
+    """Compute capability x 10 of a CUDA device (90 for an H100), None for the CPU."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def gpu_name(device: torch.device) -> str:
+    return f"{torch.cuda.get_device_name(device)} (sm_{arch(device)})" if device.type == "cuda" else "cpu"
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """float32 on the CPU; bfloat16 on GPUs with native bf16 (compute capability >= 8.0), float16
+    on older ones. A dtype given by name or as a torch dtype is checked against the device."""
+    if dtype is None:
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if arch(device) >= BF16_MIN_ARCH else torch.float16
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        dtype = DTYPES[dtype.lower().removeprefix("torch.")]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
+    if dtype == torch.bfloat16 and device.type == "cuda" and arch(device) < BF16_MIN_ARCH:
+        raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {gpu_name(device)} "
+                         "has no native bf16: use float16 (the default there) or float32")
+    return dtype
+
+
+# ----------------------------------------------------------------------------- ops
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -53,37 +133,48 @@ def triton_available() -> bool:
     return True
 
 
+def triton_ops() -> Ops:
+    """The Triton kernels as one Ops record (imports triton)."""
+    from .kernels.attention import attention
+    from .kernels.geglu import geglu
+    from .kernels.layer_norm import layer_norm
+    from .kernels.pooling import pool
+    from .kernels.rotary import rotary
+
+    return Ops(name="triton", layer_norm=layer_norm, rotary=rotary, attention=attention, geglu=geglu, pool=pool)
+
+
 def select_ops(device: torch.device | str, backend: str = "auto", attention: str = "auto") -> Ops:
-    """The ops for `device`. backend: "auto" (triton on CUDA, torch elsewhere), "torch", "triton".
-    attention: "auto" (follows backend), "torch", "triton", "triton-rope" (the Triton kernel with the
-    rotary embedding applied inside it, so no separate rotary pass) or "torch-varlen" (torch's own
-    varlen flash attention, CUDA only, where the installed torch has it) or "torch-varlen-global"
-    (torch's varlen attention for the global layers, the Triton kernel for the windowed ones: for a
-    torch whose varlen attention has no window, or where each wins its own layer type)."""
+    """The ops for `device`. backend: "auto" (Triton on CUDA GPUs from compute capability 7.5,
+    torch elsewhere), "torch", "triton". attention: "auto" (Triton's where the backend is Triton
+    and the GPU is an Ampere or newer, else torch's), or one to measure: "torch", "triton",
+    "triton-rope" (the Triton kernel rotating q and k as it loads them: no separate rotary pass),
+    "torch-varlen" (torch's own varlen flash attention, CUDA only, where the installed torch has
+    it), "torch-varlen-global" (torch's varlen attention for the global layers, the Triton kernel
+    for the windowed ones)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown ops backend {backend!r}; choose one of {BACKENDS}")
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {attention!r}; choose one of {ATTENTION_BACKENDS}")
     device = torch.device(device)
+    cc = arch(device) if device.type == "cuda" else None
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+        backend = "triton" if cc is not None and cc >= TRITON_MIN_ARCH and triton_available() else "torch"
     if backend == "torch":
         ops = TORCH_OPS
     else:
         if not triton_available():
             raise RuntimeError("backend 'triton' was asked for but triton is not installed")
-        from .kernels import triton_ops
-
         ops = triton_ops()
+        if attention == "auto" and cc is not None and cc < TRITON_ATTENTION_MIN_ARCH:
+            attention = "torch"
     if device.type != "cpu":
         ops = replace(ops, column_major_weights=False)
     if attention == "auto":
         return ops
     if attention == "torch":
         attn = ops_torch.attention
-    elif attention == "triton":
-        from .kernels.attention import attention as attn
-    elif attention == "triton-rope":  # the same kernel, given the tables: the model skips rotary
+    elif attention in ("triton", "triton-rope"):  # triton-rope: the same kernel, given the tables
         from .kernels.attention import attention as attn
     elif attention == "torch-varlen":
         from .kernels.torch_varlen import varlen_attention as attn
@@ -91,12 +182,12 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
         from .kernels.attention import attention as local_attn
         from .kernels.torch_varlen import varlen_attention as global_attn
 
-        attn = per_layer_type(global_attn, local_attn)
+        attn = route_by_window(global_attn, local_attn)
     return replace(ops, name=ops.name + f"+attn:{attention}", attention=attn,
                    fused_rotary=attention == "triton-rope")
 
 
-def per_layer_type(global_attention: Callable, local_attention: Callable) -> Callable:
+def route_by_window(global_attention: Callable, local_attention: Callable) -> Callable:
     """One attention op that sends global layers (window None) to one implementation and windowed
     layers to another."""
 
@@ -104,3 +195,86 @@ def per_layer_type(global_attention: Callable, local_attention: Callable) -> Cal
         return (global_attention if window is None else local_attention)(qkv, batch, window, scale)
 
     return attention
+
+
+# ----------------------------------------------------------------------------- the load-time check
+def _check_inputs(cfg, device, dtype):
+    """Tiny inputs at the model's widths: two sequences, one longer than the window."""
+    from .batching import pack
+    from .model import rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [cfg.local_window * 2 + 9, 3]
+    T, H, heads, d = sum(lengths), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    batch = pack([[0] * n for n in lengths], range(len(lengths)), device)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    cos, sin = rope_tables(cfg.local_rope_theta, d, max(lengths), device)
+    return batch, rand(T, H), rand(H), rand(T, H), rand(T, 3, heads, d), rand(T, 2 * cfg.intermediate_size), (cos, sin)
+
+
+def _op_calls(ops: Ops, cfg, inputs):
+    """{op name: thunk running that op of `ops` on `inputs`} (outputs as a tuple of tensors)."""
+    batch, x, w, res, qkv, u, (cos, sin) = inputs
+    scale = cfg.head_dim ** -0.5
+    w_local = cfg.local_window
+
+    def attention():
+        if ops.fused_rotary:
+            return (ops.attention(qkv.clone(), batch, None, scale, rope=(cos, sin)),
+                    ops.attention(qkv.clone(), batch, w_local, scale, rope=(cos, sin)))
+        q = ops_torch.rotary(qkv.clone(), batch.positions, cos, sin)
+        return ops.attention(q, batch, None, scale), ops.attention(q, batch, w_local, scale)
+
+    return {
+        "layer_norm": lambda: ops.layer_norm(x, w, cfg.norm_eps, res),
+        "rotary": lambda: (ops.rotary(qkv.clone(), batch.positions, cos, sin),),
+        "attention": attention,
+        "geglu": lambda: (ops.geglu(u),),
+        "pool": lambda: (ops.pool(x, batch, "mean", None, True), ops.pool(x, batch, "cls", 16, False)),
+    }
+
+
+def _tolerance(dtype) -> float:
+    # far above a correct kernel's rounding (about 1e-6 fp32, 1e-2 bf16 on O(1) values), far below
+    # what a wrong one gives (O(1))
+    return 1e-3 if dtype == torch.float32 else 0.1
+
+
+def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
+    """`ops` with every op that fails or disagrees with its torch version on tiny inputs replaced
+    by the torch version, and one warning naming those ops and the device. Unchanged when all agree."""
+    if ops.name == TORCH_OPS.name:
+        return ops
+    inputs = _check_inputs(cfg, device, dtype)
+    reference = _op_calls(replace(TORCH_OPS, fused_rotary=False), cfg, inputs)
+    chosen = _op_calls(ops, cfg, inputs)
+    failed: dict[str, str] = {}
+    for name in OP_NAMES:
+        try:
+            got = chosen[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001 - a compile error, a launch error: any failure is the finding
+            failed[name] = f"failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+            continue
+        want = reference[name]()
+        diff = max(float((a.float() - b.float()).abs().max()) if a.numel() else 0.0 for a, b in zip(got, want))
+        if not diff <= _tolerance(dtype):  # NaN fails too
+            failed[name] = f"disagrees with torch (max abs diff {diff:.3g})"
+    if not failed:
+        return ops
+    fixed: dict = {name: getattr(TORCH_OPS, name) for name in failed}
+    if ops.fused_rotary and "attention" in failed:
+        fixed["fused_rotary"] = False  # torch's attention takes rotated q and k: the rotary op runs again
+    warnings.warn(
+        f"modernbert-embed: on {gpu_name(device)} in {str(dtype).removeprefix('torch.')}, "
+        + "; ".join(f"the {ops.name} {name} op {why}" for name, why in failed.items())
+        + f"; using torch's {', '.join(failed)} instead", RuntimeWarning, stacklevel=2)
+    return replace(ops, name=ops.name + "+torch:" + ",".join(failed), **fixed)
+
+
+__all__ = ["Ops", "TORCH_OPS", "select_ops", "self_check", "resolve_device", "resolve_dtype", "arch",
+           "triton_ops", "route_by_window", "OP_NAMES"]

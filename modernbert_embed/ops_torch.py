@@ -28,23 +28,11 @@ def layer_norm(x, weight, eps, residual=None):
 
 
 # ----------------------------------------------------------------------------- rotary
-def rope_tables(theta: float, head_dim: int, max_positions: int, device=None):
-    """`cos, sin` of shape [max_positions, head_dim // 2], fp32.
-
-    `inv_freq` is computed in fp32 exactly as torch/transformers do (a float64 computation rounded
-    to fp32 differs in about a third of the entries), and the angle is `position * inv_freq` in fp32.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    pos = torch.arange(max_positions, dtype=torch.float32)
-    angles = pos[:, None] * inv_freq[None, :]
-    return angles.cos().to(device), angles.sin().to(device)
-
-
 def rotary(qkv, positions, cos, sin):
     """Rotate q and k of the packed `qkv` [T, 3, heads, head_dim] (rotate-half form), in fp32.
 
-    `positions` [T] restart at 0 for every sequence; `cos`/`sin` come from `rope_tables`.
-    Works in place on fp32 input and returns `qkv` (v untouched).
+    `positions` [T] restart at 0 for every sequence; `cos`/`sin` come from `model.rope_tables`.
+    Writes the rotated q and k back into `qkv` (any dtype) and returns it (v untouched).
     """
     half = qkv.shape[-1] // 2
     c = cos[positions][:, None, None, :]  # [T, 1, 1, half]

@@ -18,12 +18,27 @@ the actors need just this package and pyarrow (install the `ray` extra).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
 import numpy as np
 
-DEFAULT_MODEL = "nomic-ai/modernbert-embed-base"
+from . import quantize as Q
+from .options import EncodeOptions, OptionError
+from .weights import DEFAULT_MODEL
+
+_ENCODE_OPTIONS = {f.name for f in dataclasses.fields(EncodeOptions)}
+
+
+def _check_distributed(opts: EncodeOptions) -> EncodeOptions:
+    """int8/uint8 over many actors need fixed ranges: calibrating each batch on itself would put
+    batches on different scales."""
+    if opts.precision in Q.SCALAR_PRECISIONS and opts.ranges is None:
+        raise OptionError("ranges", f"{{precision}} {opts.precision!r} in a distributed job needs fixed "
+                                    "{ranges}=[minima, maxima] (e.g. quantize.load_calibration(path)[0]); "
+                                    "calibrating each batch on itself would put batches on different scales")
+    return opts
 
 
 def _import(name: str):
@@ -50,26 +65,18 @@ class RayEmbedder:
                  long: str = "truncate", overlap: int | None = None, max_batch_tokens: int | None = None,
                  device: str | None = None, dtype: str | None = None, revision: str | None = None,
                  local_files_only: bool | None = None, keep_columns: bool = True):
-        from . import quantize as Q
-        from .api import DEFAULT_MAX_BATCH_TOKENS, Embedder
+        from .api import Embedder
 
-        Q.check_precision(precision)
-        if precision in Q.SCALAR_PRECISIONS and ranges is None:
-            raise ValueError(f"precision {precision!r} in a distributed job needs fixed ranges: pass "
-                             "ranges=[minima, maxima] (e.g. quantize.load_calibration(path)[0]); "
-                             "calibrating each batch on itself would put batches on different scales")
-        self.embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, revision=revision,
-                                                 local_files_only=local_files_only)
-        self.text_column, self.output_column = text_column, output_column
-        self.keep_columns = keep_columns
         self.options: dict[str, Any] = dict(
             prompt_name=prompt_name, prompt=prompt, truncate_dim=truncate_dim,
             normalize_embeddings=normalize_embeddings, precision=precision, long=long, overlap=overlap,
-            max_batch_tokens=max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS,
-            ranges=None if ranges is None else Q.check_ranges(ranges),
-        )
-        # fail in the constructor, not on the first batch, for a bad option
-        self.embedder._check_options(truncate_dim, precision)
+            max_batch_tokens=max_batch_tokens, ranges=ranges)
+        _check_distributed(EncodeOptions(**self.options))  # a bad option fails here, not on the first batch
+        self.embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, revision=revision,
+                                                 local_files_only=local_files_only)
+        self.opts = EncodeOptions(**self.options).for_model(self.embedder.embedding_dim)
+        self.text_column, self.output_column = text_column, output_column
+        self.keep_columns = keep_columns
 
     def embed(self, texts) -> np.ndarray:
         texts = list(texts)
@@ -77,11 +84,9 @@ class RayEmbedder:
             if not isinstance(t, str):
                 what = "null" if t is None else f"a {type(t).__name__}"
                 raise TypeError(f"column {self.text_column!r}, row {i} of this batch is {what}, not a string")
-        dim = self.options["truncate_dim"] or self.embedder.embedding_dim
         if not texts:
-            from . import quantize as Q
-
-            p = self.options["precision"]
+            p = self.opts.precision
+            dim = self.opts.dim(self.embedder.embedding_dim)
             return np.empty((0, Q.output_width(p, dim)), dtype=Q.output_dtype(p))
         return self.embedder.encode(texts, **self.options)
 
@@ -126,15 +131,9 @@ def embed_dataset(ds, model: str = DEFAULT_MODEL, *, num_actors: int | None = No
     `batch_size` rows). num_gpus per actor defaults to 1 where the cluster has GPUs, else 0 (and
     the actors then run on the CPU); num_actors defaults to the number of GPUs, or 1 without.
     Other keyword arguments go to RayEmbedder (text_column, prompt_name, truncate_dim, ...)."""
-    from . import quantize as Q
-
-    precision = options.get("precision", "float32")
-    Q.check_precision(precision)
-    if precision in Q.SCALAR_PRECISIONS and options.get("ranges") is None:  # fail here, not in every actor
-        raise ValueError(f"precision {precision!r} in a distributed job needs fixed ranges=[minima, maxima] "
-                         "(e.g. quantize.load_calibration(path)[0])")
-    if options.get("ranges") is not None:
-        options["ranges"] = Q.check_ranges(options["ranges"]).tolist()
+    opts = _check_distributed(EncodeOptions(**{k: v for k, v in options.items() if k in _ENCODE_OPTIONS}))
+    if opts.ranges is not None:
+        options["ranges"] = opts.ranges.tolist()  # sent to every actor
     ray = _import("ray")
     ray_data = _import("ray.data")
     if not ray.is_initialized():  # Ray Data would start a local cluster anyway; look at it first

@@ -1,11 +1,17 @@
 """Text -> token ids: the checkpoint's own `tokenizer.json`, prompts, truncation.
 
 The post-processor of ModernBERT's tokenizer adds `[CLS] ... [SEP]`; truncation keeps both and
-counts them, so a truncated input is exactly `max_seq_length` tokens long.
+counts them, so a truncated input is exactly `max_length` tokens long.
+
+Thread safety: a Rust tokenizer is never reconfigured once in use (changing its truncation while
+another thread is inside `encode_batch` raises "Already borrowed"). `TextTokenizer` keeps one
+tokenizer per truncation length, each made on first use from the same JSON and never changed
+afterwards, so any number of threads may encode at once with any lengths.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -18,29 +24,22 @@ PROMPTS = {
 }
 
 
-def resolve_prompt(prompt: str | None, prompt_name: str | None) -> str:
-    if prompt is not None and prompt_name is not None:
-        raise ValueError("give either prompt or prompt_name, not both")
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        return prompt
-    if prompt_name is None:
-        return ""
-    if prompt_name not in PROMPTS:
-        raise ValueError(f"unknown prompt_name {prompt_name!r}; known: {sorted(PROMPTS)}")
-    return PROMPTS[prompt_name]
-
-
-def check_texts(texts: Sequence) -> None:
+def check_texts(texts: Sequence) -> list[str]:
+    """`texts` as a list, or a TypeError naming the first item that is not a string."""
+    texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             what = "None" if t is None else f"a {type(t).__name__}"
             raise TypeError(f"input {i} is {what}, not a string")
+    return texts
 
 
 class TextTokenizer:
-    def __init__(self, path: str | Path, max_seq_length: int):
+    """A checkpoint's tokenizer. `encode(texts, prompt, max_length)` truncates to `max_length`
+    tokens ([CLS] and [SEP] included); `encode_whole` does not truncate and keeps the character
+    offsets (for chunking)."""
+
+    def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -51,21 +50,44 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a corrupt file
             raise ValueError(f"cannot read tokenizer {path}: {e}") from None
         tok.no_padding()
-        self.tokenizer = tok
-        self.set_max_seq_length(max_seq_length)
+        tok.no_truncation()
+        self.path = path
+        self._json = tok.to_str()
+        self._lock = threading.Lock()
+        self._by_length: dict[int | None, object] = {None: tok}
+        specials = tok.encode("", add_special_tokens=True).ids
+        # (first, last) special token ids a text is wrapped in, when it is one before and one after
+        self.specials = tuple(specials) if len(specials) == 2 else None
 
-    def set_max_seq_length(self, max_seq_length: int) -> None:
-        self.tokenizer.enable_truncation(max_length=max_seq_length)
-        self.max_seq_length = max_seq_length
+    def _for_length(self, max_length: int | None):
+        """The tokenizer truncating at `max_length` (None: none), made once and never changed."""
+        tok = self._by_length.get(max_length)
+        if tok is None:
+            from tokenizers import Tokenizer
 
-    def encode(self, texts: Sequence[str], prompt: str = "") -> tuple[list[list[int]], list[bool]]:
-        """Token ids per text ([CLS] ... [SEP], truncated to max_seq_length) and whether each one
-        was truncated."""
-        check_texts(texts)
+            with self._lock:
+                tok = self._by_length.get(max_length)
+                if tok is None:
+                    tok = Tokenizer.from_str(self._json)
+                    tok.no_padding()
+                    tok.enable_truncation(max_length=max_length)
+                    self._by_length[max_length] = tok
+        return tok
+
+    def encode(self, texts: Sequence[str], prompt: str = "", max_length: int | None = None
+               ) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text ([CLS] ... [SEP], truncated to `max_length` when given) and whether
+        each one was truncated."""
+        texts = check_texts(texts)
         if prompt:
             texts = [prompt + t for t in texts]
+        tok = self._for_length(max_length)
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: the
         # same ids and truncation, about 20% faster
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        encodings = encode(list(texts), add_special_tokens=True)
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        encodings = encode(texts, add_special_tokens=True)
         return [e.ids for e in encodings], [len(e.overflowing) > 0 for e in encodings]
+
+    def encode_whole(self, texts: Sequence[str]) -> list:
+        """Untruncated encodings without special tokens, with character offsets."""
+        return self._for_length(None).encode_batch(check_texts(texts), add_special_tokens=False)

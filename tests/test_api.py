@@ -103,14 +103,14 @@ def test_pack_layout():
     assert b.input_ids.dtype == b.positions.dtype == torch.int64
 
 
-def test_run_plan_reports_every_batch_in_order(model):
-    # the batch loop behind encode and the corpus command: rows land in input order whatever
-    # the plan, and on_done hears of every batch once, with its documents and tokens
+def test_engine_reports_every_batch_in_order(model):
+    # the batch loop behind every front end: rows land in input order whatever the plan, and
+    # on_batch hears of every batch once, with its documents and tokens
     ids = random_ids([5, 300, 1, 77, 129, 64, 2, 400, 33], seed=7)
     plan = plan_batches([len(s) for s in ids], max_batch_tokens=450)
     assert len(plan) > 2
     seen = []
-    out = model._run_plan(ids, plan, 64, True, lambda n, t: seen.append((n, t)))
+    out = model.engine.embed(ids, dim=64, max_batch_tokens=450, on_batch=lambda n, t: seen.append((n, t)))
     assert seen == [(len(b), sum(len(ids[i]) for i in b)) for b in plan]
     ref = model.encode_tokens(ids, truncate_dim=64, convert_to_tensor=True, max_batch_tokens=10**6)
     assert out.shape == (len(ids), 64)
@@ -142,17 +142,15 @@ def test_prompts_and_texts(text_model):
 def test_text_path_tokenised_beside_the_model(text_model, monkeypatch):
     # On a GPU, encode tokenises chunk k + 1 in a thread while chunk k runs. Forced here on the
     # CPU with chunks of 7 texts: same rows, in input order, as tokenising everything first.
-    import modernbert_embed.api as api
-
     rng = np.random.default_rng(3)
     words = ["tsne", "embedding", "of", "the", "a", "vector", "graph", "model", "search", "ünïcode", "中文"]
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(0, 90, size=30)]
     ref = text_model.encode(texts, prompt_name="search_document", truncate_dim=128)
     monkeypatch.setattr(text_model, "tokenize_chunk", 7)
-    monkeypatch.setattr(api.Embedder, "_tokenize_ahead", lambda self, n: n > self.tokenize_chunk)
+    monkeypatch.setattr(text_model, "tokenize_beside_model", True)
     calls = []
-    tokenize = api.Embedder.tokenize
-    monkeypatch.setattr(api.Embedder, "tokenize", lambda self, t, p="": calls.append(len(t)) or tokenize(self, t, p))
+    encode = text_model.tokenizer.encode
+    monkeypatch.setattr(text_model.tokenizer, "encode", lambda t, *a: calls.append(len(t)) or encode(t, *a))
     out = text_model.encode(texts, prompt_name="search_document", truncate_dim=128, batch_size=3,
                             show_progress_bar=True)
     assert calls == [7, 7, 7, 7, 2]  # chunk by chunk
@@ -163,7 +161,7 @@ def test_text_path_tokenised_beside_the_model(text_model, monkeypatch):
 
 def test_truncation_at_max_seq_length(text_model):
     text = "word " * 9000
-    ids, truncated = text_model.tokenizer.encode([text, "short"])
+    ids, truncated = text_model.tokenize([text, "short"])
     assert len(ids[0]) == 8192 and ids[0][0] == 50281 and ids[0][-1] == 50282
     assert truncated == [True, False]
     text_model.max_seq_length = 100
@@ -180,8 +178,14 @@ def test_truncation_at_max_seq_length(text_model):
     [
         (["ok", 3], {}, TypeError, "input 1 is a int"),
         (["ok", "ok", None], {}, TypeError, "input 2 is None"),
-        (["ok"], {"truncate_dim": 0}, ValueError, "truncate_dim must be in 1..128"),
-        (["ok"], {"truncate_dim": 129}, ValueError, "truncate_dim"),
+        (["ok"], {"truncate_dim": 0}, ValueError, "truncate_dim must be >= 1, got 0"),
+        (["ok"], {"truncate_dim": 129}, ValueError, "truncate_dim must be in 1..128, got 129"),
+        (["ok"], {"truncate_dim": "8"}, TypeError, "truncate_dim must be an int, got str"),
+        (["ok"], {"max_batch_tokens": 0}, ValueError, "max_batch_tokens must be >= 1, got 0"),
+        (["ok"], {"overlap": 4}, ValueError, "overlap applies to long='chunk' only"),
+        (["ok"], {"long": "cut"}, ValueError, "long 'cut' is not supported"),
+        (["ok"], {"ranges": [[0.0], [1.0]]}, ValueError, "ranges applies to precision int8 and uint8, not 'float32'"),
+        (["ok"], {"prompt": "x", "prompt_name": "clustering"}, ValueError, "either prompt or prompt_name"),
         (["ok"], {"prompt_name": "query"}, ValueError, "unknown prompt_name 'query'"),
         (["ok"], {"precision": "int4"}, ValueError, "precision 'int4'"),
     ],
@@ -221,7 +225,7 @@ def test_id_lists_checked_in_one_pass_same_as_per_input(model):
     ref = model.encode_tokens(ids)
     for variant in (as_tuples, as_np_ints, mixed):
         assert np.array_equal(model.encode_tokens(variant), ref)
-    assert model._check_ids(ids) == ids and model._check_id_lists(mixed) is None
+    assert model.engine.check_ids(ids) == ids and not model.engine._ids_fast_check(mixed)
 
 
 def test_tensor_and_numpy_ids_accepted(model):

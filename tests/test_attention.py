@@ -22,6 +22,7 @@ import torch
 
 from modernbert_embed import ops_torch
 from modernbert_embed.batching import pack
+from modernbert_embed.model import rope_tables
 from modernbert_embed.kernels.attention import attention, attention_work
 from modernbert_embed.kernels.attention import _CONFIG_FP32
 from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available, varlen_supports_window
@@ -227,7 +228,7 @@ def test_rotary_inside_attention(dtype, atol, rtol, window):
 
     qkv = make_qkv(MIXED, dtype, seed=6)
     batch = batch_of(MIXED)
-    cos, sin = ops_torch.rope_tables(10000.0, HEAD_DIM, 512, DEVICE)
+    cos, sin = rope_tables(10000.0, HEAD_DIM, 512, DEVICE)
     rotated = ops_torch.rotary(qkv.float().clone(), batch.positions, cos, sin).to(dtype)
     before = qkv.clone()
 
@@ -242,14 +243,14 @@ def test_rotary_inside_attention(dtype, atol, rtol, window):
 
 def test_rotary_inside_attention_rejects_bad_tables():
     qkv, batch = make_qkv([4], torch.float32), batch_of([4])
-    cos, sin = ops_torch.rope_tables(10000.0, HEAD_DIM, 16, DEVICE)
+    cos, sin = rope_tables(10000.0, HEAD_DIM, 16, DEVICE)
     for rope, what in [((cos,), "pair"), ((cos.double(), sin), "float32"), ((cos[:, :8], sin), "float32"),
                        ((cos[:2], sin[:2]), "positions"), ((cos.t().contiguous().t(), sin), "contiguous")]:
         with pytest.raises(ValueError, match=what):
             attention(qkv, batch, None, SCALE, rope=rope)
     with pytest.raises(ValueError, match="power of two"):
         attention(make_qkv([4], torch.float32, head_dim=16), batch, None, SCALE,
-                  rope=ops_torch.rope_tables(10000.0, 16, 16, DEVICE))
+                  rope=rope_tables(10000.0, 16, 16, DEVICE))
 
 
 def test_triton_attention_rejects_bad_config():
@@ -297,13 +298,13 @@ def test_torch_varlen_attention(dtype, atol, rtol, window):
     check_against_reference(f"torch-varlen {dtype} window={window}", varlen_attention, qkv, batch, window, atol, rtol, lengths)
 
 
-def test_per_layer_type_attention_routes_by_window():
+def test_route_by_window_attention_routes_by_window():
     # "torch-varlen-global": global layers (window None) through torch's varlen attention, windowed
     # layers through the Triton kernel
-    from modernbert_embed.ops import per_layer_type, select_ops
+    from modernbert_embed.ops import route_by_window, select_ops
 
     calls = []
-    attn = per_layer_type(lambda *a: calls.append("global"), lambda *a: calls.append("local"))
+    attn = route_by_window(lambda *a: calls.append("global"), lambda *a: calls.append("local"))
     qkv, batch = make_qkv([4], torch.float32), batch_of([4])
     attn(qkv, batch, None, SCALE)
     attn(qkv, batch, 64, SCALE)

@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_CONFIG, fixture_file
-from modernbert_embed.chunking import combine, default_overlap, plan_windows
-
-REAL_VOCAB = {**SMALL_CONFIG, "vocab_size": 50368, "pad_token_id": 50283, "cls_token_id": 50281,
-              "sep_token_id": 50282, "bos_token_id": 50281, "eos_token_id": 50282}
+from conftest import fixture_file
+from helpers import REAL_VOCAB
+from modernbert_embed.chunking import combine, default_overlap, plan_windows, split_long
 CLS, SEP = 50281, 50282
 PROMPT = "search_document: "
 PROMPT_IDS = [8716, 64, 3306, 27]  # "search", "_", "document", ":" (the space joins the next word)
@@ -27,7 +25,7 @@ def test_plan_windows_by_hand():
     assert plan_windows(5, 4, 3) == [(0, 4), (1, 5)]
     with pytest.raises(ValueError, match="smaller than the 4 content tokens"):
         plan_windows(10, 4, 4)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"overlap \(-1 tokens\) must be in 0..3"):
         plan_windows(10, 4, -1)
     assert default_overlap(8000) == 128 and default_overlap(18) == 4
 
@@ -46,7 +44,7 @@ def test_windows_cover_every_token_once_outside_overlaps():
 
 def test_combine_by_hand():
     e = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.6, 0.8]], np.float32)
-    out = combine(e, owner=[0, 0, 1, 1], weights=[3, 1, 1, 0], num_docs=2, normalize=True)
+    out = combine(e, owner=[0, 0, 1, 1], content_tokens=[3, 1, 1, 0], num_docs=2, normalize=True)
     v0 = (3 * e[0] + 1 * e[1]) / 4  # (2.5, 3.0)
     v1 = (1 * e[2] + 1 * e[3]) / 2  # a window of no content tokens counts with weight 1
     np.testing.assert_allclose(out[0], v0 / np.linalg.norm(v0), rtol=1e-6)
@@ -107,10 +105,8 @@ def test_chunked_document_against_hand_computation(model):
     got = model.encode([LONG, "a short one"], prompt=PROMPT, long="chunk", overlap=overlap)
     np.testing.assert_allclose(got[0], v, atol=2e-6)
     # and the windows the library planned are these windows
-    from modernbert_embed.chunking import split_long
-
-    w = split_long(model, [LONG], PROMPT, overlap)
-    assert w.ids == hand_windows and w.weights == weights
+    w = split_long(model.tokenizer, [LONG], PROMPT, MSL, overlap)
+    assert w.ids == hand_windows and w.content_tokens == weights
     assert w.doc_tokens == [len(full) + 2] and w.doc_windows == [len(hand_windows)]
     # truncating gives the first window only, flagged
     ids, truncated = model.tokenize([LONG], PROMPT)
@@ -125,9 +121,7 @@ def test_short_documents_are_the_same_in_both_modes(model):
     b = model.encode(texts, prompt_name="search_document", long="chunk")
     np.testing.assert_array_equal(a, b)
     ids, truncated = model.tokenize(texts, PROMPT)
-    from modernbert_embed.chunking import split_long
-
-    w = split_long(model, texts, PROMPT)
+    w = split_long(model.tokenizer, texts, PROMPT, MSL)
     assert w.ids == ids and not any(truncated) and w.doc_windows == [1] * len(texts)
 
 
@@ -149,7 +143,7 @@ def test_chunk_errors(model):
         model.encode(["x"], long="split")
     with pytest.raises(ValueError, match="overlap applies to long='chunk'"):
         model.encode(["x"], overlap=3)
-    with pytest.raises(ValueError, match="must be smaller than the 18 content tokens"):
+    with pytest.raises(ValueError, match="smaller than the 18 content tokens"):
         model.encode([LONG], prompt=PROMPT, long="chunk", overlap=18)
     with pytest.raises(ValueError, match="leaving no room"):
         model.encode(["x"], prompt="word " * 30, long="chunk")

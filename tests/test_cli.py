@@ -212,7 +212,7 @@ def test_chunk_mode(tmp_path, capsys, ckpt, model):
     np.testing.assert_allclose(res.embeddings, ref, atol=1e-5)
     from modernbert_embed.chunking import split_long
 
-    w = split_long(model, texts, PROMPT, 6)
+    w = split_long(model.tokenizer, texts, PROMPT, MSL, 6)
     assert res.meta["windows"] == w.doc_windows and max(w.doc_windows) > 2
     assert res.meta["tokens"] == w.doc_tokens and not any(res.meta["truncated"])
     assert sum(s["windows"] for s in res.manifest["shards"]) == len(w.ids)

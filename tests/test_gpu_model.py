@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, random_ids
+from helpers import load_with_ops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,7 +86,6 @@ def reference(checkpoint, crossing_ids, long_ids, tf32_off):
 
 
 def load(checkpoint, dtype, attention="auto", backend="auto"):
-    from modernbert_embed import Embedder
 
     if attention.startswith("torch-varlen"):
         try:
@@ -96,7 +96,7 @@ def load(checkpoint, dtype, attention="auto", backend="auto"):
             pytest.skip(f"torch {torch.__version__} has no varlen flash attention")
         if attention == "torch-varlen" and not varlen_supports_window():
             pytest.skip(f"torch {torch.__version__}'s varlen attention has no window_size (local layers)")
-    return Embedder.from_pretrained(checkpoint, device=DEVICE, dtype=dtype, backend=backend, attention=attention)
+    return load_with_ops(checkpoint, DEVICE, dtype, backend, attention)
 
 
 def one_batch(ids):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import importlib.util
 
 import pytest
 import torch
@@ -26,11 +25,12 @@ from modernbert_embed.kernels.geglu import geglu
 from modernbert_embed.kernels.layer_norm import layer_norm
 from modernbert_embed.kernels.pooling import pool
 from modernbert_embed.kernels.rotary import rotary
-from modernbert_embed.model import ModernBert
+from modernbert_embed.model import ModernBert, rope_tables
 from modernbert_embed.ops import TORCH_OPS, Ops
 from modernbert_embed.weights import load_state_dict
 
 from conftest import HAS_CUDA, SMALL_CONFIG, random_ids, requires_cuda
+from helpers import load_with_ops
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -151,7 +151,7 @@ ROPE = {}
 def rope(theta, head_dim, max_positions=1024):
     key = (theta, head_dim, max_positions)
     if key not in ROPE:
-        ROPE[key] = ops_torch.rope_tables(theta, head_dim, max_positions, DEVICE)
+        ROPE[key] = rope_tables(theta, head_dim, max_positions, DEVICE)
     return ROPE[key]
 
 
@@ -311,18 +311,11 @@ def test_model_with_triton_ops_matches_torch_ops(small_checkpoint, dtype):
     assert cos.min() >= 0.999, f"pooled cosine {cos.min():.6f} at sequence {int(cos.argmin())}"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("modernbert_embed.kernels.attention") is None,
-    reason="select_ops(backend='triton') imports kernels/attention.py, which is not there yet",
-)
 def test_embedder_triton_backend_with_torch_attention(small_checkpoint):
     """The same through the public path: select_ops(backend="triton", attention="torch")."""
-    from modernbert_embed import Embedder
-
     ids = random_ids([130, 3, 1, 66], vocab=SMALL_CONFIG["vocab_size"], seed=6)
-    ref = Embedder.from_pretrained(small_checkpoint, device=DEVICE, dtype="float32", backend="torch")
-    tri = Embedder.from_pretrained(small_checkpoint, device=DEVICE, dtype="float32", backend="triton",
-                                   attention="torch")
+    ref = load_with_ops(small_checkpoint, DEVICE, "float32", backend="torch")
+    tri = load_with_ops(small_checkpoint, DEVICE, "float32", backend="triton", attention="torch")
     assert tri.ops.pool is pool and tri.ops.layer_norm is layer_norm
     assert tri.ops.attention is ops_torch.attention
     # one forward each (the hidden states are compared in the test above): Matryoshka pooling,
@@ -334,12 +327,9 @@ def test_embedder_triton_backend_with_torch_attention(small_checkpoint):
 def test_embedder_with_rotary_inside_attention(small_checkpoint):
     """attention="triton-rope": the kernel rotates q and k as it loads them and the model skips the
     rotary op; the same embeddings and hidden states as the torch ops, in float32."""
-    from modernbert_embed import Embedder
-
     ids = random_ids([130, 3, 1, 66, 200], vocab=SMALL_CONFIG["vocab_size"], seed=7)
-    ref = Embedder.from_pretrained(small_checkpoint, device=DEVICE, dtype="float32", backend="torch")
-    fused = Embedder.from_pretrained(small_checkpoint, device=DEVICE, dtype="float32", attention="triton-rope",
-                                     backend="triton")
+    ref = load_with_ops(small_checkpoint, DEVICE, "float32", backend="torch")
+    fused = load_with_ops(small_checkpoint, DEVICE, "float32", backend="triton", attention="triton-rope")
     assert fused.ops.fused_rotary and not ref.ops.fused_rotary
     # the rotary op must not run: the attention modules get ops whose rotary records any call
     calls = []

@@ -202,7 +202,7 @@ def test_encode_int8_with_ranges_or_calibration(model, ids):
     # calibrated on itself, the first half gets a different scale than the whole
     half = model.encode_tokens(ids[:6], precision="uint8")
     assert not np.array_equal(half, model.encode_tokens(ids, precision="uint8")[:6])
-    with pytest.raises(ValueError, match="apply to int8 and uint8"):
+    with pytest.raises(ValueError, match="applies to precision int8 and uint8"):
         model.encode_tokens(ids, precision="binary", ranges=r)
     with pytest.raises(ValueError, match="precision 'int4'"):
         model.encode_tokens(ids, precision="int4")

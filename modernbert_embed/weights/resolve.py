@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 
+DEFAULT_MODEL = "nomic-ai/modernbert-embed-base"
+
 # Everything the engine reads; nothing else is downloaded (no ONNX, no PyTorch .bin).
 HUB_FILES = [
     "config.json",
@@ -16,7 +18,7 @@ HUB_FILES = [
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "modules.json",
-    "1_Pooling/config.json",
+    "*Pooling*/config.json",  # the Pooling module's folder, as modules.json names it (1_Pooling)
 ]
 
 

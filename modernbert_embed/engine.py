@@ -1,0 +1,203 @@
+"""The engine core: token ids in, embeddings out. The only way to the model for every front end.
+
+```
+ids ─► check ─► plan (sort by length, pack under a token budget) ─► pack ─► forward ─► pool ─► scatter ─► finite check
+```
+
+`Engine.embed` runs that loop; the Embedder, chunking, the corpus command, the Ray adapter and
+the HTTP server all call it and nothing below it. It holds no state that a call changes, so any
+number of threads may call it at once, and each call's result is the one it would get alone (its
+batches are its own). On a GPU the calls share one CUDA stream: they interleave batch by batch and
+each waits as long as the work queued before it.
+
+Every launch happens on the engine's device (`torch.cuda.device` around the loop), whatever the
+calling thread's current device is.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .batching import DEFAULT_MAX_BATCH_TOKENS, pack, plan_batches, upload
+from .model import ModernBert
+from .ops import Ops, resolve_device, resolve_dtype, select_ops, self_check
+from .weights import Checkpoint, load_state_dict
+
+# With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
+# for: two keep the GPU fed while the host packs the next batch.
+RUN_AHEAD = 2
+
+
+class NonFiniteError(FloatingPointError):
+    """Embeddings that are NaN or infinite; `rows` are the inputs' indices in the call."""
+
+    def __init__(self, rows: Sequence[int], dtype):
+        self.rows = list(rows)
+        shown = f"{self.rows[:10]}{' ...' if len(self.rows) > 10 else ''}"
+        super().__init__(f"non-finite embeddings for input(s) {shown} (model dtype {dtype}; float16 can "
+                         "overflow where bfloat16 does not)")
+
+
+class Engine:
+    """A loaded model and its pooling: `embed` and `hidden_states` over lists of token ids."""
+
+    def __init__(self, model: ModernBert, pooling: str = "mean"):
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling {pooling!r} is not supported (mean or cls)")
+        self.model = model
+        self.config = model.config
+        self.ops = model.ops
+        self.pooling = pooling
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, device=None, dtype=None, ops: Ops | None = None) -> "Engine":
+        """Build the model of `checkpoint` on `device` in `dtype` (see `ops.resolve_device`,
+        `ops.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
+        the dispatch chooses them, and on a GPU checks them first (`ops.self_check`)."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        cfg = checkpoint.config
+        if ops is None:
+            ops = select_ops(device)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    ops = self_check(ops, cfg, device, dtype)
+        model = ModernBert(cfg, ops, device=device)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        model.load(load_state_dict(checkpoint.folder, expected, dtype, device))
+        return cls(model, checkpoint.pooling)
+
+    # --------------------------------------------------------------------------- device
+    def on_device(self):
+        """A context in which launches go to this engine's GPU (nothing on the CPU)."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    # --------------------------------------------------------------------------- checks
+    def check_ids(self, token_ids) -> list:
+        """The inputs as flat sequences of ints inside the vocabulary and the position limit, or a
+        clear error naming the first bad input."""
+        if isinstance(token_ids, (str, bytes)):
+            raise TypeError("token_ids must be a list of token-id sequences, not a string")
+        seqs = list(token_ids)
+        if self._ids_fast_check(seqs):
+            return seqs
+        return [self._check_one(i, s) for i, s in enumerate(seqs)]
+
+    def _ids_fast_check(self, seqs) -> bool:
+        """The common case in one pass: every input a non-empty list or tuple of Python (or numpy)
+        ints, all in range. False when any is not, so that the per-input checks find and name it."""
+        V, P = self.config.vocab_size, self.config.max_position_embeddings
+        if not all(type(s) in (list, tuple) and s and type(s[0]) is not bool and len(s) <= P for s in seqs):
+            return False
+        if not seqs:
+            return True
+        flat = array.array("q")
+        try:  # takes ints (and numpy ints) only: floats, None, nested lists raise
+            for s in seqs:
+                flat.fromlist(s) if type(s) is list else flat.extend(s)
+        except (TypeError, OverflowError):
+            return False
+        values = np.frombuffer(flat, dtype=np.int64)
+        return bool(values.min() >= 0 and values.max() < V)
+
+    def _check_one(self, i: int, seq) -> list[int]:
+        V, P = self.config.vocab_size, self.config.max_position_embeddings
+        if seq is None:
+            raise TypeError(f"input {i} is None, not a sequence of token ids")
+        arr = np.asarray(seq.cpu() if isinstance(seq, torch.Tensor) else seq)
+        if arr.ndim != 1:
+            raise ValueError(f"input {i}: token ids must be a flat sequence, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"input {i} is an empty token list (an empty text is [CLS] [SEP])")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"input {i}: token ids must be integers, got {arr.dtype}")
+        bad = np.flatnonzero((arr < 0) | (arr >= V))
+        if bad.size:
+            raise ValueError(f"input {i}: token id {int(arr[bad[0]])} at position {int(bad[0])} "
+                             f"is outside the vocabulary 0..{V - 1}")
+        if arr.size > P:
+            raise ValueError(f"input {i} has {arr.size} tokens; the model takes at most {P}")
+        return arr.tolist()
+
+    @staticmethod
+    def nonfinite_rows(result: torch.Tensor) -> list[int]:
+        """Rows of `result` holding a NaN or an infinity (waits for the device)."""
+        return (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
+
+    # --------------------------------------------------------------------------- the batch loop
+    def embed(self, ids: Sequence[Sequence[int]], *, dim: int | None = None, normalize: bool = True,
+              max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, batch_size: int | None = None,
+              on_batch: Callable[[int, int], None] | None = None, out: torch.Tensor | None = None,
+              check_finite: bool = True) -> torch.Tensor:
+        """Sentence embeddings of `ids` (checked token-id lists, see `check_ids`): float32
+        [len(ids), dim] on the device, in input order, pooled, sliced to `dim` and normalised when
+        `normalize`. Batches are planned longest first under `max_batch_tokens` tokens and at most
+        `batch_size` sequences. `on_batch(docs, tokens)` hears of each batch as it finishes, in
+        plan order. `out`: a float32 [len(ids), dim] tensor on the device to fill instead of a new
+        one. Non-finite rows raise `NonFiniteError` naming them, unless `check_finite` is False.
+
+        Nothing here waits for the GPU (inputs go up through pinned memory, each batch's rows are
+        scattered into place on the device), so while the GPU runs one batch the host packs the
+        next; with `on_batch` the host stays at most RUN_AHEAD batches ahead, so that the counts
+        are of batches computed, not merely queued."""
+        dim = dim or self.config.hidden_size
+        if out is None:
+            out = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
+        elif out.shape != (len(ids), dim) or out.dtype != torch.float32 or out.device != self.device:
+            raise ValueError(f"out must be float32 [{len(ids)}, {dim}] on {self.device}, got "
+                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        if not ids:
+            return out
+        plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size)
+        track = on_batch is not None and self.device.type == "cuda"
+        pending: collections.deque = collections.deque()
+        with self.on_device():
+            for order in plan:
+                batch = pack(ids, order, self.device)
+                hidden = self.model(batch)
+                pooled = self.ops.pool(hidden, batch, self.pooling, dim, normalize)
+                out.index_copy_(0, upload(np.asarray(order, dtype=np.int64), torch.int64, self.device), pooled)
+                if track:
+                    event = torch.cuda.Event()
+                    event.record()
+                    pending.append((event, batch.num_seqs, batch.num_tokens))
+                    if len(pending) > RUN_AHEAD:
+                        event, n, t = pending.popleft()
+                        event.synchronize()
+                        on_batch(n, t)
+                elif on_batch is not None:
+                    on_batch(batch.num_seqs, batch.num_tokens)
+            for event, n, t in pending:
+                event.synchronize()
+                on_batch(n, t)
+            if check_finite:
+                bad = self.nonfinite_rows(out)
+                if bad:
+                    raise NonFiniteError(bad, self.dtype)
+        return out
+
+    def hidden_states(self, ids: Sequence[Sequence[int]],
+                      max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
+        """Final-norm hidden states of checked token-id lists: one float32 CPU tensor
+        [len_i, hidden] per input, in input order."""
+        result: list[torch.Tensor | None] = [None] * len(ids)
+        with self.on_device():
+            for order in plan_batches([len(s) for s in ids], max_batch_tokens):
+                batch = pack(ids, order, self.device)
+                hidden = self.model(batch).float().cpu()
+                for seq, piece in zip(batch.order, hidden.split(list(batch.lengths))):
+                    result[seq] = piece
+        return result
+
+
+__all__ = ["Engine", "NonFiniteError", "RUN_AHEAD"]
