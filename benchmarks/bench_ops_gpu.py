@@ -219,11 +219,12 @@ def attention_rows(cfg, cases, dtype, device):
 
 
 def sweep_rows(cfg, cases, dtype, device, deadline, quick):
+    from modernbert_embed.kernels._arch import device_arch
     from modernbert_embed.kernels.attention import _config, attention
 
     rows = []
     for name, window, batch, qkv, flops, scale in attention_inputs(cfg, cases, dtype, device):
-        default = _config(dtype, cfg.head_dim, window)
+        default = _config(dtype, cfg.head_dim, window, arch=device_arch(qkv.device))
         tiles = FULL_TILES if window is None else LOCAL_TILES
         tiles = [default] + [t for t in tiles if t != default]
         case_rows = []

@@ -6,6 +6,9 @@
 - Ops, chosen once at load: plain torch on the CPU; Triton kernels on CUDA GPUs of compute
   capability 7.5 and newer (older ones get torch). Attention follows the GPU: where the Triton
   attention kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
+  The policy is `ops_for_arch` (by compute capability); `kernels.compile_check --arch N` compiles
+  exactly what it picks for sm_N, in each dtype of `gpu_dtypes(N)`. Within a kernel, the tiles
+  follow the GPU of the tensors it is given (the launchers, via `kernels._arch`).
 - `self_check` runs each chosen op once on tiny inputs against its torch version; an op that fails
   to compile or disagrees is replaced by torch's, with one warning naming the ops and the GPU, so
   that a broken kernel shows at load and not on a user's first batch.
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 
 from . import ops_torch
+from .kernels._arch import capability
 
 BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-rope", "torch-varlen", "torch-varlen-global")
@@ -33,8 +37,10 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 # Compute capability (x10) from which the Triton kernels run at all, and from which the Triton
-# attention runs (below it the kernels compile without tensor-core dots and spill: torch's
-# attention serves those GPUs better).
+# attention runs: for sm_75 (T4) triton compiles its dots without tensor cores, and every
+# half-precision attention tile spills (128 x 64: 12 KB per thread; even 32 x 32 spills in full
+# attention), so torch's attention serves those GPUs better. From sm_80 every variant compiles to
+# tensor-core dots without spills (`kernels.compile_check`).
 TRITON_MIN_ARCH = 75
 TRITON_ATTENTION_MIN_ARCH = 80
 BF16_MIN_ARCH = 80
@@ -96,28 +102,31 @@ def resolve_device(device=None) -> torch.device:
 
 def arch(device: torch.device) -> int | None:
     """Compute capability x 10 of a CUDA device (90 for an H100), None for the CPU."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return capability(device)
 
 
 def gpu_name(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)} (sm_{arch(device)})" if device.type == "cuda" else "cpu"
 
 
+def gpu_dtypes(cc: int) -> tuple[torch.dtype, ...]:
+    """The dtypes a GPU of compute capability `cc` (x 10) runs, its default first: bfloat16 only
+    with native bf16 (8.0 and newer), else float16; float32 everywhere."""
+    if cc >= BF16_MIN_ARCH:
+        return torch.bfloat16, torch.float16, torch.float32
+    return torch.float16, torch.float32
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """float32 on the CPU; bfloat16 on GPUs with native bf16 (compute capability >= 8.0), float16
     on older ones. A dtype given by name or as a torch dtype is checked against the device."""
     if dtype is None:
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if arch(device) >= BF16_MIN_ARCH else torch.float16
+        return gpu_dtypes(arch(device))[0] if device.type == "cuda" else torch.float32
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         dtype = DTYPES[dtype.lower().removeprefix("torch.")]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
-    if dtype == torch.bfloat16 and device.type == "cuda" and arch(device) < BF16_MIN_ARCH:
+    if device.type == "cuda" and dtype not in gpu_dtypes(arch(device)):
         raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {gpu_name(device)} "
                          "has no native bf16: use float16 (the default there) or float32")
     return dtype
@@ -152,12 +161,18 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
     "torch-varlen" (torch's own varlen flash attention, CUDA only, where the installed torch has
     it), "torch-varlen-global" (torch's varlen attention for the global layers, the Triton kernel
     for the windowed ones)."""
+    device = torch.device(device)
+    ops = ops_for_arch(arch(device), backend, attention)
+    return ops if device.type == "cpu" else replace(ops, column_major_weights=False)
+
+
+def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto") -> Ops:
+    """The policy behind `select_ops`, by compute capability x 10 (None: not a CUDA GPU). The
+    compile check (`kernels.compile_check`) reads it to compile what a GPU of `cc` would launch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown ops backend {backend!r}; choose one of {BACKENDS}")
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {attention!r}; choose one of {ATTENTION_BACKENDS}")
-    device = torch.device(device)
-    cc = arch(device) if device.type == "cuda" else None
     if backend == "auto":
         backend = "triton" if cc is not None and cc >= TRITON_MIN_ARCH and triton_available() else "torch"
     if backend == "torch":
@@ -168,8 +183,6 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
         ops = triton_ops()
         if attention == "auto" and cc is not None and cc < TRITON_ATTENTION_MIN_ARCH:
             attention = "torch"
-    if device.type != "cpu":
-        ops = replace(ops, column_major_weights=False)
     if attention == "auto":
         return ops
     if attention == "torch":
@@ -229,7 +242,8 @@ def _op_calls(ops: Ops, cfg, inputs):
         return ops.attention(q, batch, None, scale), ops.attention(q, batch, w_local, scale)
 
     return {
-        "layer_norm": lambda: ops.layer_norm(x, w, cfg.norm_eps, res),
+        # with the residual add (the layers) and without (the embeddings' and the final norm)
+        "layer_norm": lambda: (*ops.layer_norm(x, w, cfg.norm_eps, res), ops.layer_norm(x, w, cfg.norm_eps)[0]),
         "rotary": lambda: (ops.rotary(qkv.clone(), batch.positions, cos, sin),),
         "attention": attention,
         "geglu": lambda: (ops.geglu(u),),
@@ -243,6 +257,18 @@ def _tolerance(dtype) -> float:
     return 1e-3 if dtype == torch.float32 else 0.1
 
 
+def _disagreement(got, want, tolerance) -> str:
+    """Why the outputs `got` differ from torch's `want`, or "" when they agree."""
+    shapes = [tuple(t.shape) for t in got], [tuple(t.shape) for t in want]
+    if shapes[0] != shapes[1]:
+        return f"returns shapes {shapes[0]}, torch's {shapes[1]}"
+    diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(got, want) if a.numel()]
+    if all(d <= tolerance for d in diffs):  # a NaN fails
+        return ""
+    worst = next((d for d in diffs if d != d), max(diffs))  # NaN first: max() may pass over it
+    return f"disagrees with torch (max abs diff {worst:.3g})"
+
+
 def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
     """`ops` with every op that fails or disagrees with its torch version on tiny inputs replaced
     by the torch version, and one warning naming those ops and the device. Unchanged when all agree."""
@@ -253,6 +279,8 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
     chosen = _op_calls(ops, cfg, inputs)
     failed: dict[str, str] = {}
     for name in OP_NAMES:
+        if getattr(ops, name) is getattr(TORCH_OPS, name):
+            continue  # torch's own op (e.g. the attention below sm_80): nothing to check
         try:
             got = chosen[name]()
             if device.type == "cuda":
@@ -260,10 +288,9 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
         except Exception as e:  # noqa: BLE001 - a compile error, a launch error: any failure is the finding
             failed[name] = f"failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
             continue
-        want = reference[name]()
-        diff = max(float((a.float() - b.float()).abs().max()) if a.numel() else 0.0 for a, b in zip(got, want))
-        if not diff <= _tolerance(dtype):  # NaN fails too
-            failed[name] = f"disagrees with torch (max abs diff {diff:.3g})"
+        why = _disagreement(got, reference[name](), _tolerance(dtype))
+        if why:
+            failed[name] = why
     if not failed:
         return ops
     fixed: dict = {name: getattr(TORCH_OPS, name) for name in failed}
@@ -276,5 +303,5 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
     return replace(ops, name=ops.name + "+torch:" + ",".join(failed), **fixed)
 
 
-__all__ = ["Ops", "TORCH_OPS", "select_ops", "self_check", "resolve_device", "resolve_dtype", "arch",
-           "triton_ops", "route_by_window", "OP_NAMES"]
+__all__ = ["Ops", "TORCH_OPS", "select_ops", "ops_for_arch", "self_check", "resolve_device", "resolve_dtype",
+           "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES"]

@@ -29,26 +29,33 @@ import torch
 import triton
 import triton.language as tl
 
+from ._arch import device_arch
 from ._checks import check_qkv, check_rope_tables
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax is computed with exp2, the factor folded into the scale
 
-# Tile sizes, (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen for an H100 and head_dim 64.
-# Full attention, fp16/bf16: 128 query rows x 64 keys per step with 4 warps and a 3-deep
-#   load pipeline is the shape Triton's own fused-attention tutorial settles on for d = 64 on Hopper;
-#   the q tile (128 x 64) and the fp32 accumulator (128 x 64) stay in registers.
-# Local attention: a 64-row query block with w = 64 spans 64 + 2*64 = 192 keys = exactly 3 blocks
-#   of 64 (a 128-row block would need 256 keys, 2x the 129 a query uses; 64 rows need 1.5x).
+# Tile sizes, (BLOCK_M, BLOCK_N, num_warps, num_stages), per architecture, for head_dim 64.
+# Hopper (sm_90), fp16/bf16, chosen for an H100 (not yet timed on one):
+#   full attention: 128 query rows x 64 keys per step with 4 warps and a 3-deep load pipeline is
+#   the shape Triton's own fused-attention tutorial settles on for d = 64 on Hopper; the q tile
+#   (128 x 64) and the fp32 accumulator (128 x 64) stay in registers (wgmma).
+#   local attention: a 64-row query block with w = 64 spans 64 + 2*64 = 192 keys = exactly 3
+#   blocks of 64 (a 128-row block would need 256 keys, 2x the 129 a query uses; 64 rows need 1.5x).
+#   rotary inside, full: the cos/sin tiles and the two k halves need more registers than 4 warps
+#   leave a 128-row tile (ptxas spills); 8 warps hold it.
+# Ampere and Ada (sm_80, sm_86, sm_89: mma.sync, the accumulator spread over fewer threads than a
+# Hopper warpgroup's): the same 128 x 64 tile with 4 warps needs 255 registers per thread, the
+# ceiling (the fp16 rotary-inside variant spills at sm_80), so 8 warps share it (179 registers);
+# rotary inside, full, steps 32 keys at a time (177 registers; 255 with 64). Chosen from the
+# compile check (registers, spills, tensor-core dots), not yet timed on those GPUs.
 # fp32 (exact "ieee" dots on the FMA units, twice the registers per element): 64 x 32 tiles over
-#   8 warps; with 4 warps ptxas (sm_90a) needs 255 registers and spills.
+#   8 warps on every architecture; with 4 warps ptxas (sm_90a) needs 255 registers and spills.
 # Wider heads (128) halve the query rows so the accumulator and q tile keep the same size.
-# Register use for sm_90a, head_dim 64, bf16 (compile_check, triton 3.6 / 3.9): full 227 / 224,
-# local 126 / 143 per thread, no spills.
-_CONFIG_FULL = (128, 64, 4, 3)
-_CONFIG_LOCAL = (64, 64, 4, 3)
-# Full attention rotating k as it loads it: the cos/sin tiles and the two k halves need more
-# registers than 4 warps leave a 128-row tile (ptxas spills); 8 warps hold it.
-_CONFIG_FULL_ROPE = (128, 64, 8, 3)
+# Registers, spills and shared memory of every variant per architecture: `compile_check --arch N`.
+_TILES_HOPPER = {"full": (128, 64, 4, 3), "local": (64, 64, 4, 3),
+                 "full+rope": (128, 64, 8, 3), "local+rope": (64, 64, 4, 3)}
+_TILES_AMPERE = {"full": (128, 64, 8, 3), "local": (64, 64, 4, 3),
+                 "full+rope": (128, 32, 8, 3), "local+rope": (64, 64, 4, 3)}
 _CONFIG_FP32 = (64, 32, 8, 3)
 _CONFIG_WIDE = (64, 64, 4, 2)  # head_dim 128
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two; tl.dot needs K >= 16
@@ -234,14 +241,15 @@ def _attention_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
 
 
-def _config(dtype, head_dim, window, rope=False):
+def _config(dtype, head_dim, window, rope=False, arch=None):
+    """The tiles for a launch: by dtype, head width, window and the architecture (compute
+    capability x 10; None, as for CPU tensors under the interpreter: Hopper's)."""
     if dtype == torch.float32:
         return _CONFIG_FP32
     if head_dim > 64:
         return _CONFIG_WIDE
-    if rope and window is None:
-        return _CONFIG_FULL_ROPE
-    return _CONFIG_FULL if window is None else _CONFIG_LOCAL
+    tiles = _TILES_AMPERE if arch is not None and arch < 90 else _TILES_HOPPER
+    return tiles[("full" if window is None else "local") + ("+rope" if rope else "")]
 
 
 def _check_config(config):
@@ -280,7 +288,7 @@ def attention(qkv, batch, window, scale, *, config=None, rope=None):
     `cu_seqlens` (int32, on qkv's device) and `max_seqlen`. window: None for full attention, or the
     half window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim] in qkv's dtype.
     fp32 inputs use exact fp32 dots (no TF32). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    overrides the tiles chosen for the dtype and window (benchmarks sweep it).
+    overrides the tiles chosen for the dtype, the window and qkv's GPU (benchmarks sweep it).
     rope=(cos, sin): q and k in `qkv` are NOT rotated yet; the kernel rotates them as it loads them
     (float32 tables [max_positions, head_dim // 2] from `rope_tables`, position = index within the
     sequence, as `pack` numbers them) and leaves `qkv` unchanged: the rotary op's pass over q and
@@ -307,7 +315,7 @@ def attention(qkv, batch, window, scale, *, config=None, rope=None):
         return out
 
     if config is None:
-        config = _config(qkv.dtype, head_dim, window, rope is not None)
+        config = _config(qkv.dtype, head_dim, window, rope is not None, device_arch(qkv.device))
     else:
         _check_config(config)
     block_m, block_n, num_warps, num_stages = config
@@ -324,11 +332,12 @@ def attention(qkv, batch, window, scale, *, config=None, rope=None):
     return out
 
 
-def attention_work(lengths, window, block_m=None, block_n=None):
+def attention_work(lengths, window, block_m=None, block_n=None, arch=None):
     """(score entries the kernel computes, score entries a dense per-sequence kernel would compute)
-    for a batch of `lengths`: shows how much the window skips. Defaults to the fp16/bf16 tiles."""
+    for a batch of `lengths`: shows how much the window skips. Defaults to the fp16/bf16 tiles of
+    sm_<arch> (Hopper's when None)."""
     if block_m is None:
-        block_m, block_n = (_CONFIG_FULL if window is None else _CONFIG_LOCAL)[:2]
+        block_m, block_n = _config(torch.bfloat16, 64, window, arch=arch)[:2]
     done = dense = 0
     for n in lengths:
         dense += n * n
