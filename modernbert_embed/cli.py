@@ -15,7 +15,7 @@ import sys
 
 from . import quantize as Q
 from .tokenizer import PROMPTS
-from .weights.resolve import DEFAULT_MODEL
+from .weights import DEFAULT_MODEL
 
 
 def _int_at_least(minimum: int):
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--max-batch-tokens", type=_positive, default=None, metavar="N",
-                   help="tokens per batch (default 16384)")
+                   help="tokens per batch (default 16384); may change on a resume, which is recorded and "
+                        "warned about (other batches can change the last bits of the floats)")
     g = e.add_argument_group("input")
     g.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "parquet"],
                    help="auto: from the file name")
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field / column holding each document's id; given, every row must have it "
                         "(default: 'id' where present)")
     g.add_argument("--on-error", default="stop", choices=["stop", "skip"],
-                   help="a bad row (invalid UTF-8 or JSON, missing or non-string text): stop with its file "
-                        "and line, or skip it and list it in the manifest")
+                   help="a row that cannot be embedded (invalid UTF-8 or JSON, missing or non-string text, "
+                        "an embedding that stays NaN or infinite when embedded alone): stop with its file and "
+                        "line, or skip it and list it in the manifest")
     g = e.add_argument_group("embedding")
     p = g.add_mutually_exclusive_group()
     p.add_argument("--prompt-name", choices=sorted(PROMPTS), default=None,
@@ -120,12 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args):
     from .corpus import EmbedOptions
 
-    prompt = args.prompt if args.prompt is not None else (PROMPTS[args.prompt_name] if args.prompt_name else "")
     return EmbedOptions(
         inputs=list(args.inputs), output=args.output, model=args.model, revision=args.revision,
         input_format=args.input_format, text_field=args.text_field,
         id_field=args.id_field or "id", id_required=args.id_field is not None,
-        prompt=prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
+        prompt=args.prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
         precision=args.precision, calibration=args.calibration, calibration_size=args.calibration_size,
         long=args.long, overlap=args.overlap, shard_size=args.shard_size, meta_format=args.meta_format,
         on_error=args.on_error, max_batch_tokens=args.max_batch_tokens, device=args.device, dtype=args.dtype,
@@ -133,36 +134,52 @@ def _options(args):
     )
 
 
-def main(argv=None) -> int:
+def _embed(args, embedder=None) -> int:
+    from .corpus import CorpusJob
+
+    result = CorpusJob(_options(args), embedder=embedder).run()
+    if not args.quiet:
+        print(result.summary(), flush=True)
+    return 0
+
+
+def _verify(args, embedder=None) -> int:
+    from .corpus import verify_output
+
+    print(verify_output(args.output), flush=True)
+    return 0
+
+
+# The function that runs each subcommand: (parsed arguments, a loaded Embedder or None) -> exit status.
+COMMANDS = {"embed": _embed, "verify": _verify}
+
+
+def main(argv=None, embedder=None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status. `embedder`:
+    an already loaded Embedder for the commands that embed, instead of loading `--model` (tests,
+    and callers that hold a model already)."""
     args = build_parser().parse_args(argv)
     from .config import ConfigError
-    from .corpus import CorpusError, CorpusJob, verify_output
+    from .corpus import CorpusError
     from .weights import CheckpointError
 
     try:
-        if args.command == "verify":
-            print(verify_output(args.output))
-            return 0
-        job = CorpusJob(_options(args))
-        result = job.run()
+        return COMMANDS[args.command](args, embedder)
     except CorpusError as e:
         print(f"modernbert-embed: error: {e}", file=sys.stderr)
         return e.exit_code
     except (CheckpointError, ConfigError) as e:
         print(f"modernbert-embed: error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, RuntimeError) as e:  # option values the library rejects
+    except (ValueError, TypeError) as e:  # option values the library refuses (a dtype the GPU lacks, ...)
         print(f"modernbert-embed: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ValueError, TypeError)) else 1
-    except OSError as e:  # a disk full, a file that vanished or cannot be written
+        return 2
+    except (RuntimeError, OSError) as e:  # a failure while running: out of memory, a file that vanished
         print(f"modernbert-embed: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("modernbert-embed: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    if not args.quiet:
-        print(result.summary(), flush=True)
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,15 @@
-"""The corpus command: formats in and out, resume after SIGKILL, refusals, bad input, precisions.
+"""The corpus command through its command line: formats in and out, precisions, chunking,
+refusals, bad input, resume after SIGKILL.
 
-A small random checkpoint with the real tokenizer (skipped, with the reason, where the fixtures are
-absent) and max_seq_length 48, so that truncation and chunking show on short texts.
+Every test runs `main()` in this process with ONE shared Embedder (see corpus_helpers), except
+one real process per command (embed, verify) and the SIGKILL resume test (marked slow). The
+failure and resume cases of the folder itself are in test_corpus_resume.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -20,68 +21,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_CONFIG, fixture_file
+from conftest import ROOT, fixture_file
+from corpus_helpers import (MSL, PROMPT, cli, make_texts, shard_entries, shared_checkpoint, shared_embedder,
+                            without_run, write_jsonl, write_parquet, write_text)
+from helpers import REAL_VOCAB
 from modernbert_embed import quantize as Q
 from modernbert_embed.cli import main
 from modernbert_embed.corpus import read_output
 
-REAL_VOCAB = {**SMALL_CONFIG, "vocab_size": 50368, "pad_token_id": 50283, "cls_token_id": 50281,
-              "sep_token_id": 50282, "bos_token_id": 50281, "eos_token_id": 50282}
-MSL = 48
-PROMPT = "search_document: "
-WORDS = ("the a of corpus shard embedding model resume manifest token window vector search "
-         "document query parquet line quick brown fox jumps over lazy dog über café naïve").split()
-
-
-def make_texts(n, seed=0, max_words=60):
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from modernbert_embed.weights import write_random_checkpoint
-
-    tok = fixture_file("tokenizer.json")
-    return write_random_checkpoint(tmp_path_factory.mktemp("cli-ckpt"), REAL_VOCAB, seed=11, tokenizer_json=tok,
-                                   max_seq_length=MSL)
+    return shared_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    from modernbert_embed import Embedder
-
-    return Embedder.from_pretrained(ckpt, device="cpu")
+    return shared_embedder(ckpt)
 
 
-def write_jsonl(path, texts, ids=None):
-    with open(path, "w", encoding="utf-8") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"id": ids[i] if ids else f"doc-{i}", "text": t, "extra": i}) + "\n")
-    return path
+@pytest.fixture
+def embed(capsys, ckpt, model):
+    """`embed(inputs, out, *flags)` -> (exit status, stdout, stderr), with the shared Embedder
+    (load=True: the command loads --model itself)."""
 
+    def run(inputs, out, *extra, model_path=None, load=False):
+        return cli(capsys, "embed", *inputs, "-o", out, "--model", model_path or ckpt, *extra,
+                   embedder=None if load else model)
 
-def write_text(path, texts):
-    Path(path).write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-    return path
-
-
-def write_parquet(path, columns):
-    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (the parquet extra)")
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(columns), path, row_group_size=7)
-    return path
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def embed(capsys, ckpt, inputs, out, *extra):
-    return cli(capsys, "embed", *inputs, "-o", out, "--model", ckpt, *extra)
+    return run
 
 
 SUMMARY = re.compile(r"^embedded (\d+) documents(?: \((\d+) rows skipped\))?, (\d+) tokens in [\d.]+ s: "
@@ -90,7 +58,7 @@ SUMMARY = re.compile(r"^embedded (\d+) documents(?: \((\d+) rows skipped\))?, (\
 
 # ------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet"])
-def test_round_trip_each_input_format(tmp_path, capsys, ckpt, model, fmt):
+def test_round_trip_each_input_format(tmp_path, embed, model, fmt, monkeypatch):
     texts = make_texts(30, seed=1)
     if fmt == "text":
         inp = write_text(tmp_path / "c.txt", texts)
@@ -98,11 +66,13 @@ def test_round_trip_each_input_format(tmp_path, capsys, ckpt, model, fmt):
     elif fmt == "jsonl":
         inp = write_jsonl(tmp_path / "c.jsonl", texts)
         want_ids = [f"doc-{i}" for i in range(30)]
+        # the GPU path, where the reader thread tokenises the next shard while the model runs
+        monkeypatch.setattr(model, "tokenize_beside_model", True)
     else:
         inp = write_parquet(tmp_path / "c.parquet", {"id": list(range(100, 130)), "body": texts})
         want_ids = [str(i) for i in range(100, 130)]
     extra = ["--text-field", "body"] if fmt == "parquet" else []
-    rc, out, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 8, "--prompt-name",
+    rc, out, err = embed([inp], tmp_path / "out", "--shard-size", 8, "--prompt-name",
                          "search_document", *extra)
     assert rc == 0, err
     m = SUMMARY.search(out)
@@ -123,13 +93,15 @@ def test_round_trip_each_input_format(tmp_path, capsys, ckpt, model, fmt):
                              "tokens": sum(len(s) for s in ids), "truncated": sum(truncated)}
     assert int(m.group(3)) == man["totals"]["tokens"]
     assert man["options"]["prompt"] == PROMPT and man["model"]["max_seq_length"] == MSL
+    assert man["runs"][0]["max_batch_tokens"] == 16384 and man["runs"][0]["device"] == "cpu"
+    assert [s["run"] for s in man["shards"]] == [1] * 4
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         [".lock", "manifest.json"] + [f"shard-{k:05d}.{e}" for k in range(4) for e in ("npy", "meta.parquet")])
 
 
-def test_multiple_inputs_and_jsonl_metadata(tmp_path, capsys, ckpt, model):
+def test_multiple_inputs_and_jsonl_metadata(tmp_path, embed, model):
     a, b = make_texts(5, seed=2), make_texts(9, seed=3)
-    rc, out, err = embed(capsys, ckpt, [write_text(tmp_path / "a.txt", a), write_jsonl(tmp_path / "b.jsonl", b)],
+    rc, out, err = embed([write_text(tmp_path / "a.txt", a), write_jsonl(tmp_path / "b.jsonl", b)],
                          tmp_path / "out", "--shard-size", 4, "--meta-format", "jsonl", "--truncate-dim", 32)
     assert rc == 0, err
     res = read_output(tmp_path / "out")
@@ -139,56 +111,71 @@ def test_multiple_inputs_and_jsonl_metadata(tmp_path, capsys, ckpt, model):
     assert [i["rows"] for i in res.manifest["inputs"]] == [5, 9]
 
 
-def test_python_dash_m_and_console_script():
-    r = subprocess.run([sys.executable, "-m", "modernbert_embed", "embed", "--help"], capture_output=True,
-                       text=True, cwd=ROOT)
-    assert r.returncode == 0 and "--precision" in r.stdout and "--long" in r.stdout
-    script = Path(sys.executable).with_name("modernbert-embed")
-    if not script.exists():
-        pytest.skip("the console script is not installed here (pip install -e .)")
-    r = subprocess.run([str(script), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "embed" in r.stdout
+def test_help(capsys):
+    for argv, words in [(["embed", "--help"], ["--precision", "--long", "--on-error"]),
+                        (["--help"], ["embed", "verify"])]:
+        with pytest.raises(SystemExit, match="^0$"):
+            main(argv)
+        out = capsys.readouterr().out
+        assert all(w in out for w in words), out
+
+
+def test_real_processes_embed_and_verify(tmp_path, ckpt, model):
+    """The one run of each command in a process of its own: `python -m modernbert_embed`."""
+    texts = make_texts(9, seed=13)
+    inp = write_jsonl(tmp_path / "c.jsonl", texts)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "modernbert_embed", "embed", str(inp), "-o", str(tmp_path / "out"),
+                        "--model", str(ckpt), "--shard-size", "4", "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert SUMMARY.search(r.stdout).group(1) == "9", r.stdout
+    np.testing.assert_allclose(read_output(tmp_path / "out").embeddings, model.encode(texts), atol=1e-5)
+    r = subprocess.run([sys.executable, "-m", "modernbert_embed", "verify", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "complete, 9 documents + 0 skipped = 9 rows in 3 shards; embeddings [9, 128] float32" in r.stdout
 
 
 # ------------------------------------------------------------------------------- precisions
-def test_precisions_and_calibration_consistency(tmp_path, capsys, ckpt):
-    texts = make_texts(40, seed=4)
+def test_precisions_and_calibration_consistency(tmp_path, embed):
+    texts = make_texts(20, seed=4)
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "f32", "--shard-size", 10)
+    rc, _, err = embed([inp], tmp_path / "f32", "--shard-size", 5)
     assert rc == 0, err
     floats = read_output(tmp_path / "f32").embeddings  # the same shards, so the same floats
     for precision, width, dtype in [("float16", 128, np.float16), ("binary", 16, np.int8),
                                     ("ubinary", 16, np.uint8)]:
-        rc, _, err = embed(capsys, ckpt, [inp], tmp_path / precision, "--shard-size", 10, "--precision", precision)
+        rc, _, err = embed([inp], tmp_path / precision, "--shard-size", 5, "--precision", precision)
         assert rc == 0, err
         res = read_output(tmp_path / precision)
-        assert res.embeddings.dtype == dtype and res.embeddings.shape == (40, width)
+        assert res.embeddings.dtype == dtype and res.embeddings.shape == (20, width)
         np.testing.assert_array_equal(res.embeddings, Q.quantize_embeddings(floats, precision))
 
-    # int8: ranges from an evenly spread sample of 12 rows, computed once, used by every shard
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "i8", "--shard-size", 10, "--precision", "int8",
-                       "--calibration-size", 12)
+    # int8: ranges from an evenly spread sample of 8 rows, computed once, used by every shard
+    rc, _, err = embed([inp], tmp_path / "i8", "--shard-size", 5, "--precision", "int8",
+                       "--calibration-size", 8)
     assert rc == 0, err
     res = read_output(tmp_path / "i8")
     cal = res.manifest["calibration"]
-    assert cal["source"] == "sample" and cal["rows"] == 12
+    assert cal["source"] == "sample" and cal["rows"] == 8
     ranges = res.ranges
-    sample_rows = [(i * 40) // 12 for i in range(12)]
+    sample_rows = [(i * 20) // 8 for i in range(8)]
     np.testing.assert_array_equal(ranges, Q.calibration_ranges(floats[sample_rows]))
     np.testing.assert_array_equal(res.embeddings, Q.quantize_embeddings(floats, "int8", ranges=ranges))
-    assert res.embeddings.dtype == np.int8 and res.embeddings.shape == (40, 128)
+    assert res.embeddings.dtype == np.int8 and res.embeddings.shape == (20, 128)
     # shards calibrated each on their own would differ: the single scale is what keeps them comparable
-    per_shard = np.concatenate([Q.quantize_embeddings(floats[i:i + 10], "int8") for i in range(0, 40, 10)])
+    per_shard = np.concatenate([Q.quantize_embeddings(floats[i:i + 5], "int8") for i in range(0, 20, 5)])
     assert not np.array_equal(per_shard, res.embeddings)
     file_ranges, _ = Q.load_calibration(tmp_path / "i8" / "calibration.json")
     np.testing.assert_array_equal(file_ranges, ranges)
 
     # reuse: another corpus quantised on the first one's scale, through the calibration file
     other = write_jsonl(tmp_path / "o.jsonl", make_texts(12, seed=5))
-    rc, _, err = embed(capsys, ckpt, [other], tmp_path / "u8", "--precision", "uint8", "--calibration",
+    rc, _, err = embed([other], tmp_path / "u8", "--precision", "uint8", "--calibration",
                        tmp_path / "i8" / "calibration.json")
     assert rc == 0, err
-    rc, _, err = embed(capsys, ckpt, [other], tmp_path / "o32")
+    rc, _, err = embed([other], tmp_path / "o32")
     res = read_output(tmp_path / "u8")
     assert res.manifest["calibration"]["source"] == "file"
     np.testing.assert_array_equal(res.ranges, ranges)
@@ -196,15 +183,15 @@ def test_precisions_and_calibration_consistency(tmp_path, capsys, ckpt):
         res.embeddings, Q.quantize_embeddings(read_output(tmp_path / "o32").embeddings, "uint8", ranges=ranges))
     # a different calibration for an existing folder is refused
     np.save(tmp_path / "x.npy", floats[:3])
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "i8", "--shard-size", 10, "--precision", "int8",
-                       "--calibration-size", 12, "--calibration", tmp_path / "x.npy")
+    rc, _, err = embed([inp], tmp_path / "i8", "--shard-size", 5, "--precision", "int8",
+                       "--calibration-size", 8, "--calibration", tmp_path / "x.npy")
     assert rc == 2 and "calibration" in err
 
 
-def test_chunk_mode(tmp_path, capsys, ckpt, model):
+def test_chunk_mode(tmp_path, embed, model):
     texts = make_texts(12, seed=6, max_words=150)
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
-    rc, out, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--long", "chunk", "--overlap", 6,
+    rc, out, err = embed([inp], tmp_path / "out", "--long", "chunk", "--overlap", 6,
                          "--shard-size", 5, "--prompt-name", "search_document")
     assert rc == 0, err
     res = read_output(tmp_path / "out")
@@ -229,12 +216,15 @@ def _launch(args, **kw):
 
 
 def _shards_recorded(folder: Path) -> int:
+    from modernbert_embed.corpus import CorpusError
+
     try:
-        return len(json.loads((folder / "manifest.json").read_text())["shards"])
-    except (OSError, ValueError, KeyError):
+        return len(shard_entries(folder))
+    except CorpusError:  # no manifest yet
         return 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, ckpt):
     texts = make_texts(240, seed=7, max_words=40)
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
@@ -252,8 +242,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, ckpt):
     p.communicate(timeout=30)
     assert p.returncode == -signal.SIGKILL
     man = json.loads((killed / "manifest.json").read_text())
-    assert not man["complete"] and 1 <= len(man["shards"]) < 40
-    done = len(man["shards"])
+    done = _shards_recorded(killed)
+    assert not man["complete"] and 1 <= done < 40
     # debris of the interrupted shard: a half-written temporary and a stray file under the next name
     (killed / f".shard-{done:05d}.npy.tmp-999").write_bytes(b"partial")
     (killed / f"shard-{done:05d}.npy").write_bytes(b"not a finished shard")
@@ -264,6 +254,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, ckpt):
     out, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
     assert re.search(rf"embedded {240 - 6 * done} documents", out), out
+    assert "warning" not in err  # the same settings as the killed run
 
     a, b = read_output(tmp_path / "ref"), read_output(killed)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
@@ -272,35 +263,38 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, ckpt):
     assert a.manifest["calibration"] == b.manifest["calibration"]
     assert a.manifest["totals"] == b.manifest["totals"]
     assert sorted(os.listdir(tmp_path / "ref")) == sorted(os.listdir(killed))  # no debris left
-    assert len(b.manifest["runs"]) == 1 and b.manifest["runs"][0]["documents"] == 240 - 6 * done
+    # the killed run is on record (it wrote shards) without numbers; the second one with its own
+    killed_run, resumed = b.manifest["runs"]
+    assert "seconds" not in killed_run and resumed["documents"] == 240 - 6 * done
+    assert [s["run"] for s in b.manifest["shards"]] == [1] * done + [2] * (40 - done)
 
 
-def test_stop_on_bad_row_then_resume_with_skip(tmp_path, capsys, ckpt):
+def test_stop_on_bad_row_then_resume_with_skip(tmp_path, embed):
     texts = make_texts(20, seed=8)
     lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)]
     lines[12] = '{"id": 12, "text": '  # truncated JSON in shard 2
     inp = tmp_path / "c.jsonl"
     inp.write_text("\n".join(lines) + "\n")
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 5)
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 5)
     assert rc == 1 and f"{inp}, line 13: not valid JSON" in err
-    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [s["index"] for s in man["shards"]] == [0, 1] and not man["complete"]
+    assert [s["index"] for s in shard_entries(tmp_path / "out")] == [0, 1]
+    assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
     # on_error may change between runs: it only decides what happens to bad rows not yet reached
-    rc, out, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 5, "--on-error", "skip")
+    rc, out, err = embed([inp], tmp_path / "out", "--shard-size", 5, "--on-error", "skip")
     assert rc == 0, err
     assert "embedded 9 documents (1 rows skipped)" in out
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "fresh", "--shard-size", 5, "--on-error", "skip")
+    rc, _, err = embed([inp], tmp_path / "fresh", "--shard-size", 5, "--on-error", "skip")
     a, b = read_output(tmp_path / "out"), read_output(tmp_path / "fresh")
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     assert a.meta == b.meta and a.meta["row"] == [i for i in range(20) if i != 12]
 
 
-def test_rerun_of_complete_output_and_damaged_shard(tmp_path, capsys, ckpt):
+def test_rerun_of_complete_output_and_damaged_shard(tmp_path, capsys, embed):
     inp = write_jsonl(tmp_path / "c.jsonl", make_texts(15, seed=9))
     args = [[inp], tmp_path / "out", "--shard-size", 4]
-    assert embed(capsys, ckpt, *args)[0] == 0
+    assert embed(*args)[0] == 0
     before = read_output(tmp_path / "out")
-    rc, out, _ = embed(capsys, ckpt, *args)
+    rc, out, _ = embed(*args)
     assert rc == 0 and "nothing to do" in out
     rc, out, _ = cli(capsys, "verify", tmp_path / "out")
     assert rc == 0 and "15 documents + 0 skipped = 15 rows in 4 shards" in out
@@ -311,54 +305,58 @@ def test_rerun_of_complete_output_and_damaged_shard(tmp_path, capsys, ckpt):
     shard.write_bytes(bytes(data))
     rc, _, err = cli(capsys, "verify", tmp_path / "out")
     assert rc == 1 and "shard-00002.npy" in err and "checksum" in err
-    rc, out, err = embed(capsys, ckpt, *args)
+    rc, out, err = embed(*args)
     assert rc == 0 and "shard-00002.npy is missing or damaged" in err and "embedded 4 documents" in out
     after = read_output(tmp_path / "out")
     np.testing.assert_array_equal(before.embeddings, after.embeddings)
-    assert before.manifest["shards"] == after.manifest["shards"]
+    assert without_run(before.manifest["shards"]) == without_run(after.manifest["shards"])
+    assert [s["run"] for s in after.manifest["shards"]] == [1, 1, 2, 1]
 
 
-def test_changed_inputs_are_refused(tmp_path, capsys, ckpt):
+def test_changed_inputs_are_refused(tmp_path, embed):
     texts = make_texts(10, seed=10)
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
-    assert embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4)[0] == 0
+    assert embed([inp], tmp_path / "out", "--shard-size", 4)[0] == 0
     write_jsonl(inp, ["changed"] + texts[1:])
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4)
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4)
     assert rc == 2 and "rows 0..3 of shard 0 differ" in err
     write_jsonl(inp, texts + ["one more", "and another", "and a third"])
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4)
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4)
     assert rc == 2 and "inputs changed" in err
 
 
-def test_changed_model_or_options_are_refused(tmp_path, capsys, ckpt):
+def test_changed_model_or_options_are_refused(tmp_path, embed, ckpt):
     from modernbert_embed.weights import write_random_checkpoint
 
     inp = write_jsonl(tmp_path / "c.jsonl", make_texts(6, seed=11))
-    assert embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4)[0] == 0
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4, "--precision", "binary")
+    assert embed([inp], tmp_path / "out", "--shard-size", 4)[0] == 0
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--precision", "binary")
     assert rc == 2 and 'options.precision: "float32" in the folder, "binary" now' in err
     assert "Use another output folder" in err
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4, "--prompt-name", "clustering")
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--prompt-name", "clustering")
     assert rc == 2 and "options.prompt" in err
     other = write_random_checkpoint(tmp_path / "other", REAL_VOCAB, seed=12,
                                     tokenizer_json=fixture_file("tokenizer.json"), max_seq_length=MSL)
     shutil.copytree(tmp_path / "out", tmp_path / "copy")
-    rc, _, err = embed(capsys, other, [inp], tmp_path / "copy", "--shard-size", 4)
+    rc, _, err = embed([inp], tmp_path / "copy", "--shard-size", 4, model_path=other, load=True)
     assert rc == 2 and "model.fingerprint" in err and "model.name" not in err
     # the same weights by another path are the same model
-    rc, out, err = embed(capsys, os.path.relpath(ckpt), [inp], tmp_path / "out", "--shard-size", 4)
+    rc, out, err = embed([inp], tmp_path / "out", "--shard-size", 4, model_path=os.path.relpath(ckpt), load=True)
     assert rc == 0 and "nothing to do" in out, err
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16")
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16", load=True)
     assert rc == 2 and "model.dtype" in err
+    # an Embedder handed to the command must be what the options ask for
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16")
+    assert rc == 2 and "the embedder given runs float32, but the options ask for --dtype bfloat16" in err
     import fcntl
 
     with open(tmp_path / "out" / ".lock") as held:  # another run writing there
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", "--shard-size", 4)
+        rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4)
         assert rc == 2 and "another modernbert-embed is writing into" in err
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "foreign")
+    rc, _, err = embed([inp], tmp_path / "foreign")
     assert rc == 2 and "not empty and has no manifest.json" in err
 
 
@@ -406,30 +404,30 @@ def _bad_cases(tmp_path):
     yield "folder", [d], [], 2, "is a folder"
 
 
-def test_bad_input_is_named_by_file_and_line(tmp_path, capsys, ckpt):
+def test_bad_input_is_named_by_file_and_line(tmp_path, embed):
     for name, inputs, extra, code, message in _bad_cases(tmp_path):
-        rc, _, err = embed(capsys, ckpt, inputs, tmp_path / f"out-{name}", *extra)
+        rc, _, err = embed(inputs, tmp_path / f"out-{name}", *extra)
         assert rc == code, (name, err)
         assert message in err, (name, err)
 
 
-def test_bad_parquet_is_named_by_file_and_row(tmp_path, capsys, ckpt):
+def test_bad_parquet_is_named_by_file_and_row(tmp_path, embed):
     p = write_parquet(tmp_path / "p.parquet", {"text": ["a", "b", None, "d"]})
-    rc, _, err = embed(capsys, ckpt, [p], tmp_path / "o1")
+    rc, _, err = embed([p], tmp_path / "o1")
     assert rc == 1 and f"{p}, row 2: 'text' is null" in err
     q = write_parquet(tmp_path / "q.parquet", {"body": ["a"]})
-    rc, _, err = embed(capsys, ckpt, [q], tmp_path / "o2")
+    rc, _, err = embed([q], tmp_path / "o2")
     assert rc == 1 and f"{q}: no column 'text' (columns: body)" in err
     r = write_parquet(tmp_path / "r.parquet", {"text": [1, 2]})
-    rc, _, err = embed(capsys, ckpt, [r], tmp_path / "o3")
+    rc, _, err = embed([r], tmp_path / "o3")
     assert rc == 1 and "column 'text' holds int64, not strings" in err
     s = tmp_path / "s.parquet"
     s.write_bytes(b"PAR1 not really")
-    rc, _, err = embed(capsys, ckpt, [s], tmp_path / "o4")
+    rc, _, err = embed([s], tmp_path / "o4")
     assert rc == 1 and f"{s}: not a readable Parquet file" in err
 
 
-def test_on_error_skip_records_every_skipped_row(tmp_path, capsys, ckpt, model):
+def test_on_error_skip_records_every_skipped_row(tmp_path, embed, model):
     texts = make_texts(25, seed=12)
     lines = [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)]
     bad = {3: '{"text": 7}', 9: "not json", 10: "", 22: '{"title": "x"}'}
@@ -441,7 +439,7 @@ def test_on_error_skip_records_every_skipped_row(tmp_path, capsys, ckpt, model):
     t.write_bytes(b"plain one\n\xc3\x28 broken\nplain three\n")
     e = tmp_path / "empty.txt"
     e.write_text("")
-    rc, out, err = embed(capsys, ckpt, [j, e, t], tmp_path / "out", "--shard-size", 6, "--on-error", "skip")
+    rc, out, err = embed([j, e, t], tmp_path / "out", "--shard-size", 6, "--on-error", "skip")
     assert rc == 0, err
     assert "embedded 23 documents (5 rows skipped)" in out
     res = read_output(tmp_path / "out")
@@ -461,14 +459,16 @@ def test_on_error_skip_records_every_skipped_row(tmp_path, capsys, ckpt, model):
     np.testing.assert_allclose(res.embeddings, model.encode(want), atol=1e-5)
 
 
-def test_refused_options(tmp_path, capsys, ckpt):
+def test_refused_options(tmp_path, embed, capsys):
     inp = write_text(tmp_path / "c.txt", ["x"])
-    for extra, message in [(["--overlap", "3"], "--overlap applies to --long chunk"),
+    for extra, message in [(["--overlap", "3"], "--overlap applies to --long='chunk' only"),
                            (["--calibration", "c.json"], "--calibration applies to --precision int8"),
-                           (["--truncate-dim", "999"], "--truncate-dim must be in 1..128")]:
-        rc, _, err = embed(capsys, ckpt, [inp], tmp_path / "out", *extra)
+                           (["--truncate-dim", "999"], "--truncate-dim must be in 1..128, got 999")]:
+        rc, _, err = embed([inp], tmp_path / "out", *extra)
         assert rc == 2 and message in err, err
-    with pytest.raises(SystemExit):
-        main(["embed", str(inp), "-o", str(tmp_path / "o"), "--precision", "int4"])
-    with pytest.raises(SystemExit):
-        main(["embed", str(inp), "-o", str(tmp_path / "o"), "--prompt", "x", "--prompt-name", "clustering"])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    for extra, message in [(["--precision", "int4"], "invalid choice: 'int4'"),
+                           (["--prompt", "x", "--prompt-name", "clustering"], "not allowed with argument")]:
+        with pytest.raises(SystemExit, match="^2$"):
+            main(["embed", str(inp), "-o", str(tmp_path / "o"), *extra])
+        assert message in capsys.readouterr().err

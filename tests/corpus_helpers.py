@@ -1,0 +1,89 @@
+"""What the corpus-command tests share: one small random checkpoint with the real tokenizer
+(max_seq_length 48, so that truncation and chunking show on short texts), ONE Embedder loaded
+from it for the whole session, input writers, and `cli`, which runs the command in this process
+with that Embedder.
+
+The checkpoint and Embedder are cached here rather than in fixtures so that every test module
+gets the same ones (a session fixture defined in a helper module would be made once per module).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import fixture_file
+from helpers import REAL_VOCAB
+from modernbert_embed.cli import main
+
+MSL = 48
+PROMPT = "search_document: "
+WORDS = ("the a of corpus shard embedding model resume manifest token window vector search "
+         "document query parquet line quick brown fox jumps over lazy dog über café naïve").split()
+
+_SHARED: dict = {}
+
+
+def shared_checkpoint(tmp_path_factory) -> Path:
+    if "ckpt" not in _SHARED:
+        from modernbert_embed.weights import write_random_checkpoint
+
+        tok = fixture_file("tokenizer.json")
+        _SHARED["ckpt"] = write_random_checkpoint(tmp_path_factory.mktemp("corpus-ckpt"), REAL_VOCAB, seed=11,
+                                                  tokenizer_json=tok, max_seq_length=MSL)
+    return _SHARED["ckpt"]
+
+
+def shared_embedder(ckpt: Path):
+    if "model" not in _SHARED:
+        from modernbert_embed import Embedder
+
+        _SHARED["model"] = Embedder.from_pretrained(ckpt, device="cpu")
+    return _SHARED["model"]
+
+
+def make_texts(n, seed=0, max_words=60):
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, max_words))) for _ in range(n)]
+
+
+def write_jsonl(path, texts, ids=None):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": ids[i] if ids else f"doc-{i}", "text": t, "extra": i}) + "\n")
+    return path
+
+
+def write_text(path, texts):
+    Path(path).write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def write_parquet(path, columns):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (the parquet extra)")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=7)
+    return path
+
+
+def cli(capsys, *args, embedder=None):
+    """Run the command line in this process: (exit status, stdout, stderr)."""
+    rc = main([str(a) for a in args], embedder=embedder)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def shard_entries(folder) -> list[dict]:
+    """The recorded shards of a folder (manifest and journal), finished or not."""
+    from modernbert_embed.corpus import Manifest
+
+    return Manifest.load(Path(folder)).shard_list()
+
+
+def without_run(shards: list[dict]) -> list[dict]:
+    """Shard entries less the number of the run that wrote them."""
+    return [{k: v for k, v in s.items() if k != "run"} for s in shards]
