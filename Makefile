@@ -25,6 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Everything but the tests marked slow (README, "Tests"); `make test` runs those too.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

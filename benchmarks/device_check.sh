@@ -3,13 +3,15 @@
 # sentence-transformers already installed, and no network:
 #   install the project (no dependencies), print the GPU and versions; then, side by side (they
 #   are correctness checks, and mostly compile Triton kernels on the CPU cores), the GPU-marked
-#   tests, the kernel tests on the GPU (two processes) and parity against transformers; then,
-#   alone on the GPU, the model benchmark against the peers and the op-by-op benchmark (kernels
-#   vs torch, attention vs torch's kernels, a profile by op, an attention tile sweep); a summary.
+#   tests, the kernel tests on the GPU (two processes), the API tests (test_api, test_chunking,
+#   test_quantize, with their models on the GPU) and the CLI tests, and parity against
+#   transformers; then, alone on the GPU, the model benchmark against the peers and the op-by-op
+#   benchmark (kernels vs torch, attention vs torch's kernels, a profile by op, an attention tile
+#   sweep); a summary.
 # Results (JSON, markdown tables, one log per step and part) go to $OUT/device-check when OUT is
 # set, else ./device-check-out. Each step runs under `timeout`; a failed or timed-out step is
 # reported in the summary and the run goes on. About 6 minutes on an H100; DEVICE_CHECK_BUDGET
-# (seconds, default 450) caps the whole run: each step gets at most what is left of it after the
+# (seconds, default 480) caps the whole run: each step gets at most what is left of it after the
 # time kept for the steps after it.
 #
 #   bash benchmarks/device_check.sh            # or: make device-check
@@ -21,7 +23,7 @@ PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 if [ -n "${OUT:-}" ]; then DEST="$OUT/device-check"; else DEST="$ROOT/device-check-out"; fi
 mkdir -p "$DEST"
 rm -f "$DEST/results.md" "$DEST/parity.md" "$DEST/ops.md" "$DEST/pythonpath" "$DEST"/*.rc
-BUDGET=${DEVICE_CHECK_BUDGET:-450}
+BUDGET=${DEVICE_CHECK_BUDGET:-480}
 START=$(date +%s)
 SUMMARY="$DEST/summary.tsv"
 printf 'step\tstatus\tseconds\tlog\n' > "$SUMMARY"
@@ -147,6 +149,13 @@ checks() {
                 --junitxml="$DEST/kernel-tests-$(basename "$f" .py).xml" "$f"
         done
     fi
+    # The API and CLI tests on the GPU: MODERNBERT_EMBED_TEST_DEVICE=cuda puts their models on the
+    # GPU (in float32, see tests/conftest.py), so that the GPU defaults run (tokenising beside the
+    # model, the corpus reader thread, progress by CUDA events). Slow tests are left to `make test`.
+    export MODERNBERT_EMBED_TEST_DEVICE=cuda
+    part api-tests "${pytest[@]}" -m "not slow" --junitxml="$DEST/api-tests.xml" \
+        tests/test_api.py tests/test_chunking.py tests/test_quantize.py
+    part cli-tests "${pytest[@]}" -m "not slow" --junitxml="$DEST/cli-tests.xml" tests/test_cli.py
     part parity "$PY" benchmarks/parity_gpu.py --out "$DEST/parity_gpu.json" --markdown "$DEST/parity.md"
     wait_parts
 }
@@ -173,7 +182,7 @@ echo "device check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $MODERNBERT_EMBE
 step install       60    0        install
 [ -f "$DEST/pythonpath" ] && export PYTHONPATH="$(cat "$DEST/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
 step environment   45    0        environment
-step checks        150   240      checks
+step checks        180   240      checks
 step bench         190   60       bench
 step ops           90    0        ops
 
@@ -184,7 +193,7 @@ done
 echo "================================ summary ================================"
 echo "device check: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; commit $MODERNBERT_EMBED_COMMIT; results in $DEST"
 sed -n '2,3p' "$DEST/environment.log" 2>/dev/null
-for f in pytest-gpu kernel-tests kernel-tests-test_kernels kernel-tests-test_attention; do
+for f in pytest-gpu kernel-tests kernel-tests-test_kernels kernel-tests-test_attention api-tests cli-tests; do
     [ -f "$DEST/$f.log" ] && echo "$f: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$DEST/$f.log" | tail -n 1)"
 done
 [ -f "$DEST/parity.log" ] && grep -E '^parity_gpu: .*failed' "$DEST/parity.log"

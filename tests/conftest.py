@@ -37,6 +37,11 @@ def fixture_file(name: str) -> Path:
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none is present")
 
+# Where the API-level tests (test_api, test_chunking, test_quantize) load their models: the CPU by
+# default; the device check sets MODERNBERT_EMBED_TEST_DEVICE=cuda to run them on the GPU. In
+# float32 on either, so that their tolerances hold on both.
+TEST_DEVICE = os.environ.get("MODERNBERT_EMBED_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory):

@@ -9,20 +9,20 @@ from modernbert_embed import CheckpointError, Embedder
 from modernbert_embed.batching import plan_batches
 from modernbert_embed.weights import write_random_checkpoint
 
-from conftest import SMALL_CONFIG, fixture_file, random_ids
+from conftest import SMALL_CONFIG, TEST_DEVICE, fixture_file, random_ids
+from helpers import REAL_VOCAB
 
 
 @pytest.fixture(scope="module")
 def model(small_checkpoint):
-    return Embedder.from_pretrained(small_checkpoint, device="cpu")
+    return Embedder.from_pretrained(small_checkpoint, device=TEST_DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("text")
-    cfg = {**SMALL_CONFIG, "vocab_size": 50368, "cls_token_id": 50281, "sep_token_id": 50282, "pad_token_id": 50283}
-    write_random_checkpoint(folder, cfg, seed=11, tokenizer_json=fixture_file("tokenizer.json"))
-    return Embedder.from_pretrained(folder, device="cpu")
+    write_random_checkpoint(folder, REAL_VOCAB, seed=11, tokenizer_json=fixture_file("tokenizer.json"))
+    return Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
 
 
 def test_batch_mates_do_not_matter(model):
@@ -48,13 +48,11 @@ def test_order_and_count_are_kept(model):
 
 
 def test_no_nan_beside_8k(model):
+    # a NaN anywhere in an input's hidden states would reach its mean: the pooled rows show it
     ids = random_ids([8192, 3, 1, 2, 4000], seed=23)
     emb = model.encode_tokens(ids)
-    assert np.isfinite(emb).all()
+    assert emb.shape == (5, 128) and np.isfinite(emb).all()
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    hidden = model.hidden_states(ids)
-    assert all(torch.isfinite(h).all() for h in hidden)
-    assert [h.shape[0] for h in hidden] == [8192, 3, 1, 2, 4000]
 
 
 def test_matryoshka_and_normalisation(model):
@@ -72,7 +70,7 @@ def test_matryoshka_and_normalisation(model):
 
 def test_cls_pooling(tmp_path):
     folder = write_random_checkpoint(tmp_path, SMALL_CONFIG, seed=12, pooling="cls")
-    m = Embedder.from_pretrained(folder)
+    m = Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
     ids = random_ids([5, 70], seed=25)
     hidden = m.hidden_states(ids)
     emb = m.encode_tokens(ids)
@@ -135,8 +133,9 @@ def test_prompts_and_texts(text_model):
     assert empty.shape == (1, 128) and np.isfinite(empty).all()
     assert text_model.encode([]).shape == (0, 128)
     assert text_model.encode([], truncate_dim=16).shape == (0, 16)
-    sim = text_model.similarity(q, d)
-    assert sim.shape == (1, 1) and -1.0 <= float(sim) <= 1.0
+    # similarity is the cosine: scaling either side changes nothing
+    sim = text_model.similarity(3 * q, 0.5 * d)
+    assert sim.shape == (1, 1) and float(sim) == pytest.approx(float(q[0] @ d[0]), abs=1e-6)
 
 
 def test_text_path_tokenised_beside_the_model(text_model, monkeypatch):
@@ -280,14 +279,14 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch):
         Embedder.from_pretrained("someone/not-a-cached-model")
 
 
+@pytest.mark.slow
 def test_same_as_sentence_transformers_on_text(tmp_path):
     """The whole text path (prompt, tokeniser, truncation, pooling, normalise) against
     sentence-transformers on the same random checkpoint with the real tokenizer."""
     import json
 
     st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (bench extra)")
-    cfg = {**SMALL_CONFIG, "vocab_size": 50368, "cls_token_id": 50281, "sep_token_id": 50282, "pad_token_id": 50283}
-    folder = write_random_checkpoint(tmp_path, cfg, seed=13, tokenizer_json=fixture_file("tokenizer.json"),
+    folder = write_random_checkpoint(tmp_path, REAL_VOCAB, seed=13, tokenizer_json=fixture_file("tokenizer.json"),
                                      max_seq_length=300)
     # transformers' tokenizer loader needs the special tokens named; the engine does not read this file.
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -296,7 +295,7 @@ def test_same_as_sentence_transformers_on_text(tmp_path):
     texts = ["What is TSNE?", "", "Hello World!", "word " * 500, "a  b   c\n\td", "naïve café 東京"]
     ref = st.SentenceTransformer(str(folder), device="cpu").encode(
         ["search_query: " + t for t in texts], normalize_embeddings=True)
-    ours = Embedder.from_pretrained(folder).encode_query(texts)
+    ours = Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32").encode_query(texts)
     cos = (ours * ref).sum(1)
     assert cos.min() >= 0.99999, cos
 
@@ -308,7 +307,7 @@ def test_non_finite_never_reaches_the_output(tmp_path):
     sd = load_file(folder / "model.safetensors")
     sd["embeddings.tok_embeddings.weight"][7] = float("nan")  # one poisoned token
     save_file(sd, folder / "model.safetensors")
-    m = Embedder.from_pretrained(folder)
+    m = Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
     assert np.isfinite(m.encode_tokens([[1, 5, 2]])).all()
     with pytest.raises(FloatingPointError, match=r"input\(s\) \[1\]"):
         m.encode_tokens([[1, 5, 2], [1, 7, 2], [1, 9, 2]])

@@ -7,12 +7,10 @@ sequences makes query blocks cross window edges cheaply under the Triton interpr
 drawn with a large softmax scale so attention is peaked: a key let in or left out by mistake moves
 the output visibly.
 
-Tolerances come as one `(dtype, atol, rtol)` tuple:
-  - float32: |out - ref| <= atol + rtol * |ref| elementwise against `ops_torch.attention`;
-  - float16 / bfloat16: the kernel's max error against an fp32 reference (the torch op on the same
-    inputs upcast) must be at most 2x torch's own max error in that dtype plus `atol` as a floor,
-    and elementwise within (atol_lowp, rtol) of the fp32 reference as a sanity bound.
-    bfloat16 only where CUDA exists: the interpreter mishandles bf16 dots.
+Tolerances come as one `(dtype, atol, rtol)` tuple, by the rules in helpers.py: float32
+elementwise against `ops_torch.attention`; float16 / bfloat16 within 2x torch's own error against
+fp32 plus `atol` as a floor, and elementwise within LOWP_SANITY of fp32 as a sanity bound.
+bfloat16 only where CUDA exists: the interpreter mishandles bf16 dots.
 """
 
 from __future__ import annotations
@@ -21,15 +19,13 @@ import pytest
 import torch
 
 from modernbert_embed import ops_torch
-from modernbert_embed.batching import pack
 from modernbert_embed.model import rope_tables
-from modernbert_embed.kernels.attention import attention, attention_work
-from modernbert_embed.kernels.attention import _CONFIG_FP32
+from modernbert_embed.kernels.attention import _CONFIG_FP32, attention, attention_work
 from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available, varlen_supports_window
 
 from conftest import HAS_CUDA, requires_cuda
+from helpers import DEVICE, assert_close, batch_of, check_against_torch, dense_attention
 
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 HEADS, HEAD_DIM = 2, 64
 SCALE = 0.5  # 4x the model's 1/sqrt(64): peaked attention, so window mistakes show
 
@@ -45,77 +41,42 @@ MIXED = [1, 2, 63, 64, 65, 128, 129, 130, 300]
 SHORT = [1, 2, 9, 17, 33, 90, 151]
 
 
+def slow(param):
+    """`param` left out of `make test-fast` (under the Triton interpreter every case costs seconds)."""
+    return pytest.param(*param.values, id=param.id, marks=[*param.marks, pytest.mark.slow])
+
+
 def make_qkv(lengths, dtype, seed=0, head_dim=HEAD_DIM):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(sum(lengths), 3, HEADS, head_dim, generator=g)
     return qkv.to(dtype=dtype, device=DEVICE)
 
 
-def batch_of(lengths):
-    return pack([[0] * n for n in lengths], list(range(len(lengths))), DEVICE)
-
-
-def locate(lengths, flat_index, head_dim=HEAD_DIM):
-    """'token t (sequence b, position p), head h, dim d' for an index into [T, heads * head_dim]."""
-    t, f = divmod(int(flat_index), HEADS * head_dim)
-    start = 0
-    for b, n in enumerate(lengths):
-        if t < start + n:
-            return f"token {t} (sequence {b} of length {n}, position {t - start}), head {f // head_dim}, dim {f % head_dim}"
-        start += n
-    return f"token {t}"
-
-
-def assert_close(name, out, ref, atol, rtol, lengths, head_dim=HEAD_DIM):
-    """Elementwise |out - ref| <= atol + rtol * |ref|; on failure says how much and where."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    out, ref = out.float().cpu(), ref.float().cpu()
-    bad = ~torch.isfinite(out)
-    assert not bad.any(), f"{name}: non-finite output at {locate(lengths, bad.flatten().nonzero()[0], head_dim)}"
-    diff = (out - ref).abs()
-    excess = diff - (atol + rtol * ref.abs())
-    if excess.numel() and excess.max() > 0:
-        i = int(excess.argmax())
-        raise AssertionError(
-            f"{name}: {int((excess > 0).sum())} of {diff.numel()} elements outside atol={atol} rtol={rtol}; "
-            f"max diff {diff.max():.3g} at {locate(lengths, diff.argmax(), head_dim)}; worst excess at "
-            f"{locate(lengths, i, head_dim)}: got {out.flatten()[i]:.7g}, expected {ref.flatten()[i]:.7g}"
-        )
+def at_token(lengths, head_dim=HEAD_DIM):
+    """Words for an index (t, f) into an attention output [T, heads * head_dim]: 'token t
+    (sequence b of length n, position p), head h, dim d'."""
+    def where(index):
+        t, f = index
+        start = 0
+        for b, n in enumerate(lengths):
+            if t < start + n:
+                return (f"token {t} (sequence {b} of length {n}, position {t - start}), "
+                        f"head {f // head_dim}, dim {f % head_dim}")
+            start += n
+        return f"token {t}"
+    return where
 
 
 def check_against_reference(name, fn, qkv, batch, window, atol, rtol, lengths):
-    """fp32: `fn` vs ops_torch.attention directly. fp16/bf16: 2x torch's own error rule (see top)."""
+    """`fn` against ops_torch.attention: fp32 directly, fp16/bf16 by the 2x rule (see helpers.py)
+    and within LOWP_SANITY of fp32 elementwise."""
     out = fn(qkv, batch, window, SCALE)
     assert out.dtype == qkv.dtype, f"{name}: dtype {out.dtype} != {qkv.dtype}"
-    if qkv.dtype == torch.float32:
-        assert_close(name, out, ops_torch.attention(qkv, batch, window, SCALE), atol, rtol, lengths)
-        return
-    ref32 = ops_torch.attention(qkv.float(), batch, window, SCALE)
-    torch_lowp = ops_torch.attention(qkv, batch, window, SCALE)
-    torch_err = (torch_lowp.float() - ref32).abs().max().item()
-    diff = (out.float() - ref32).abs()
-    err = diff.max().item()
-    assert err <= 2 * torch_err + atol, (
-        f"{name}: max error {err:.3g} against fp32 at {locate(lengths, diff.argmax())}, "
-        f"more than 2x torch's own {qkv.dtype} error {torch_err:.3g} + {atol}"
-    )
-    assert_close(name + " (vs fp32)", out, ref32, *LOWP_SANITY[qkv.dtype], lengths)
-
-
-def dense_reference(qkv, lengths, window, scale):
-    """Float64 softmax attention with an explicit |i - j| <= w mask, one sequence at a time:
-    shares no code with ops_torch's banded path."""
-    q, k, v = qkv.double().cpu().unbind(1)  # [T, heads, d]
-    out, start = [], 0
-    for n in lengths:
-        sl = slice(start, start + n)
-        s = torch.einsum("ihd,jhd->hij", q[sl], k[sl]) * scale
-        if window is not None:
-            pos = torch.arange(n)
-            s = s.masked_fill((pos[:, None] - pos[None, :]).abs()[None] > window, float("-inf"))
-        out.append(torch.einsum("hij,jhd->ihd", s.softmax(-1), v[sl]).reshape(n, -1))
-        start += n
-    return torch.cat(out)
+    where = at_token(lengths)
+    check_against_torch(name, out, lambda x: ops_torch.attention(x, batch, window, SCALE), (qkv,), atol, rtol, where)
+    if qkv.dtype != torch.float32:
+        ref32 = ops_torch.attention(qkv.float(), batch, window, SCALE)
+        assert_close(name + " (vs fp32)", out, ref32, *LOWP_SANITY[qkv.dtype], where)
 
 
 # ----------------------------------------------------------------------------- the Triton kernel
@@ -127,7 +88,7 @@ def test_triton_attention_mixed_lengths(dtype, atol, rtol, window):
 
 
 @pytest.mark.parametrize("window", [8, 16], ids=["w8", "w16"])
-@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("dtype, atol, rtol", [FP32, slow(FP16), BF16])
 def test_triton_attention_small_window(dtype, atol, rtol, window):
     # windows far smaller than a block: every query block starts mid-block and rows see only
     # part of each key block; sequences of 17..151 tokens span 1 to 3 query blocks
@@ -142,9 +103,10 @@ def test_triton_attention_matches_explicit_mask(window):
     lengths = [1, 5, 70, 140]
     qkv = make_qkv(lengths, torch.float32, seed=2)
     out = attention(qkv, batch_of(lengths), window, SCALE)
-    assert_close(f"window={window} vs explicit mask", out, dense_reference(qkv, lengths, window, SCALE), 1e-5, 1e-5, lengths)
+    assert_close(f"window={window} vs explicit mask", out, dense_attention(qkv, lengths, window, SCALE),
+                 1e-5, 1e-5, at_token(lengths))
     if window == 0:
-        assert_close("w0 == v", out, qkv[:, 2].reshape(len(out), -1), 1e-6, 0.0, lengths)
+        assert_close("w0 == v", out, qkv[:, 2].reshape(len(out), -1), 1e-6, 0.0, at_token(lengths))
 
 
 def test_window_skipping_keeps_results():
@@ -178,7 +140,7 @@ def test_window_skips_far_keys():
     seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     far = (seq != 1) | ((pos - poisoned_pos).abs() > w + block_m)
     assert far.sum() > 200
-    assert_close("queries far from a NaN key", out[far], ref[far], 1e-5, 1e-5, lengths)
+    assert_close("queries far from a NaN key (index among them)", out[far], ref[far], 1e-5, 1e-5)
     near = (seq == 1) & ((pos - poisoned_pos).abs() <= w)
     assert torch.isnan(out[near]).all(), "queries whose window holds the NaN key should see it"
 
@@ -204,10 +166,13 @@ def test_triton_attention_other_head_dims(head_dim):
     for window in (None, 16):
         out = attention(qkv, batch, window, SCALE)
         ref = ops_torch.attention(qkv, batch, window, SCALE)
-        assert_close(f"head_dim={head_dim} window={window}", out, ref, 1e-5, 1e-5, lengths, head_dim)
+        assert_close(f"head_dim={head_dim} window={window}", out, ref, 1e-5, 1e-5, at_token(lengths, head_dim))
 
 
-@pytest.mark.parametrize("config", [(16, 16, 1, 1), (32, 64, 2, 2), (128, 32, 4, 3)], ids=str)
+# one tile in `make test-fast` (smaller than the window, unequal M / N); the tiniest tiles are the
+# slowest under the interpreter
+@pytest.mark.parametrize("config", [pytest.param((16, 16, 1, 1), marks=pytest.mark.slow), (32, 64, 2, 2),
+                                    pytest.param((128, 32, 4, 3), marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize("window", [None, 64], ids=["full", "w64"])
 def test_triton_attention_tile_override(config, window):
     # the benchmarks sweep tile shapes: any valid (BLOCK_M, BLOCK_N, warps, stages) must give the
@@ -215,21 +180,30 @@ def test_triton_attention_tile_override(config, window):
     lengths = [1, 17, 64, 65, 140]
     qkv = make_qkv(lengths, torch.float32, seed=5)
     out = attention(qkv, batch_of(lengths), window, SCALE, config=config)
-    assert_close(f"config={config} window={window}", out, dense_reference(qkv, lengths, window, SCALE),
-                 1e-5, 1e-5, lengths)
+    assert_close(f"config={config} window={window}", out, dense_attention(qkv, lengths, window, SCALE),
+                 1e-5, 1e-5, at_token(lengths))
 
 
-@pytest.mark.parametrize("window", [None, 64, 16], ids=["full", "w64", "w16"])
-@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def rope_case(dtype_param, window, name):
+    """float32 at every window; float16 / bfloat16 at the local window only in `make test-fast`."""
+    case = pytest.param(*dtype_param.values, window, id=f"{dtype_param.id}-{name}", marks=dtype_param.marks)
+    return case if dtype_param.id == "float32" or window == 64 else slow(case)
+
+
+ROPE_CASES = [rope_case(d, w, name) for d in DTYPES for w, name in ((None, "full"), (64, "w64"), (16, "w16"))]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol, window", ROPE_CASES)
 def test_rotary_inside_attention(dtype, atol, rtol, window):
     # rope=(cos, sin): q and k come unrotated and are rotated as they are loaded; the same
-    # attention as the rotary op followed by the kernel, and qkv itself is left as it was
-    from modernbert_embed.batching import pack as pack_ids
-
+    # attention as the rotary op followed by the kernel, and qkv itself is left as it was. The
+    # reference rotates by positions written out here (the index within each sequence), so that
+    # the kernel's use of batch.positions is checked too.
     qkv = make_qkv(MIXED, dtype, seed=6)
     batch = batch_of(MIXED)
     cos, sin = rope_tables(10000.0, HEAD_DIM, 512, DEVICE)
-    rotated = ops_torch.rotary(qkv.float().clone(), batch.positions, cos, sin).to(dtype)
+    positions = torch.cat([torch.arange(n) for n in MIXED]).to(DEVICE)
+    rotated = ops_torch.rotary(qkv.float().clone(), positions, cos, sin).to(dtype)
     before = qkv.clone()
 
     def fused(qkv_, batch_, window_, scale_):
@@ -237,8 +211,6 @@ def test_rotary_inside_attention(dtype, atol, rtol, window):
 
     check_against_reference(f"rope {dtype} window={window}", fused, rotated, batch, window, atol, rtol, MIXED)
     assert torch.equal(qkv, before), "attention with rope wrote into qkv"
-    # positions are the index within each sequence, as pack numbers them
-    assert torch.equal(batch.positions, pack_ids([[0] * n for n in MIXED], list(range(len(MIXED))), DEVICE).positions)
 
 
 def test_rotary_inside_attention_rejects_bad_tables():
@@ -315,7 +287,7 @@ def test_route_by_window_attention_routes_by_window():
     lengths = [1, 70, 140]
     qkv, batch = make_qkv(lengths, torch.float32), batch_of(lengths)
     assert_close("windowed layer via triton", ops.attention(qkv, batch, 64, SCALE),
-                 dense_reference(qkv, lengths, 64, SCALE), 1e-5, 1e-5, lengths)
+                 dense_attention(qkv, lengths, 64, SCALE), 1e-5, 1e-5, at_token(lengths))
     if not HAS_CUDA:  # the global layer went to torch's varlen attention, which needs CUDA
         with pytest.raises(RuntimeError, match="torch-varlen"):
             ops.attention(qkv, batch, None, SCALE)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_file
-from helpers import REAL_VOCAB
 from modernbert_embed.chunking import combine, default_overlap, plan_windows, split_long
+
+from conftest import TEST_DEVICE, fixture_file
+from helpers import REAL_VOCAB
+
 CLS, SEP = 50281, 50282
 PROMPT = "search_document: "
 PROMPT_IDS = [8716, 64, 3306, 27]  # "search", "_", "document", ":" (the space joins the next word)
@@ -70,7 +72,7 @@ def model(tmp_path_factory):
     tok = fixture_file("tokenizer.json")
     folder = write_random_checkpoint(tmp_path_factory.mktemp("chunk"), REAL_VOCAB, seed=5, tokenizer_json=tok,
                                      max_seq_length=MSL)
-    return Embedder.from_pretrained(folder, device="cpu")
+    return Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
 
 
 LONG = ("ModernBERT reads long documents in one pass, but every model has a limit; beyond it the "

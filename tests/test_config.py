@@ -20,16 +20,30 @@ def test_real_config_448_schema():
 def test_both_schemas_give_the_same_config(tmp_path):
     transformers = pytest.importorskip("transformers")
     old = ModernBertConfig.from_dict(SMALL_CONFIG)
-    # What transformers 5.x writes for the same model: layer_types + rope_parameters.
+    # What the installed transformers writes for the same model.
     hf = transformers.ModernBertConfig(**{k: v for k, v in SMALL_CONFIG.items() if k != "architectures"})
     hf.save_pretrained(tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    new = ModernBertConfig.from_file(tmp_path / "config.json")
-    assert new == old
+    assert ModernBertConfig.from_file(tmp_path / "config.json") == old
     # And our own 5.x writer round-trips.
     assert ModernBertConfig.from_dict(old.to_dict()) == old
-    if "layer_types" in written:
-        assert written["layer_types"][0] == "full_attention"
+
+
+def test_transformers_5_schema_alone(tmp_path):
+    """transformers 5.x writes layer_types and rope_parameters (beside some 4.48 keys): those alone,
+    with the 4.48 layer pattern and thetas removed, give the same config. The pattern and thetas
+    differ from the defaults, so that a reader ignoring the 5.x keys would be caught."""
+    transformers = pytest.importorskip("transformers", minversion="5", reason="the 5.x schema needs transformers 5")
+    d = {**SMALL_CONFIG, "global_attn_every_n_layers": 2, "global_rope_theta": 50000.0, "local_rope_theta": 500.0}
+    hf = transformers.ModernBertConfig(**{k: v for k, v in d.items() if k != "architectures"})
+    hf.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["layer_types"] == ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    only_5x = {k: v for k, v in written.items()
+               if k not in ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta")}
+    cfg = ModernBertConfig.from_dict(only_5x)
+    assert cfg == ModernBertConfig.from_dict(d)
+    assert cfg.layer_is_global == (True, False, True, False)
+    assert (cfg.global_rope_theta, cfg.local_rope_theta) == (50000.0, 500.0)
 
 
 def test_5x_schema_explicit():

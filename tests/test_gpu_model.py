@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, random_ids
-from helpers import load_with_ops
+from helpers import load_with_ops, max_diff, tf32_off as no_tf32, transformers_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,14 +37,8 @@ def ids_of(lengths, seed):
 
 @pytest.fixture(scope="module")
 def tf32_off():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-    torch.set_float32_matmul_precision(saved[2])
+    with no_tf32():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +61,10 @@ def long_ids():
 @pytest.fixture(scope="module")
 def reference(checkpoint, crossing_ids, long_ids, tf32_off):
     """transformers fp32 on CUDA, one sequence at a time (no padding): {tuple(ids): (hidden, pooled)}."""
-    transformers = pytest.importorskip("transformers", reason="the GPU model tests compare with transformers")
-    try:
-        ref = transformers.ModernBertModel.from_pretrained(checkpoint, attn_implementation="sdpa",
-                                                           dtype=torch.float32)
-    except TypeError:  # transformers before `dtype=`
-        ref = transformers.ModernBertModel.from_pretrained(checkpoint, attn_implementation="sdpa",
-                                                           torch_dtype=torch.float32)
-    ref = ref.to(DEVICE).eval()
-    out = {}
-    with torch.inference_mode():
-        for seq in crossing_ids + long_ids:
-            h = ref(input_ids=torch.tensor([seq], device=DEVICE)).last_hidden_state[0].float()
-            out[tuple(seq)] = (h.cpu(), torch.nn.functional.normalize(h.mean(0), dim=0).cpu())
-    del ref
-    torch.cuda.empty_cache()
-    return out
+    pytest.importorskip("transformers", reason="the GPU model tests compare with transformers")
+    seqs = crossing_ids + long_ids
+    hidden, pooled = transformers_reference(checkpoint, seqs, DEVICE)
+    return {tuple(seq): (h, p) for seq, h, p in zip(seqs, hidden, pooled)}
 
 
 def load(checkpoint, dtype, attention="auto", backend="auto"):
@@ -103,16 +85,6 @@ def one_batch(ids):
     return sum(len(s) for s in ids)  # a token budget that puts every input in one batch
 
 
-def max_abs_diff(ours, ref_hidden):
-    worst, where = 0.0, None
-    for i, (a, b) in enumerate(zip(ours, ref_hidden)):
-        assert a.shape == b.shape, f"input {i}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-        d = (a.float() - b).abs()
-        if d.max().item() > worst:
-            worst, where = d.max().item(), (i, a.shape[0], divmod(int(d.argmax()), d.shape[-1]))
-    return worst, where
-
-
 def pooled_cosines(model, ids, reference):
     emb = model.encode_tokens(ids, max_batch_tokens=one_batch(ids), convert_to_tensor=True).float().cpu()
     assert torch.isfinite(emb).all(), "non-finite embeddings"
@@ -124,8 +96,8 @@ def pooled_cosines(model, ids, reference):
 def test_fp32_hidden_states_match_transformers(checkpoint, crossing_ids, reference, tf32_off, backend):
     model = load(checkpoint, torch.float32, backend=backend)
     hidden = model.hidden_states(crossing_ids, max_batch_tokens=one_batch(crossing_ids))
-    worst, where = max_abs_diff(hidden, [reference[tuple(s)][0] for s in crossing_ids])
-    assert worst <= 1e-3, f"{model.ops.name}: hidden states differ by {worst:.3g} at (input, length, (token, feature)) {where}"
+    worst, where = max_diff(hidden, [reference[tuple(s)][0] for s in crossing_ids])
+    assert worst <= 1e-3, f"{model.ops.name}: hidden states differ by {worst:.3g} at {where}"
     cos = pooled_cosines(model, crossing_ids, reference)
     assert cos.min() >= 0.99999, f"{model.ops.name}: pooled cosine {cos.min():.7f} at length {CROSSING[int(cos.argmin())]}"
 
@@ -175,7 +147,7 @@ def test_long_and_tiny_input_in_one_batch(checkpoint, long_ids, reference, dtype
 def test_fp32_long_input_matches_transformers(checkpoint, long_ids, reference, tf32_off):
     model = load(checkpoint, torch.float32)
     hidden = model.hidden_states(long_ids, max_batch_tokens=one_batch(long_ids))
-    worst, where = max_abs_diff(hidden, [reference[tuple(s)][0] for s in long_ids])
+    worst, where = max_diff(hidden, [reference[tuple(s)][0] for s in long_ids])
     assert worst <= 1e-3, f"{model.ops.name}: hidden states differ by {worst:.3g} at {where}"
 
 
@@ -187,13 +159,13 @@ def test_batch_loop_never_waits_for_the_gpu(checkpoint):
 
     model = load(checkpoint, torch.bfloat16)
     ids = ids_of([700, 3, 129, 64, 65, 300, 1, 517, 2000], seed=5)
-    plan = plan_batches([len(s) for s in ids], max_batch_tokens=1024)
-    assert len(plan) >= 3
-    model._run_plan(ids, plan, 768, True)  # compiles the kernels first
+    assert len(plan_batches([len(s) for s in ids], max_batch_tokens=1024)) >= 3
+    engine = model.engine
+    engine.embed(ids, max_batch_tokens=1024, check_finite=False)  # compiles the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        out = model._run_plan(ids, plan, 768, True)
+    try:  # the finite check reads the result back: it waits, by design, after the loop
+        out = engine.embed(ids, max_batch_tokens=1024, check_finite=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     ref = model.encode_tokens(ids, max_batch_tokens=1024, convert_to_tensor=True)

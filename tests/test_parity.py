@@ -1,7 +1,8 @@
 """Parity with transformers' ModernBertModel on random checkpoints in the real layout.
 
 Lengths cross the local window (1..3, 64, 65, 66, 129, 130, 131, several hundred) and are mixed in
-one batch; the random weights make attention peaked so that window or rotary mistakes show.
+one batch; the random weights make attention peaked so that window or rotary mistakes show. The
+full-size runs (149M parameters on the CPU) are marked slow (left out of `make test-fast`).
 """
 
 import json
@@ -13,50 +14,25 @@ from modernbert_embed import Embedder
 from modernbert_embed.weights import write_random_checkpoint
 
 from conftest import SMALL_CONFIG, fixture_file, random_ids
+from helpers import cosines, max_diff, transformers_reference
 
 transformers = pytest.importorskip("transformers", reason="parity tests need transformers (test extra)")
 
 CROSSING = [1, 2, 3, 64, 65, 66, 129, 130, 131, 300]
 
 
-def reference(folder, ids, dtype=torch.float32):
-    """transformers' hidden states and masked-mean embeddings, one sequence at a time (no padding)."""
-    ref = transformers.ModernBertModel.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval()
-    hidden, pooled = [], []
-    with torch.no_grad():
-        for s in ids:
-            h = ref(input_ids=torch.tensor([s])).last_hidden_state[0].float()
-            hidden.append(h)
-            pooled.append(torch.nn.functional.normalize(h.mean(0), dim=0))
-    return hidden, torch.stack(pooled)
-
-
-def max_diff(a_list, b_list):
-    worst, where = 0.0, None
-    for i, (a, b) in enumerate(zip(a_list, b_list)):
-        d = (a - b).abs()
-        if d.max().item() > worst:
-            worst, where = d.max().item(), (i, divmod(int(d.argmax()), d.shape[-1]))
-    return worst, where
-
-
-def cosines(a, b):
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
-
-
-def check_fp32(folder, ids, vocab):
+def check_fp32(folder, ids):
     m = Embedder.from_pretrained(folder, device="cpu")
-    ref_hidden, ref_pooled = reference(folder, ids)
+    ref_hidden, ref_pooled = transformers_reference(folder, ids)
     worst, where = max_diff(m.hidden_states(ids), ref_hidden)
-    assert worst <= 1e-4, f"hidden states differ by {worst:.3g} at (sequence, (token, feature)) {where}"
+    assert worst <= 1e-4, f"hidden states differ by {worst:.3g} at {where}"
     emb = m.encode_tokens(ids)
     cos = cosines(emb, ref_pooled)
     assert cos.min() >= 0.99999, f"pooled cosine {cos.min():.7f} at sequence {int(cos.argmin())}"
 
 
 def test_small_448_schema(small_checkpoint):
-    check_fp32(small_checkpoint, random_ids(CROSSING, vocab=1024, seed=1), 1024)
+    check_fp32(small_checkpoint, random_ids(CROSSING, vocab=1024, seed=1))
 
 
 def test_small_5x_schema(tmp_path):
@@ -70,7 +46,7 @@ def test_small_5x_schema(tmp_path):
     raw = json.loads((tmp_path / "config.json").read_text())
     assert "layer_types" in raw and "rope_parameters" in raw
     write_random_checkpoint(tmp_path, raw, seed=2)
-    check_fp32(tmp_path, random_ids([1, 5, 16, 17, 33, 34, 35, 90, 200], vocab=512, seed=2), 512)
+    check_fp32(tmp_path, random_ids([1, 5, 16, 17, 33, 34, 35, 90, 200], vocab=512, seed=2))
 
 
 def test_masked_lm_layout_loads_the_same_weights(tmp_path):
@@ -82,7 +58,7 @@ def test_masked_lm_layout_loads_the_same_weights(tmp_path):
     b = Embedder.from_pretrained(mlm).hidden_states(ids)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    ref_hidden, _ = reference(mlm, ids)
+    ref_hidden, _ = transformers_reference(mlm, ids)
     worst, where = max_diff(b, ref_hidden)
     assert worst <= 1e-4, f"masked-LM layout: hidden states differ by {worst:.3g} at {where}"
 
@@ -99,7 +75,7 @@ def test_sharded_checkpoint(tmp_path):
 
 def test_bf16_on_cpu(small_checkpoint):
     ids = random_ids(CROSSING, seed=5)
-    _, ref_pooled = reference(small_checkpoint, ids)
+    _, ref_pooled = transformers_reference(small_checkpoint, ids)
     emb = Embedder.from_pretrained(small_checkpoint, device="cpu", dtype="bfloat16").encode_tokens(ids)
     cos = cosines(emb, ref_pooled)
     assert cos.min() >= 0.999, f"bf16 pooled cosine {cos.min():.5f} at sequence {int(cos.argmin())}"
@@ -122,14 +98,16 @@ def full_checkpoint(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("full"), cfg, seed=7)
 
 
+@pytest.mark.slow
 def test_full_size_fp32(full_checkpoint):
     check_fp32(full_checkpoint, random_ids([1, 3, 64, 65, 66, 129, 130, 131, 400], vocab=50280, seed=7,
-                                           cls=50281, sep=50282), 50368)
+                                           cls=50281, sep=50282))
 
 
+@pytest.mark.slow
 def test_full_size_bf16(full_checkpoint):
     ids = random_ids([2, 65, 130, 300], vocab=50280, seed=8, cls=50281, sep=50282)
-    _, ref_pooled = reference(full_checkpoint, ids)
+    _, ref_pooled = transformers_reference(full_checkpoint, ids)
     emb = Embedder.from_pretrained(full_checkpoint, dtype=torch.bfloat16).encode_tokens(ids)
     cos = cosines(emb, ref_pooled)
     assert cos.min() >= 0.999, f"bf16 pooled cosine {cos.min():.5f} at sequence {int(cos.argmin())}"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL_CONFIG, random_ids
+from conftest import SMALL_CONFIG, TEST_DEVICE, random_ids
 from modernbert_embed import quantize as Q
 
 
@@ -55,6 +55,7 @@ def test_matches_sentence_transformers_formula(emb, precision):
         np.testing.assert_array_equal(got, (st_reference(emb, "uint8").astype(int) - 128).astype(np.int8))
 
 
+@pytest.mark.slow  # importing sentence-transformers takes seconds; the formula above is checked fast
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
 def test_matches_sentence_transformers_itself(emb, precision):
     st = pytest.importorskip("sentence_transformers.quantization",
@@ -162,7 +163,7 @@ def test_calibration_files(tmp_path, emb):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="no calibration ranges"):
         Q.load_calibration(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="calibration file not found: .*missing.json"):
         Q.load_calibration(tmp_path / "missing.json")
 
 
@@ -173,7 +174,7 @@ def model(tmp_path_factory):
     from modernbert_embed.weights import write_random_checkpoint
 
     folder = write_random_checkpoint(tmp_path_factory.mktemp("q"), SMALL_CONFIG, seed=3)
-    return Embedder.from_pretrained(folder, device="cpu")
+    return Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The Ray Data adapter on a local Ray cluster on CPU, with a small random checkpoint."""
+"""The Ray Data adapter on a local Ray cluster on CPU, with a small random checkpoint. The tests
+that start a cluster are marked slow (left out of `make test-fast`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_CONFIG, fixture_file
-
-REAL_VOCAB = {**SMALL_CONFIG, "vocab_size": 50368, "pad_token_id": 50283, "cls_token_id": 50281,
-              "sep_token_id": 50282, "bos_token_id": 50281, "eos_token_id": 50282}
+from conftest import ROOT, fixture_file
+from helpers import REAL_VOCAB
 TEXTS = [f"document number {i}: " + "some words about corpora and shards " * (i % 7) for i in range(37)]
 
 
@@ -86,6 +85,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_embed_dataset_on_a_local_cpu_cluster(ckpt, ray_cluster, tmp_path):
     import pyarrow as pa
@@ -109,6 +109,7 @@ def test_embed_dataset_on_a_local_cpu_cluster(ckpt, ray_cluster, tmp_path):
     np.testing.assert_allclose(np.array([got[i] for i in ids]), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_example_script_writes_fixed_size_float32_lists(ckpt, ray_cluster, tmp_path):
     import importlib.util

@@ -1,0 +1,42 @@
+"""One harness for every benchmark, in four parts:
+
+- `corpora`: the random checkpoint, the token-id corpora and the id tokenizer for text engines;
+- `engines`: the engines compared (ours, transformers, sentence-transformers), one interface;
+- `measure`: timing, memory, the machine, the GPU tables and MFU;
+- `report`: rows, specs and goals, the plan that fills them, markdown and JSON results.
+
+The scripts beside this package put its folder on `sys.path` and `import harness as h`; every name
+they use is re-exported here. The timing function stays `harness.measure.measure`, so that
+`harness.measure` is always the module.
+"""
+
+from __future__ import annotations
+
+from .corpora import (
+    SMALL_CONFIG, Corpus, Vocab, config_dict, fixed_corpus, id_texts, long_corpus, mixed_corpus, st_folder,
+    write_checkpoint, write_id_tokenizer,
+)
+from .engines import (
+    DTYPE_NAMES, Engine, Ours, OursText, SentenceTransformers, Transformers, dtype_of, load_transformers_model,
+)
+from .measure import (
+    GPU_BANDWIDTH_GBS, GPU_BF16_PEAK_TFLOPS, ROOT, Timing, cpu_model, cuda_missing, free_memory, git_commit,
+    machine_info, machine_line, matmul_tflops, mfu, nominal_bandwidth_gbs, nominal_peak_tflops,
+    peak_memory_mb, reset_peak_memory, synchronize,
+)
+from .report import (
+    Goal, Results, Row, Spec, add_output_args, append_markdown, compare, fmt_num, fmt_pct, markdown_table,
+    run_plan, run_row, write_json,
+)
+
+__all__ = [
+    "SMALL_CONFIG", "Corpus", "Vocab", "config_dict", "fixed_corpus", "id_texts", "long_corpus", "mixed_corpus",
+    "st_folder", "write_checkpoint", "write_id_tokenizer",
+    "DTYPE_NAMES", "Engine", "Ours", "OursText", "SentenceTransformers", "Transformers", "dtype_of",
+    "load_transformers_model",
+    "GPU_BANDWIDTH_GBS", "GPU_BF16_PEAK_TFLOPS", "ROOT", "Timing", "cpu_model", "cuda_missing", "free_memory",
+    "git_commit", "machine_info", "machine_line", "matmul_tflops", "mfu", "nominal_bandwidth_gbs",
+    "nominal_peak_tflops", "peak_memory_mb", "reset_peak_memory", "synchronize",
+    "Goal", "Results", "Row", "Spec", "add_output_args", "append_markdown", "compare", "fmt_num", "fmt_pct",
+    "markdown_table", "run_plan", "run_row", "write_json",
+]
