@@ -39,7 +39,7 @@ device-check:
 
 lint: $(STAMP)
 	$(PIP) install -q ruff
-	$(VENV)/bin/ruff check --select E9,F modernbert_embed kernels weights tests benchmarks examples
+	$(VENV)/bin/ruff check --select E9,F modernbert_embed tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

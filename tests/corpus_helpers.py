@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fixture_file
+from conftest import TEST_DEVICE, fixture_file
 from helpers import REAL_VOCAB
 from modernbert_embed.cli import main
 
@@ -41,8 +41,12 @@ def shared_embedder(ckpt: Path):
     if "model" not in _SHARED:
         from modernbert_embed import Embedder
 
-        _SHARED["model"] = Embedder.from_pretrained(ckpt, device="cpu")
+        _SHARED["model"] = Embedder.from_pretrained(ckpt, device=TEST_DEVICE, dtype="float32")
     return _SHARED["model"]
+
+
+# The device options of a command run in a process of its own: where the shared Embedder runs.
+DEVICE_ARGS = ["--device", TEST_DEVICE, "--dtype", "float32"]
 
 
 def make_texts(n, seed=0, max_words=60):

@@ -55,6 +55,12 @@ def test_no_nan_beside_8k(model):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
+def test_max_batch_tokens_none_means_the_default(model):
+    # None is what the corpus command and the Ray adapter pass when the user gave no budget
+    ids = random_ids([40, 7, 300], seed=27)
+    np.testing.assert_array_equal(model.encode_tokens(ids, max_batch_tokens=None), model.encode_tokens(ids))
+
+
 def test_matryoshka_and_normalisation(model):
     ids = random_ids([10, 80], seed=24)
     full = model.encode_tokens(ids, normalize_embeddings=False)

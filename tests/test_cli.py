@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, fixture_file
-from corpus_helpers import (MSL, PROMPT, cli, make_texts, shard_entries, shared_checkpoint, shared_embedder,
+from corpus_helpers import (DEVICE_ARGS, MSL, PROMPT, cli, make_texts, shard_entries, shared_checkpoint, shared_embedder,
                             without_run, write_jsonl, write_parquet, write_text)
 from helpers import REAL_VOCAB
 from modernbert_embed import quantize as Q
@@ -53,7 +53,7 @@ def embed(capsys, ckpt, model):
 
 
 SUMMARY = re.compile(r"^embedded (\d+) documents(?: \((\d+) rows skipped\))?, (\d+) tokens in [\d.]+ s: "
-                     r"[\d.]+ documents/s, \d+ tokens/s on cpu, float32$", re.M)
+                     r"[\d.]+ documents/s, \d+ tokens/s on \S+.*, float32$", re.M)
 
 
 # ------------------------------------------------------------------------------- round trips
@@ -126,7 +126,7 @@ def test_real_processes_embed_and_verify(tmp_path, ckpt, model):
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "modernbert_embed", "embed", str(inp), "-o", str(tmp_path / "out"),
-                        "--model", str(ckpt), "--shard-size", "4", "--no-progress"],
+                        "--model", str(ckpt), "--shard-size", "4", "--no-progress", *DEVICE_ARGS],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert SUMMARY.search(r.stdout).group(1) == "9", r.stdout
@@ -228,7 +228,7 @@ def _shards_recorded(folder: Path) -> int:
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, ckpt):
     texts = make_texts(240, seed=7, max_words=40)
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
-    common = [inp, "--model", ckpt, "--shard-size", 6, "--precision", "int8", "--calibration-size", 50,
+    common = [inp, "--model", ckpt, *DEVICE_ARGS, "--shard-size", 6, "--precision", "int8", "--calibration-size", 50,
               "--prompt-name", "search_document", "--no-progress"]
 
     ref = _launch([*common, "-o", tmp_path / "ref"])  # the uninterrupted run, alongside

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TEST_DEVICE
 from corpus_helpers import cli, make_texts, shared_checkpoint, write_text
 from modernbert_embed.corpus import read_output
 from modernbert_embed.engine import NonFiniteError
@@ -32,7 +33,7 @@ def poisoned(tmp_path_factory):
     sd = load_file(folder / "model.safetensors")
     sd["embeddings.tok_embeddings.weight"][FOX] = float("nan")
     save_file(sd, folder / "model.safetensors")
-    return folder, Embedder.from_pretrained(folder, device="cpu")
+    return folder, Embedder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
 
 
 def corpus(tmp_path, n=8, bad=(2, 5)):
