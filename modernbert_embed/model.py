@@ -106,6 +106,16 @@ class Attention(nn.Module):
         self.Wqkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.Wo = Linear(cfg.hidden_size, cfg.hidden_size)
 
+    def reorder_rotary_pairs(self) -> None:
+        """Reorder each head's q and k rows of Wqkv from halves (x_0 .. x_{d-1}) to rotary pairs
+        (x_0, x_{d/2}, x_1, x_{d/2+1}, ...), for ops whose rotary takes that layout. q and k are
+        reordered alike, so every q.k, and so the attention, is unchanged."""
+        h, d = self.heads, self.head_dim
+        pairs = torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=-1).flatten()
+        rows = (torch.arange(2 * h)[:, None] * d + pairs[None, :]).flatten()  # q and k rows, head by head
+        w = self.Wqkv.weight
+        w[: 2 * h * d] = w[rows.to(w.device)].clone()
+
     def forward(self, x, batch: Batch):
         qkv = self.Wqkv(x).view(-1, 3, self.heads, self.head_dim)  # [T, 3, heads, d]
         if self.ops.fused_rotary:  # the attention kernel rotates q and k as it loads them
@@ -167,6 +177,9 @@ class ModernBert(nn.Module):
     def load(self, state_dict: dict) -> None:
         """Take the checkpoint's tensors (names and shapes already checked), in the ops' layout."""
         self.load_state_dict(state_dict, strict=True, assign=True)
+        if self.ops.rotary_pairs:
+            for layer in self.layers:
+                layer.attn.reorder_rotary_pairs()
         if self.ops.column_major_weights:
             for module in self.modules():
                 if isinstance(module, Linear):  # same shape and values, transposed storage

@@ -60,6 +60,10 @@ class Ops:
     # The attention op rotates q and k itself as it loads them (attention(..., rope=(cos, sin)));
     # the model then skips the rotary op and its pass over q and k.
     fused_rotary: bool = False
+    # The rotary op takes each head's q and k features as (x_j, x_{j + d/2}) pairs, not halves: the
+    # model reorders its Wqkv rows to match at load (attention scores do not change: q and k are
+    # reordered alike). On the CPU the rotation is then one complex multiplication.
+    rotary_pairs: bool = False
 
 
 OP_NAMES = ("layer_norm", "rotary", "attention", "geglu", "pool")
@@ -73,6 +77,8 @@ TORCH_OPS = Ops(
     pool=ops_torch.pool,
     column_major_weights=True,
 )
+# The CPU's: torch's ops with the rotary of the pairs layout.
+CPU_OPS = replace(TORCH_OPS, rotary=ops_torch.rotary_pairs, rotary_pairs=True)
 
 
 # ----------------------------------------------------------------------------- device and dtype
@@ -176,7 +182,7 @@ def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto")
     if backend == "auto":
         backend = "triton" if cc is not None and cc >= TRITON_MIN_ARCH and triton_available() else "torch"
     if backend == "torch":
-        ops = TORCH_OPS
+        ops = CPU_OPS if cc is None else TORCH_OPS
     else:
         if not triton_available():
             raise RuntimeError("backend 'triton' was asked for but triton is not installed")
@@ -303,5 +309,5 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
     return replace(ops, name=ops.name + "+torch:" + ",".join(failed), **fixed)
 
 
-__all__ = ["Ops", "TORCH_OPS", "select_ops", "ops_for_arch", "self_check", "resolve_device", "resolve_dtype",
+__all__ = ["Ops", "TORCH_OPS", "CPU_OPS", "select_ops", "ops_for_arch", "self_check", "resolve_device", "resolve_dtype",
            "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES"]

@@ -47,6 +47,23 @@ def rotary(qkv, positions, cos, sin):
     return qkv
 
 
+def rotary_pairs(qkv, positions, cos, sin):
+    """`rotary` for q and k stored as pairs: each head's features ordered (x_0, x_{d/2}, x_1,
+    x_{d/2+1}, ...) instead of halves (the model reorders its Wqkv rows so, when the ops ask for it:
+    `Ops.rotary_pairs`). A pair rotated by an angle is a complex number times e^{i angle}, so the
+    whole op is one complex multiplication in fp32, in place for fp32 input (one pass over q and k
+    instead of eight), with the same products and sums as the halves' form. Returns `qkv`."""
+    half = qkv.shape[-1] // 2
+    turn = torch.complex(cos[positions], sin[positions])[:, None, None, :]  # [T, 1, 1, half]
+    if qkv.dtype == torch.float32:
+        torch.view_as_complex(qkv[:, :2].unflatten(-1, (half, 2))).mul_(turn)
+        return qkv
+    qk = torch.view_as_complex(qkv[:, :2].float().unflatten(-1, (half, 2)))  # [T, 2, heads, half]
+    qk.mul_(turn)
+    qkv[:, :2] = torch.view_as_real(qk).flatten(-2)
+    return qkv
+
+
 # ----------------------------------------------------------------------------- attention
 def attention(qkv, batch, window, scale):
     """Bidirectional attention within each packed sequence.
