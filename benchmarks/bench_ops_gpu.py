@@ -120,7 +120,7 @@ def visible_pairs(lengths, window):
 # ----------------------------------------------------------------------------- sections
 def memory_bound_ops(cfg, T, dtype, device, ops_triton, ops_ref, bw_copy, bw_nominal):
     """Rows for the elementwise / reduction ops: ms, GB/s, share of the copy bandwidth."""
-    from modernbert_embed.model import rope_tables
+    from modernbert_embed.rope import rope_tables
 
     H, I, heads, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
     b = torch.finfo(dtype).bits // 8
@@ -198,7 +198,7 @@ def attention_inputs(cfg, cases, dtype, device):
 def attention_rows(cfg, cases, dtype, device):
     """Each implementation per case. "triton+rope" takes q and k unrotated and rotates
     them itself: compare it with "triton" plus the rotary op's time (the memory-bound table)."""
-    from modernbert_embed.model import rope_tables
+    from modernbert_embed.rope import rope_tables
 
     tables = rope_tables(cfg.global_rope_theta, cfg.head_dim, cfg.max_position_embeddings, device)
     rows = []

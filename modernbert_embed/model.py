@@ -22,21 +22,10 @@ import torch.nn.functional as F
 
 from .batching import Batch
 from .config import ModernBertConfig
+from .rope import rope_tables
 
 if TYPE_CHECKING:
     from .ops import Ops
-
-
-def rope_tables(theta: float, head_dim: int, max_positions: int, device=None):
-    """`cos, sin` of shape [max_positions, head_dim // 2], fp32.
-
-    `inv_freq` is computed in fp32 exactly as torch/transformers do (a float64 computation rounded
-    to fp32 differs in about a third of the entries), and the angle is `position * inv_freq` in fp32.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    pos = torch.arange(max_positions, dtype=torch.float32)
-    angles = pos[:, None] * inv_freq[None, :]
-    return angles.cos().to(device), angles.sin().to(device)
 
 
 def _weight(*shape) -> nn.Parameter:

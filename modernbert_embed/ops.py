@@ -6,7 +6,7 @@
 - Ops, chosen once at load: plain torch on the CPU; Triton kernels on CUDA GPUs of compute
   capability 7.5 and newer (older ones get torch). Attention follows the GPU: where the Triton
   attention kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
-  The policy is `ops_for_arch` (by compute capability); `kernels.compile_check --arch N` compiles
+  The policy is `ops_for_arch` (by compute capability); `compile_check --arch N` compiles
   exactly what it picks for sm_N, in each dtype of `gpu_dtypes(N)`. Within a kernel, the tiles
   follow the GPU of the tensors it is given (the launchers, via `kernels._arch`).
 - `self_check` runs each chosen op once on tiny inputs against its torch version; an op that fails
@@ -40,7 +40,7 @@ DTYPES = {
 # attention runs: for sm_75 (T4) triton compiles its dots without tensor cores, and every
 # half-precision attention tile spills (128 x 64: 12 KB per thread; even 32 x 32 spills in full
 # attention), so torch's attention serves those GPUs better. From sm_80 every variant compiles to
-# tensor-core dots without spills (`kernels.compile_check`).
+# tensor-core dots without spills (`compile_check`).
 TRITON_MIN_ARCH = 75
 TRITON_ATTENTION_MIN_ARCH = 80
 BF16_MIN_ARCH = 80
@@ -174,7 +174,7 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
 
 def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto") -> Ops:
     """The policy behind `select_ops`, by compute capability x 10 (None: not a CUDA GPU). The
-    compile check (`kernels.compile_check`) reads it to compile what a GPU of `cc` would launch."""
+    compile check (`compile_check`) reads it to compile what a GPU of `cc` would launch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown ops backend {backend!r}; choose one of {BACKENDS}")
     if attention not in ATTENTION_BACKENDS:
@@ -220,7 +220,7 @@ def route_by_window(global_attention: Callable, local_attention: Callable) -> Ca
 def _check_inputs(cfg, device, dtype):
     """Tiny inputs at the model's widths: two sequences, one longer than the window."""
     from .batching import pack
-    from .model import rope_tables
+    from .rope import rope_tables
 
     g = torch.Generator().manual_seed(0)
     lengths = [cfg.local_window * 2 + 9, 3]

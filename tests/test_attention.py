@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from modernbert_embed import ops_torch
-from modernbert_embed.model import rope_tables
+from modernbert_embed.rope import rope_tables
 from modernbert_embed.kernels.attention import _CONFIG_FP32, attention, attention_work
 from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available, varlen_supports_window
 

@@ -3,7 +3,7 @@
 
 The interpreter tests check the kernels' arithmetic but never lower them; these compile every
 kernel variant the engine launches on each GPU (as the dispatch chooses, with the tiles the
-launchers pick there), from the real launchers' arguments, on any machine (no GPU needed). They run `modernbert_embed.kernels.compile_check` in a subprocess because the check needs
+launchers pick there), from the real launchers' arguments, on any machine (no GPU needed). They run `modernbert_embed.compile_check` in a subprocess because the check needs
 TRITON_INTERPRET unset, and the rest of the suite sets it when there is no GPU.
 """
 
@@ -52,7 +52,7 @@ SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90:
 def _check(args, tmp_path):
     """Run the compile check; (exit status, the JSON report, stdout + stderr)."""
     out = tmp_path / "compile.json"
-    p = _run(["-m", "modernbert_embed.kernels.compile_check", *args, "--json", str(out)], tmp_path)
+    p = _run(["-m", "modernbert_embed.compile_check", *args, "--json", str(out)], tmp_path)
     return p.returncode, json.loads(out.read_text()) if out.exists() else None, p.stdout + p.stderr
 
 
@@ -137,7 +137,7 @@ def test_check_reports_a_kernel_that_does_not_compile(tmp_path):
     # a dot with K = 8 is below tl.dot's minimum: the check must say so instead of passing
     script = textwrap.dedent("""
         import torch, triton, triton.language as tl
-        from modernbert_embed.kernels.compile_check import compile_launch
+        from modernbert_embed.compile_check import compile_launch
 
         @triton.jit
         def bad(a_ptr, out_ptr, K: tl.constexpr):
@@ -161,7 +161,7 @@ def test_check_reports_a_kernel_that_does_not_compile(tmp_path):
 
 def test_check_refuses_to_run_under_the_interpreter(tmp_path):
     env = dict(_env(tmp_path), TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-m", "modernbert_embed.kernels.compile_check", "--only", "geglu"],
+    p = subprocess.run([sys.executable, "-m", "modernbert_embed.compile_check", "--only", "geglu"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "TRITON_INTERPRET" in p.stderr

@@ -20,7 +20,7 @@ from modernbert_embed.kernels.geglu import geglu
 from modernbert_embed.kernels.layer_norm import layer_norm
 from modernbert_embed.kernels.pooling import pool
 from modernbert_embed.kernels.rotary import rotary
-from modernbert_embed.model import rope_tables
+from modernbert_embed.rope import rope_tables
 
 from conftest import SMALL_CONFIG, random_ids, requires_cuda
 from helpers import DEVICE, assert_close, assert_within_torch_error, batch_of, check_against_torch, load_with_ops

@@ -26,7 +26,7 @@ def test_attention_paths_match_dense(w):
 def test_rotary_pairs_is_rotary_on_reordered_features(dtype, head_dim):
     """The CPU's rotary (features as (x_j, x_{j + d/2}) pairs, one complex multiplication) gives,
     feature for feature, what the halves' form gives: the same products and sums."""
-    from modernbert_embed.model import rope_tables
+    from modernbert_embed.rope import rope_tables
 
     lengths = [1, 7, 130, 64]
     g = torch.Generator().manual_seed(1)

@@ -11,9 +11,9 @@ compiles that kernel with the launch's own arguments and options through TTIR, T
 PTX to a cubin with the ptxas that triton ships. It then reads the cubin's registers,
 local-memory (spill) bytes, the kernel's shared memory and whether its dots use tensor cores.
 
-    python -m modernbert_embed.kernels.compile_check                  # sm_90, a table
-    python -m modernbert_embed.kernels.compile_check --arch 75,80,86,89,90 --json out.json
-    python -m modernbert_embed.kernels.compile_check --arch 90 --attention triton-rope  # an experiment
+    python -m modernbert_embed.compile_check                  # sm_90, a table
+    python -m modernbert_embed.compile_check --arch 75,80,86,89,90 --json out.json
+    python -m modernbert_embed.compile_check --arch 90 --attention triton-rope  # an experiment
 
 Exit status 1 when a variant cannot serve its GPU (`problems`): it fails to compile, spills,
 needs more shared memory than the GPU gives a program, or runs half-precision attention dots off
@@ -181,7 +181,7 @@ def compile_launch(case, kernel, args, kwargs, arch):
 def cases(ops, dtypes, hidden=768, heads=12, intermediate=1152, window=64, max_positions=8192):
     """(case name, op name, thunk) for every kernel variant the model and its pooling launch with
     `ops`, at the base model's sizes: each thunk calls the op as the model does."""
-    from ..batching import pack
+    from .batching import pack
 
     head_dim = hidden // heads
     scale = head_dim**-0.5
@@ -231,7 +231,7 @@ def problems(result: Result) -> list[str]:
 
 def torch_ops(arch: int, attention: str = "auto") -> list[str]:
     """The ops the dispatch gives torch's implementation on sm_<arch>: nothing of theirs to compile."""
-    from .. import ops as dispatch
+    from . import ops as dispatch
 
     chosen = dispatch.ops_for_arch(arch, attention=attention)
     return [n for n in dispatch.OP_NAMES if getattr(chosen, n) is getattr(dispatch.TORCH_OPS, n)]
@@ -239,7 +239,7 @@ def torch_ops(arch: int, attention: str = "auto") -> list[str]:
 
 def gpu_dtype_names(arch: int) -> list[str]:
     """The dtypes the dispatch runs on sm_<arch> (no bf16 before sm_80), by their names here."""
-    from .. import ops as dispatch
+    from . import ops as dispatch
 
     return [n for n, dt in DTYPES.items() if dt in dispatch.gpu_dtypes(arch)]
 
@@ -250,9 +250,9 @@ def run(arch=90, dtypes=None, only=None, attention="auto"):
     `dtypes` named, which must be among them), with the tiles the launchers choose for sm_<arch>.
     A list of Results, each with its `problems`."""
     _check_not_interpreted()
-    from .. import ops as dispatch
-    from . import attention as attention_mod, geglu, layer_norm, pooling, rotary
-    from ._arch import target_arch
+    from . import ops as dispatch
+    from .kernels import attention as attention_mod, geglu, layer_norm, pooling, rotary
+    from .kernels._arch import target_arch
 
     allowed = gpu_dtype_names(arch)
     dtypes = allowed if dtypes is None else list(dtypes)
