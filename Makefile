@@ -29,8 +29,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# All CPU contenders alternated in one process (README, "Benchmarks"); BENCH_ARGS adds options.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_cpu.py --out out/bench_cpu.json $(BENCH_ARGS)
 
 # On a machine with a CUDA GPU and torch/triton/transformers already installed (no network):
 # installs the project without dependencies, runs every GPU test, parity and the GPU benchmark.

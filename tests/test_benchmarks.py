@@ -1,13 +1,12 @@
-"""The benchmark scripts still run: the harness's pieces, and bench_cpu end to end in --quick mode
-on a small random model (plus dry runs of the GPU scripts' logic on the CPU), so that a broken
-benchmark shows in CI rather than on a rented GPU. The end-to-end runs are marked slow (left out of
-`make test-fast`)."""
+"""The benchmark scripts still run: the harness's pieces (the alternating rounds on fake engines with
+a fake clock), and bench_cpu end to end in --quick mode on a small random model (plus dry runs of
+the GPU scripts' logic on the CPU), so that a broken benchmark shows in CI rather than on a rented
+GPU. The end-to-end runs are marked slow (left out of `make test-fast`)."""
 
 from __future__ import annotations
 
 import importlib
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -105,33 +104,159 @@ def test_timer_and_table(bench):
     assert info["torch"] == torch.__version__ and info["commit"]
 
 
+class _Clock:
+    """A fake clock that the fake engines advance: the rounds' ratios come out exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _fake_engine(h, clock, costs, calls, name, docs_out=None, emb=None):
+    """An engine that takes costs[i] seconds on its i-th timed call (warm-ups cost nothing)."""
+
+    class Fake(h.Engine):
+        label = f"fake {name}"
+
+        def encode(self, corpus):
+            if corpus.name.endswith("-head"):
+                calls.append((name, "warm-up"))
+            else:
+                calls.append((name, len([c for c in calls if c[0] == name and c[1] == "timed"])))
+                clock.now += costs[calls[-1][1]]
+                calls[-1] = (name, "timed")
+            n = corpus.num_docs if docs_out is None else docs_out
+            return emb[:n].clone() if emb is not None else torch.nn.functional.normalize(torch.ones(n, 4), dim=-1)
+
+    return Fake()
+
+
+def test_rounds_ratios_goals_and_rows_that_cannot_run(bench):
+    """Per-round ratios against the reference and against the faster runtime of the same dtype in
+    that round; warm-up first; shuffled orders; a contender that cannot run, one left out of a
+    corpus, one that breaks in a round: each a row that says so."""
+    h = bench("harness")
+    from harness.rounds import CannotRun, Contender, RoundGoal, RoundsRun
+    from modernbert_embed.config import ModernBertConfig
+
+    cfg = ModernBertConfig.from_dict(h.SMALL_CONFIG)
+    vocab = h.Vocab.of(cfg)
+    corpora = {"mixed": h.fixed_corpus(vocab, 64, 2, name="mixed"), "long": h.fixed_corpus(vocab, 300, 1, name="long")}
+    clock, calls = _Clock(), []
+    ref_emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), dim=-1)
+    off = torch.nn.functional.normalize(torch.tensor([[1.0, 0.01, 0, 0], [0, 1.0, 0, 0]]), dim=-1)
+
+    def cannot(role):
+        raise CannotRun("no bfloat16 here")
+
+    # times per timed call: mixed rounds 1-3, then long rounds 1-3
+    plan = [
+        Contender("ours-fp32", "ours", "fp32", "ours",
+                  lambda role: _fake_engine(h, clock, [1, 1, 1, 2, 2, 2], calls, "ours", emb=off)),
+        Contender("transformers-fp32", "transformers", "fp32", "reference",
+                  lambda role: _fake_engine(h, clock, [5, 5, 5, 8, 8, 8], calls, "ref", emb=ref_emb)),
+        Contender("runtime-a", "a", "fp32", "runtime", lambda role: _fake_engine(h, clock, [2, 4, 4], calls, "a"),
+                  corpora=("mixed",)),
+        Contender("runtime-b", "b", "fp32", "runtime", lambda role: _fake_engine(h, clock, [3, 3, 6], calls, "b"),
+                  corpora=("mixed",)),
+        Contender("runtime-bf16", "c", "bf16", "runtime", cannot),
+        Contender("broken", "d", "fp32", "other", lambda role: _fake_engine(h, clock, [1] * 6, calls, "d", docs_out=1)),
+    ]
+    run = RoundsRun(plan, corpora, cfg, rounds=3, seed=0, warmup_tokens=32, matmul_n=32, log=lambda s: None,
+                    clock=clock)
+    for role in corpora:
+        run.run_corpus(role)
+
+    first_timed = next(i for i, c in enumerate(calls) if c[1] == "timed")
+    assert {c[0] for c in calls[:first_timed]} == {"ours", "ref", "a", "b", "d"}  # all warmed up first
+    assert all(c[1] == "warm-up" for c in calls[:first_timed])
+    mixed_timed = [c[0] for c in calls if c[1] == "timed"][:13]  # 3 rounds x 4, then d's one failed call
+    orders = [tuple(x for x in mixed_timed if x != "d")[4 * r:4 * r + 4] for r in range(3)]
+    assert all(sorted(o) == ["a", "b", "ours", "ref"] for o in orders)
+    assert len(set(orders)) > 1  # shuffled per round (seed 0)
+
+    s = {(x["corpus"], x["contender"]): x for x in run.summaries()}
+    ours = s[("mixed", "ours-fp32")]
+    assert ours["vs_reference_rounds"] == [5.0, 5.0, 5.0]
+    # the faster runtime of each round: a (2 s vs 3), b (3 s vs 4), a (4 s vs 6)
+    assert ours["vs_runtime_rounds"] == [2.0, 3.0, 4.0]
+    assert ours["vs_runtime"] == {"median": 3.0, "min": 2.0, "max": 4.0, "n": 3}
+    assert ours["tokens_per_s"]["median"] == pytest.approx(128.0)
+    assert s[("mixed", "runtime-b")]["vs_runtime_rounds"] == pytest.approx([2 / 3, 1.0, 4 / 6], abs=1e-4)
+    assert ours["min_cos"] == pytest.approx(float(off[0] @ ref_emb[0]))
+    assert ours["max_abs"] == pytest.approx(float((off - ref_emb).abs().max()))
+    assert s[("long", "ours-fp32")]["vs_reference_rounds"] == [4.0, 4.0, 4.0]
+    assert s[("long", "ours-fp32")]["vs_runtime"] is None  # no runtime ran on long
+    assert s[("long", "runtime-a")]["not_run"] and not s[("long", "runtime-a")]["times_s"]
+    assert s[("mixed", "runtime-bf16")]["error"] == "no bfloat16 here"
+    assert s[("mixed", "broken")]["error"] == "round 1: RuntimeError: 1 embeddings for 2 documents"
+    assert run.peaks["mixed"]["fp32"] and all(p > 0 for p in run.peaks["mixed"]["bf16"])
+
+    summaries = run.summaries()
+    goals = [RoundGoal("vs runtimes", "ours-fp32", "vs_runtime", 2.5, ("mixed",)),
+             RoundGoal("vs reference", "ours-fp32", "vs_reference", 4.5, ("long",)),
+             RoundGoal("long vs runtimes", "ours-fp32", "vs_runtime", 1.0, ("long",)),
+             RoundGoal("parity", "ours-fp32", "max_abs", 1e-4),
+             RoundGoal("cos", "ours-fp32", "min_cos", 0.99)]
+    got = [g.evaluate(summaries) for g in goals]
+    assert [(g["verdict"], g["rounds_passing"]) for g in got] == [
+        ("PASS", "2/3"), ("FAIL", "0/3"), ("n/a", None), ("FAIL", None), ("PASS", None)]
+    assert got[2]["why"] == "no ratio measured"
+
+    from harness.rounds_report import RoundsResults
+
+    text = RoundsResults("t", run, goals, {"peer_batch": {"mixed": 32, "long": 1}}).text()
+    assert "batches of 32 on mixed, 1 on long" in text
+    assert "| long | a | fp32 | - |" in text and "not run on this corpus: left out by the plan" in text
+    assert "| mixed | c | bf16 | - |" in text and "cannot run: no bfloat16 here" in text
+    assert "| vs runtimes | 3.00x (2.00-4.00) | 2/3 | **PASS** |" in text
+
+
 @pytest.mark.slow
-def test_bench_cpu_quick_small(bench, tmp_path, one_thread):
+def test_bench_cpu_quick_every_contender(bench, tmp_path, one_thread):
+    """bench_cpu --quick end to end: the ONNX export, every contender on its corpora, parity with
+    transformers fp32, the goals, the JSON and markdown files; a peer that cannot run is a row
+    with the reason."""
     bench_cpu = bench("bench_cpu")
-    out = tmp_path / "bench_cpu.json"
-    md = tmp_path / "results.md"
-    rc = bench_cpu.main(["--config", "small", "--quick", "--mixed-tokens", "300", "--long-len", "300",
-                         "--out", str(out), "--markdown", str(md)])
+    out, md = tmp_path / "bench_cpu.json", tmp_path / "results.md"
+    rc = bench_cpu.main(["--quick", "--corpora", "mixed", "long", "--out", str(out), "--markdown", str(md)])
     assert rc == 0
-    record = json.loads(out.read_text())
-    assert record["machine"]["torch"] == torch.__version__ and record["peaks_tflops"]["fp32"] > 0
-    rows = {(r["engine"], r["dtype"], r["corpus"]): r for r in record["rows"]}
-    for key in [("transformers", "fp32", "mixed"), ("transformers", "fp32", "long"), ("ours", "fp32", "mixed"),
-                ("ours", "bf16", "mixed"), ("ours", "fp32", "long"), ("ours", "bf16", "long")]:
-        row = rows[key]
-        assert not row["error"], (key, row["error"])
-        assert row["tokens_per_s"] > 0 and row["docs_per_s"] > 0 and row["peak_mem_mb"] > 0
-    assert rows[("ours", "fp32", "mixed")]["ratio"] > 0
-    assert rows[("ours", "fp32", "mixed")]["min_cos"] > 0.99999  # same weights, same ids, fp32
-    assert rows[("ours", "bf16", "mixed")]["min_cos"] > 0.999
-    assert re.fullmatch(r"\d+\.\d\dx \(>= 2x\): (PASS|FAIL)", rows[("ours", "fp32", "mixed")]["goal"])
-    st = rows[("sentence-transformers", "fp32", "mixed")]
-    if importlib.util.find_spec("sentence_transformers") is None:  # a missing peer is a row's error
-        assert st["error"].startswith("load: ModuleNotFoundError"), st["error"]
-    else:
-        assert not st["error"], st["error"]
-        assert st["min_cos"] > 0.99999
-    assert "| corpus |" in md.read_text()
+    rec = json.loads(out.read_text())
+    assert rec["machine"]["torch"] == torch.__version__ and rec["settings"]["rounds"] == 2
+    peaks = rec["matmul_tflops"]
+    assert set(peaks) == {"mixed", "long"} and all(len(v["bf16"]) == 2 for v in peaks.values())
+    rows = {(r["corpus"], r["contender"]): r for r in rec["results"]}
+    assert len(rows) == 2 * len(bench_cpu.PLAN)  # every contender has a row on every corpus
+    missing = {name for name in ("onnxruntime", "openvino", "nncf", "sentence_transformers")
+               if importlib.util.find_spec(name) is None}
+    for (corpus, key), r in rows.items():
+        if r["not_run"]:
+            corpora, why_not = bench_cpu.PLAN[key]
+            assert corpora is not None and corpus not in corpora and r["why_not"] == why_not
+            continue
+        if r["error"]:  # only a peer may fail, and only for a stated reason
+            assert r["kind"] != "ours", (key, r["error"])
+            assert ("bfloat16" in r["error"] and key == "onnxruntime-bf16") or "ModuleNotFoundError" in r["error"], r
+            continue
+        assert len(r["times_s"]) == 2 and r["tokens_per_s"]["median"] > 0, key
+        if key != "transformers-fp32":
+            assert r["vs_reference"]["n"] == 2
+            floor = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.99}[r["dtype"]]
+            assert r["min_cos"] > floor, (key, r["min_cos"])
+    ours = rows[("mixed", "ours-fp32")]
+    assert ours["max_abs"] < 1e-4 and ours["mfu"] > 0
+    if not missing & {"onnxruntime", "openvino"}:
+        assert ours["vs_runtime"]["n"] == 2 and ours["best_runtime"] in ("onnxruntime-fp32", "openvino-fp32")
+        assert rows[("mixed", "openvino-bf16")]["vs_runtime_rounds"]  # the bf16 pool holds OpenVINO at least
+    goals = {g["goal"]: g for g in rec["goals"]}
+    assert len(goals) == len(bench_cpu.GOALS)
+    assert goals["parity: ours bf16 min cosine >= 0.999 vs transformers fp32 (worst corpus)"]["verdict"] == "PASS"
+    fixed = [g for g in rec["goals"] if g["metric"] == "mfu"][0]
+    assert fixed["verdict"] == "n/a" and fixed["why"] == "no such contender or corpus in this run"
+    text = md.read_text()
+    assert "| corpus | contender |" in text and "| goal | measured |" in text and "not run on this corpus" in text
 
 
 @pytest.mark.slow

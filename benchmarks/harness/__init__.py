@@ -1,9 +1,11 @@
-"""One harness for every benchmark, in four parts:
+"""One harness for every benchmark, in these parts:
 
 - `corpora`: the random checkpoint, the token-id corpora and the id tokenizer for text engines;
 - `engines`: the engines compared (ours, transformers, sentence-transformers), one interface;
 - `measure`: timing, memory, the machine, the GPU tables and MFU;
-- `report`: rows, specs and goals, the plan that fills them, markdown and JSON results.
+- `report`: rows, specs and goals, the plan that fills them, markdown and JSON results;
+- `onnx_peers`: the ONNX export of the checkpoint and the CPU runtimes on it (ONNX Runtime, OpenVINO);
+- `rounds`, `rounds_report`: contenders alternated round by round, per-round ratios, their report.
 
 The scripts beside this package put its folder on `sys.path` and `import harness as h`; every name
 they use is re-exported here. The timing function stays `harness.measure.measure`, so that
@@ -18,6 +20,7 @@ from .corpora import (
 )
 from .engines import (
     DTYPE_NAMES, Engine, Ours, OursText, SentenceTransformers, Transformers, dtype_of, load_transformers_model,
+    padded_batches,
 )
 from .measure import (
     GPU_BANDWIDTH_GBS, GPU_BF16_PEAK_TFLOPS, ROOT, Timing, cpu_model, cuda_missing, free_memory, git_commit,
@@ -33,7 +36,7 @@ __all__ = [
     "SMALL_CONFIG", "Corpus", "Vocab", "config_dict", "fixed_corpus", "id_texts", "long_corpus", "mixed_corpus",
     "st_folder", "write_checkpoint", "write_id_tokenizer",
     "DTYPE_NAMES", "Engine", "Ours", "OursText", "SentenceTransformers", "Transformers", "dtype_of",
-    "load_transformers_model",
+    "load_transformers_model", "padded_batches",
     "GPU_BANDWIDTH_GBS", "GPU_BF16_PEAK_TFLOPS", "ROOT", "Timing", "cpu_model", "cuda_missing", "free_memory",
     "git_commit", "machine_info", "machine_line", "matmul_tflops", "mfu", "nominal_bandwidth_gbs",
     "nominal_peak_tflops", "peak_memory_mb", "reset_peak_memory", "synchronize",

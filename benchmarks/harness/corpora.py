@@ -123,12 +123,13 @@ def _docs(lengths: Sequence[int], vocab: Vocab, rng: np.random.Generator) -> lis
 
 
 def mixed_corpus(vocab: Vocab, tokens: int, seed: int = 0, median: int = 100, sigma: float = 0.8,
-                 cap: int = 512, min_len: int = 3) -> Corpus:
-    """Log-normal lengths (median `median`, clipped to min_len..cap) until `tokens` are reached."""
+                 cap: int = 512, min_len: int = 3, docs: int | None = None) -> Corpus:
+    """Log-normal lengths (median `median`, clipped to min_len..cap) until `tokens` are reached,
+    or exactly `docs` documents where given."""
     rng = np.random.default_rng(seed)
     lengths: list[int] = []
     total = 0
-    while total < tokens:
+    while (len(lengths) < docs) if docs is not None else (total < tokens):
         n = int(np.clip(round(float(rng.lognormal(math.log(median), sigma))), min_len, cap))
         lengths.append(n)
         total += n

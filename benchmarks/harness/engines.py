@@ -15,7 +15,9 @@ Experiment switches (attention variants) reach our engine the documented way:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from .corpora import Corpus, id_texts, st_folder
@@ -25,6 +27,22 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 def dtype_of(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def padded_batches(ids: Sequence[Sequence[int]], batch_size: int, pad: int):
+    """Yield (rows, input_ids, attention_mask) for length-sorted padded batches, longest first:
+    how the peers' users run them (sentence-transformers sorts the same way). `rows` are the
+    positions of the batch's documents in `ids`; the arrays are int64 numpy, [B, longest]."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        rows = np.array(order[start:start + batch_size], dtype=np.int64)
+        width = len(ids[rows[0]])
+        batch = np.full((len(rows), width), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for r, i in enumerate(rows):
+            batch[r, :len(ids[i])] = ids[i]
+            mask[r, :len(ids[i])] = 1
+        yield rows, batch, mask
 
 
 class Engine:
@@ -115,24 +133,14 @@ class Transformers(Engine):
         self.label = f"transformers ({self.model.config._attn_implementation}, batch {batch_size})"
 
     def encode(self, corpus: Corpus, batch_size: int | None = None) -> torch.Tensor:
-        bs = batch_size or self.batch_size
-        ids = corpus.ids
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        out = torch.empty(len(ids), self.model.config.hidden_size, dtype=torch.float32, device=self.device)
+        out = torch.empty(corpus.num_docs, self.model.config.hidden_size, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            for start in range(0, len(order), bs):
-                chunk = order[start:start + bs]
-                width = max(len(ids[i]) for i in chunk)
-                batch = torch.full((len(chunk), width), self.pad, dtype=torch.int64)
-                mask = torch.zeros(len(chunk), width, dtype=torch.int64)
-                for row, i in enumerate(chunk):
-                    batch[row, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[row, :len(ids[i])] = 1
-                batch, mask = batch.to(self.device), mask.to(self.device)
+            for rows, batch, mask in padded_batches(corpus.ids, batch_size or self.batch_size, self.pad):
+                batch, mask = torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
                 hidden = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
                 m = mask.unsqueeze(-1).float()
                 pooled = (hidden.float() * m).sum(1) / mask.sum(1, keepdim=True).float()
-                out[torch.tensor(chunk, device=self.device)] = torch.nn.functional.normalize(pooled, dim=-1)
+                out[torch.from_numpy(rows).to(self.device)] = torch.nn.functional.normalize(pooled, dim=-1)
         return out
 
     def padded_tokens(self, corpus: Corpus, batch_size: int | None = None) -> int:

@@ -145,6 +145,10 @@ def machine_info(device) -> dict[str, Any]:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "sentence_transformers": _version("sentence-transformers"),
+        "onnxruntime": _version("onnxruntime"),
+        "openvino": _version("openvino"),
+        "nncf": _version("nncf"),
+        "onnx": _version("onnx"),
         "numpy": np.__version__,
         "modernbert_embed": _version("modernbert-embed"),
     }
