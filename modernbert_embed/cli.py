@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import quantize as Q
+from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
 from .weights.resolve import DEFAULT_MODEL
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check a finished output folder: files, checksums and counts")
     v.add_argument("output", metavar="OUTDIR")
+    add_serve_parser(sub)
     return parser
 
 
@@ -135,6 +137,8 @@ def _options(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     from .config import ConfigError
     from .corpus import CorpusError, CorpusJob, verify_output
     from .weights import CheckpointError
