@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-gpu device-check lint clean
+.PHONY: demo test test-fast bench bench-gpu device-check lint clean serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-fast: $(STAMP)
 # All CPU contenders alternated in one process (README, "Benchmarks"); BENCH_ARGS adds options.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py --out out/bench_cpu.json $(BENCH_ARGS)
+
+# The HTTP server on 127.0.0.1:8080 (OpenAI and TEI APIs): make serve MODEL=path-or-hub-id SERVE_ARGS="--port 9000"
+MODEL ?= nomic-ai/modernbert-embed-base
+serve: $(STAMP)
+	$(PY) -m modernbert_embed serve --model $(MODEL) $(SERVE_ARGS)
 
 # On a machine with a CUDA GPU and torch/triton/transformers already installed (no network):
 # installs the project without dependencies, runs every GPU test, parity and the GPU benchmark.

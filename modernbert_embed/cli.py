@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import quantize as Q
+from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
 from .weights import DEFAULT_MODEL
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check a finished output folder: files, checksums and counts")
     v.add_argument("output", metavar="OUTDIR")
+    add_serve_parser(sub)
     return parser
 
 
@@ -150,8 +152,12 @@ def _verify(args, embedder=None) -> int:
     return 0
 
 
+def _serve(args, embedder=None) -> int:
+    return run_serve(args)  # loads its own model and reports its own errors (modernbert_embed.server.cli)
+
+
 # The function that runs each subcommand: (parsed arguments, a loaded Embedder or None) -> exit status.
-COMMANDS = {"embed": _embed, "verify": _verify}
+COMMANDS = {"embed": _embed, "verify": _verify, "serve": _serve}
 
 
 def main(argv=None, embedder=None) -> int:
@@ -159,6 +165,8 @@ def main(argv=None, embedder=None) -> int:
     an already loaded Embedder for the commands that embed, instead of loading `--model` (tests,
     and callers that hold a model already)."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     from .config import ConfigError
     from .corpus import CorpusError
     from .weights import CheckpointError

@@ -1,0 +1,322 @@
+"""The HTTP routes: OpenAI's `/v1/embeddings` and TEI's `/embed`, `/tokenize`, and the operator's
+`/info`, `/v1/models`, `/health`, `/ready`, `/metrics`.
+
+Starlette (with uvicorn), not FastAPI: every request body is checked by our own parser
+(`schemas.py`, which reuses the engine's `EncodeOptions`), because both contracts fix their own
+error shapes and status codes, and FastAPI's pydantic layer would answer bad input with its own
+`{"detail": [...]}` 422 that neither contract has, and add a second validation pass per request.
+
+A handler parses and checks the body, tokenises beside the model (a small thread pool: the Rust
+tokenizer releases the GIL), hands the token ids to the one worker (`batcher.py`) and awaits its
+rows, watching for the client going away meanwhile. The outer `ServerApp` wraps every HTTP request:
+the API key, the request metrics, the count of requests in flight (for draining), and a last
+catch-all so that nothing but a JSON error in the route's shape ever leaves the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..engine import NonFiniteError
+from . import schemas
+from .batcher import Closed, Overloaded
+from .errors import ApiError, error_response, internal_error
+from .metrics import CONTENT_TYPE_LATEST
+from .settings import ServerSettings
+from .state import PUBLIC_PATHS, ServerState
+
+log = logging.getLogger("modernbert_embed.server")
+
+ROUTES = ("/v1/embeddings", "/embeddings", "/embed", "/tokenize", "/info", "/v1/models") + PUBLIC_PATHS
+# Bodies of more bytes than this are parsed, and responses with more values than this are
+# serialised, on a worker thread rather than on the event loop.
+BIG_BODY = 1 << 20
+BIG_RESPONSE = 1 << 16
+
+
+# ----------------------------------------------------------------------------- request helpers
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError("payload_too_large", f"the request body ({declared} bytes) is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("payload_too_large", f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _client_gone(receive) -> None:
+    """Returns when the client disconnects (the body has been read: the next message is that)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _rows_or_gone(request: Request, state: ServerState, job):
+    """The job's rows, or None when the client went away first (its work is then dropped)."""
+    watcher = asyncio.ensure_future(_client_gone(request.receive))
+    try:
+        done, _ = await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server gave up on this request (shutdown timeout)
+        state.batcher.cancel(job)
+        raise
+    finally:
+        watcher.cancel()
+    if job.future in done:
+        return job.future.result()
+    state.batcher.cancel(job)
+    job.future.cancel()
+    return None
+
+
+def _ms(seconds: float) -> str:
+    """A duration for the x-*-time headers (milliseconds, as TEI sends them)."""
+    return f"{max(seconds, 0.0) * 1000:.2f}"
+
+
+def _overloaded(e: Overloaded) -> ApiError:
+    return ApiError("overloaded", str(e), headers={"Retry-After": str(e.retry_after)})
+
+
+def _draining() -> ApiError:
+    return ApiError("draining", "the server is shutting down; retry on another replica", headers={"Retry-After": "1"})
+
+
+async def _encode(request: Request, route: str, field: str, parse, shape) -> Response:
+    """The embedding routes' common path: check, tokenise beside the model, queue, await, answer."""
+    state: ServerState = request.app.state.server
+    m = state.metrics
+    if state.draining:
+        raise _draining()
+    if not state.ready:
+        raise ApiError("not_ready", "the model is warming up; retry shortly", headers={"Retry-After": "1"})
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    body = await read_body(request, state.settings.payload_limit)
+    if len(body) > BIG_BODY:  # parsing a large body would hold up every other request
+        req = await loop.run_in_executor(state.pool, lambda: parse(schemas.parse_json(body), state.limits))
+    else:
+        req = parse(schemas.parse_json(body), state.limits)
+    try:
+        state.batcher.check_room()
+    except Overloaded as e:
+        raise _overloaded(e) from None
+
+    def tokenise():
+        t0 = time.perf_counter()
+        ids, truncated = schemas.to_token_ids(req, state.tokenizer, state.limits, field)
+        ids = state.engine.check_ids(ids)
+        m.tokenize_seconds.observe(time.perf_counter() - t0)
+        return ids, truncated
+
+    ids, truncated = await loop.run_in_executor(state.pool, tokenise)
+    tokens = sum(len(s) for s in ids)
+    if tokens > state.settings.max_queued_tokens:
+        raise ApiError("request_too_large", f"the request has {tokens} tokens, more than the server queues at "
+                                            f"once ({state.settings.max_queued_tokens}); split it", field)
+    try:
+        job = state.batcher.submit(ids, req.dim, req.normalize)
+    except Overloaded as e:
+        raise _overloaded(e) from None
+    except Closed:
+        raise _draining() from None
+    try:
+        rows = await _rows_or_gone(request, state, job)
+    except NonFiniteError as e:
+        raise ApiError("backend", str(e)) from None
+    except Closed:
+        raise _draining() from None
+    if rows is None:  # nobody is listening; 499 is nginx's "client closed request", for the metrics
+        return Response(status_code=499)
+    m.inputs.labels(route).inc(len(ids))
+    m.tokens.labels(route).inc(tokens)
+    if truncated:
+        m.truncations.labels(route).inc(len(truncated))
+    headers = {"x-truncated-inputs": str(len(truncated)), "x-compute-tokens": str(tokens),
+               "x-queue-time": _ms(job.started - job.enqueued), "x-inference-time": _ms(job.finished - job.started),
+               "x-total-time": _ms(time.perf_counter() - started)}
+    if rows.size > BIG_RESPONSE:
+        out = await loop.run_in_executor(state.pool, shape, req, rows, tokens, state)
+    else:
+        out = shape(req, rows, tokens, state)
+    return Response(out, media_type="application/json", headers=headers)
+
+
+# ----------------------------------------------------------------------------- routes
+async def openai_embeddings(request: Request) -> Response:
+    return await _encode(request, "/v1/embeddings", "input", schemas.parse_openai,
+                         lambda req, rows, tokens, st: schemas.openai_body(rows, req.encoding_format,
+                                                                           st.model_name, tokens))
+
+
+async def tei_embed(request: Request) -> Response:
+    return await _encode(request, "/embed", "inputs", schemas.parse_tei,
+                         lambda req, rows, tokens, st: schemas.tei_body(rows))
+
+
+async def tokenize(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    body = schemas.parse_json(await read_body(request, state.settings.payload_limit))
+    texts, add_special, prompt = schemas.parse_tokenize(body, state.limits)
+    if state.raw_tokenizer is None:
+        raise ApiError("validation", "this model has no tokenizer", "inputs")
+    loop = asyncio.get_running_loop()
+    try:
+        out = await loop.run_in_executor(state.pool, schemas.tokenize_body, state.raw_tokenizer, texts, prompt,
+                                         add_special)
+    except Exception:
+        schemas.check_encodable(texts, "inputs")
+        raise
+    return Response(out, media_type="application/json")
+
+
+async def info(request: Request) -> Response:
+    return JSONResponse(request.app.state.server.info())
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                                     "created": state.created, "owned_by": "modernbert-embed"}]})
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    if state.failed:
+        raise ApiError("not_ready", "unhealthy: the warm-up forward failed (see the server's log)")
+    if not state.batcher.alive and not state.draining:
+        raise ApiError("not_ready", "unhealthy: the model worker is not running")
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    if state.draining:
+        raise _draining()
+    if not state.is_ready:
+        raise ApiError("not_ready", "the model failed to warm up" if state.failed else "warming up")
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "validation")
+    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(ApiError(kind, what.get(exc.status_code, str(exc.detail))), request.url.path)
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    if exc.kind not in ("internal", "backend"):  # refusals, not failures
+        request.app.state.server.metrics.rejections.labels(reason=exc.kind).inc()
+    return error_response(exc, request.url.path)
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    """The catch-all: a fixed message for the client (Starlette re-raises the exception after
+    sending this, and `ServerApp` logs it)."""
+    return error_response(internal_error(), request.url.path)
+
+
+# ----------------------------------------------------------------------------- the application
+class ServerApp:
+    """The ASGI application: the API key, request metrics, in-flight count and the catch-all
+    around the Starlette routes. `state` is the `ServerState`."""
+
+    def __init__(self, embedder, settings: ServerSettings | None = None):
+        self.state = state = ServerState(embedder, settings or ServerSettings())
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            state.batcher.start()
+            warm = asyncio.ensure_future(state.warm_up())
+            try:
+                yield
+            finally:
+                warm.cancel()
+                state.batcher.close(timeout=1.0)
+                state.pool.shutdown(wait=False, cancel_futures=True)
+
+        routes = [
+            Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
+            Route("/embeddings", openai_embeddings, methods=["POST"]),  # TEI's and Infinity's alias
+            Route("/embed", tei_embed, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/info", info, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+        self.starlette = Starlette(routes=routes, lifespan=lifespan,
+                                   exception_handlers={HTTPException: _http_exception, ApiError: _api_error,
+                                                       Exception: _unhandled})
+        self.starlette.state.server = state
+        key = settings.api_key if settings and settings.api_key else None
+        self._key = key.encode() if key else None
+
+    def _authorised(self, scope) -> bool:
+        if self._key is None or scope["path"] in PUBLIC_PATHS:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._key)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.starlette(scope, receive, send)
+        state, path = self.state, scope["path"]
+        route = path if path in ROUTES else "other"
+        status = {"code": 0}
+        work = path not in PUBLIC_PATHS
+        started = time.perf_counter()
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        if work:
+            state.in_flight += 1
+        try:
+            if self._authorised(scope):
+                await self.starlette(scope, receive, send_status)
+            else:
+                state.metrics.rejections.labels(reason="unauthorized").inc()
+                err = ApiError("unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
+                               headers={"WWW-Authenticate": "Bearer"})
+                await error_response(err, path)(scope, receive, send_status)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if not status["code"]:  # else the response is under way: nothing more can be said
+                await error_response(internal_error(), path)(scope, receive, send_status)
+        finally:
+            if work:
+                state.in_flight -= 1
+            state.metrics.requests.labels(route, str(status["code"] or 500)).inc()
+            state.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def create_app(embedder, settings: ServerSettings | None = None) -> ServerApp:
+    """The server's ASGI application over a loaded `Embedder`."""
+    return ServerApp(embedder, settings)
+
+
+__all__ = ["ServerApp", "ServerSettings", "ServerState", "create_app"]

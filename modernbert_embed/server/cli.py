@@ -1,0 +1,184 @@
+"""`modernbert-embed serve`: the parser of its options and the runner (uvicorn, with draining).
+
+On SIGTERM (or a first Ctrl-C) the server drains: readiness turns 503 and new work is refused
+with 503, the requests in flight complete, and the process exits 0 once none is left, or when
+`--drain-timeout` seconds have passed (what is still running then is cut off). A second signal
+stops at once. (uvicorn alone would stop accepting connections at the first signal, so that a
+load balancer's readiness probe could never see the 503, and would re-raise the signal, so that
+the process would not exit 0.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from ..batching import DEFAULT_MAX_BATCH_TOKENS
+from ..weights.resolve import DEFAULT_MODEL
+from .settings import API_KEY_ENV, ServerSettings
+
+DEFAULTS = ServerSettings()
+# Seconds kept back from --drain-timeout for closing connections and stopping the worker.
+SHUTDOWN_MARGIN = 0.5
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
+    return value
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    """Register the `serve` subcommand on the main parser's subparsers."""
+    from ..cli import _Formatter
+
+    s = sub.add_parser(
+        "serve", help="serve embeddings over HTTP (OpenAI and TEI APIs)", formatter_class=_Formatter,
+        description="Serve embeddings over HTTP: POST /v1/embeddings (OpenAI), POST /embed and /tokenize "
+                    "(text-embeddings-inference), GET /info, /v1/models, /health, /ready, /metrics. "
+                    "Requests are batched together into token-budget forwards by one model worker.")
+    g = s.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name in responses and /v1/models (default: --model)")
+    g = s.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=_int_at_least(0), default=8080, help="port (0: any free one)")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health, /ready and /metrics "
+                        f"(default: ${API_KEY_ENV} when set)")
+    g.add_argument("--payload-limit", type=_int_at_least(1), default=DEFAULTS.payload_limit, metavar="BYTES",
+                   help="largest request body; more is a 413")
+    g = s.add_argument_group("batching and admission")
+    g.add_argument("--max-batch-tokens", type=_int_at_least(1), default=DEFAULT_MAX_BATCH_TOKENS, metavar="N",
+                   help="tokens per forward")
+    g.add_argument("--max-client-batch-size", type=_int_at_least(1), default=DEFAULTS.max_client_batch_size,
+                   metavar="N", help="inputs per request")
+    g.add_argument("--max-input-tokens", type=_int_at_least(2), default=None, metavar="N",
+                   help="tokens per input, [CLS] and [SEP] included (default: the model's max_seq_length)")
+    g.add_argument("--max-queued-tokens", type=_int_at_least(1), default=DEFAULTS.max_queued_tokens, metavar="N",
+                   help="tokens waiting for a forward; a request past it is a 429 with Retry-After")
+    g.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=True,
+                   help="cut over-long inputs (counted in the x-truncated-inputs header and a metric); with "
+                        "--no-auto-truncate they are a 4xx naming the input (a request's truncate overrides)")
+    g.add_argument("--tokenization-workers", type=_int_at_least(1), default=None, metavar="N",
+                   help="threads tokenising beside the model (default: min(4, CPUs))")
+    g = s.add_argument_group("operations")
+    g.add_argument("--drain-timeout", type=_seconds, default=DEFAULTS.drain_timeout, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may take before the process exits")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--access-log", action="store_true", help="log every request")
+    return s
+
+
+def settings_from_args(args) -> ServerSettings:
+    return ServerSettings(
+        served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+        max_input_tokens=args.max_input_tokens, max_queued_tokens=args.max_queued_tokens,
+        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate, drain_timeout=args.drain_timeout,
+        tokenization_workers=args.tokenization_workers)
+
+
+def make_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
+                access_log: bool = False):
+    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            self.drain_deadline: float | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_deadline is not None:  # a second signal: stop now
+                self.force_exit = self.should_exit
+                self.should_exit = True
+                return
+            self.drain_deadline = time.monotonic() + drain_timeout
+            app.state.begin_drain()
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    logging.getLogger("modernbert_embed.server").info("serving on http://%s:%d", host, port)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_deadline is not None and not self.should_exit:
+                left = self.drain_deadline - time.monotonic()
+                if app.state.in_flight == 0 or left <= SHUTDOWN_MARGIN:
+                    # what is still running gets the rest of the time, then is cancelled
+                    self.config.timeout_graceful_shutdown = max(0.1, left - SHUTDOWN_MARGIN)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout))
+    return DrainingServer(config)
+
+
+def run_serve(args) -> int:
+    """The `serve` subcommand: load the model, then serve until SIGTERM. 0 after a drain, 2 for a
+    refused invocation (bad options, a model that cannot be loaded), 1 for a failure to serve."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    try:
+        import uvicorn  # noqa: F401
+        import starlette  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        print(f"modernbert-embed: error: serving needs the serve extra (pip install 'modernbert-embed[serve]'): {e}",
+              file=sys.stderr)
+        return 2
+    from .. import Embedder
+    from ..config import ConfigError
+    from ..weights import CheckpointError
+    from .app import create_app
+
+    try:
+        embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+        app = create_app(embedder, settings_from_args(args))
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"modernbert-embed: error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"modernbert-embed: error: {e}", file=sys.stderr)
+        return 2
+    server = make_server(app, args.host, args.port, args.drain_timeout, args.log_level, args.access_log)
+    try:
+        server.run()
+    except OSError as e:  # the port is taken, the address is not ours
+        print(f"modernbert-embed: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    if not server.started:
+        return 1
+    return 0
+
+
+__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "SHUTDOWN_MARGIN"]
+

@@ -1,0 +1,48 @@
+"""The server's limits and switches, kept apart from the HTTP code so that the command line can
+build its parser without the serve extra installed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..batching import DEFAULT_MAX_BATCH_TOKENS
+
+API_KEY_ENV = "MODERNBERT_EMBED_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The serving limits and switches (the `serve` command's options)."""
+
+    served_model_name: str | None = None  # default: the model's name or path
+    api_key: str | None = None
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens per forward
+    max_client_batch_size: int = 2048  # inputs per request (OpenAI's limit)
+    max_input_tokens: int | None = None  # per input, [CLS]/[SEP] included; default: the model's max_seq_length
+    max_queued_tokens: int = 1 << 19  # tokens waiting for a forward; more -> 429
+    payload_limit: int = 16 * 1024 * 1024  # request body bytes; more -> 413
+    auto_truncate: bool = True
+    drain_timeout: float = 30.0
+    tokenization_workers: int | None = None  # default: min(4, CPUs)
+    warmup_tokens: int | None = None  # default: max_batch_tokens on a GPU, 128 on the CPU
+
+    def check(self, model_limit: int, default_input_tokens: int) -> "ServerSettings":
+        """These settings with the input limit resolved (`default_input_tokens`, the checkpoint's
+        max_seq_length, unless given; at most `model_limit`, its positions), or a ValueError naming
+        the bad one."""
+        for name in ("max_batch_tokens", "max_client_batch_size", "max_queued_tokens", "payload_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        limit = default_input_tokens if self.max_input_tokens is None else self.max_input_tokens
+        if not 2 <= limit <= model_limit:
+            raise ValueError(f"max_input_tokens must be in 2..{model_limit} (this model's limit), got {limit}")
+        if self.max_queued_tokens < limit:
+            raise ValueError(f"max_queued_tokens ({self.max_queued_tokens}) must hold at least one input of "
+                             f"max_input_tokens ({limit})")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        return replace(self, max_input_tokens=limit)
+
+
+__all__ = ["ServerSettings", "API_KEY_ENV"]

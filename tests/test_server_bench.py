@@ -1,0 +1,40 @@
+"""benchmarks/bench_serve.py still runs: its --quick mode end to end (a small model served in a
+subprocess, the load generator, the direct baseline, the results file), so that a broken serving
+benchmark shows here rather than on a quiet machine booked for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, fixture_file
+
+pytest.importorskip("starlette", reason="the serve extra is not installed")
+
+
+def test_bench_serve_quick(tmp_path):
+    fixture_file("tokenizer.json")
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_serve.py", "--quick", "--out", str(out),
+                        "--checkpoint", str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = json.loads(out.read_text())
+    rows = {(row["workload"], row["concurrency"]): row for row in record["rows"]}
+    assert set(rows) == {("short", 1), ("short", 4), ("batch16", 1), ("batch16", 4)}
+    for (workload, c), row in rows.items():
+        assert row["contender"] == "ours" and row["failed"] == 0 and row["requests"] == max(2 * c, 8)
+        texts = 1 if workload == "short" else 16
+        assert 30 * texts * row["requests"] <= row["tokens"] <= 70 * texts * row["requests"]
+        assert row["tokens_per_s"] > 0 and row["cpu_ms_per_1k_tokens"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["mean_batch_inputs"] >= (16 if workload == "batch16" else 1)
+    direct = record["direct"]
+    assert direct["tokens_per_s"] > 0 and len(direct["throughput_runs"]) == 2 and direct["one_text_runs"] == 16
+    assert record["exit_codes"] == {"ours": 0}
+    assert [g["goal"] for g in record["goals"]] == ["c=4 short tokens/s >= 0.8x direct encode",
+                                                     "c=1 short p50 <= 1.2x direct encode of one text"]
+    assert "| short | 4 | ours |" in r.stdout
