@@ -2,6 +2,7 @@
 
     modernbert-embed embed INPUT... -o OUTDIR [options]   embed a corpus into a folder of shards
     modernbert-embed verify OUTDIR                         check a finished folder (files, checksums, counts)
+    modernbert-embed serve [--model ...] [--port 8080]     an HTTP server: OpenAI and TEI embedding APIs
 
 Exit status: 0 done (or nothing left to do), 1 bad input or a failure while embedding, 2 a refused
 invocation (bad options, missing inputs, an output folder of a different job), 130 interrupted.
