@@ -120,6 +120,7 @@ def test_help(capsys):
         assert all(w in out for w in words), out
 
 
+@pytest.mark.slow
 def test_real_processes_embed_and_verify(tmp_path, ckpt, model):
     """The one run of each command in a process of its own: `python -m modernbert_embed`."""
     texts = make_texts(9, seed=13)

@@ -63,6 +63,7 @@ def _assert_serves(r, arch):
     assert r["shared_bytes"] <= SHARED_LIMIT[arch], r
 
 
+@pytest.mark.slow
 def test_attention_compiles_for_sm86_with_amperes_tiles(tmp_path):
     # one architecture in the fast suite: sm_86 has the least shared memory of the Ampere/Ada GPUs
     rc, report, text = _check(["--arch", "86", "--dtypes", "bf16,fp16", "--only", "attention"], tmp_path)
@@ -78,6 +79,7 @@ def test_attention_compiles_for_sm86_with_amperes_tiles(tmp_path):
         assert (full["constants"]["BLOCK_M"], full["num_warps"]) == (128, 8)
 
 
+@pytest.mark.slow
 def test_triton_attention_cannot_serve_sm75(tmp_path):
     # the evidence behind the dispatch's torch attention on Turing: forced, the kernel spills and
     # its dots miss the tensor cores, and the check fails
@@ -89,6 +91,7 @@ def test_triton_attention_cannot_serve_sm75(tmp_path):
     assert "half-precision dots without tensor cores" in r["problems"]
 
 
+@pytest.mark.slow
 def test_the_check_refuses_a_dtype_the_gpu_does_not_run(tmp_path):
     rc, report, text = _check(["--arch", "75", "--dtypes", "bf16"], tmp_path)
     assert rc == 2 and report is None
@@ -133,6 +136,7 @@ def test_the_rotary_inside_attention_experiment_compiles_on_ampere_and_hopper(tm
             _assert_serves(r, arch)
 
 
+@pytest.mark.slow
 def test_check_reports_a_kernel_that_does_not_compile(tmp_path):
     # a dot with K = 8 is below tl.dot's minimum: the check must say so instead of passing
     script = textwrap.dedent("""

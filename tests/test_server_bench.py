@@ -15,6 +15,7 @@ from conftest import ROOT, fixture_file
 pytest.importorskip("starlette", reason="the serve extra is not installed")
 
 
+@pytest.mark.slow
 def test_bench_serve_quick(tmp_path):
     fixture_file("tokenizer.json")
     out = tmp_path / "serve.json"

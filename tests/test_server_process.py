@@ -69,6 +69,7 @@ def tokens_in_flight(url) -> float:
     return float(re.search(r"^modernbert_embed_tokens_in_flight (\S+)$", httpx.get(url + "/metrics").text, re.M)[1])
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_drains_and_exits_0(ckpt):
     from modernbert_embed import Embedder
 
@@ -163,6 +164,7 @@ def test_refused_invocations(ckpt, tmp_path, capsys):
     assert rc == 2 and "expected a number >= 1" in err, err
 
 
+@pytest.mark.slow
 def test_the_command_line_works_without_the_serve_extra(ckpt):
     """Without starlette, uvicorn and prometheus-client, `embed` still parses and `serve` says
     what to install (exit 2), rather than the whole command failing to import."""
