@@ -7,11 +7,11 @@
 #   test_quantize, with their models on the GPU) and the CLI tests, and parity against
 #   transformers; then, alone on the GPU, the model benchmark against the peers and the op-by-op
 #   benchmark (kernels vs torch, attention vs torch's kernels, a profile by op, an attention tile
-#   sweep); a summary.
+#   sweep) and the HTTP server under load (bench_serve.py); a summary.
 # Results (JSON, markdown tables, one log per step and part) go to $OUT/device-check when OUT is
 # set, else ./device-check-out. Each step runs under `timeout`; a failed or timed-out step is
-# reported in the summary and the run goes on. About 6 minutes on an H100; DEVICE_CHECK_BUDGET
-# (seconds, default 480) caps the whole run: each step gets at most what is left of it after the
+# reported in the summary and the run goes on. About 7 minutes on an H100; DEVICE_CHECK_BUDGET
+# (seconds, default 540) caps the whole run: each step gets at most what is left of it after the
 # time kept for the steps after it.
 #
 #   bash benchmarks/device_check.sh            # or: make device-check
@@ -22,8 +22,8 @@ ROOT=$(pwd)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 if [ -n "${OUT:-}" ]; then DEST="$OUT/device-check"; else DEST="$ROOT/device-check-out"; fi
 mkdir -p "$DEST"
-rm -f "$DEST/results.md" "$DEST/parity.md" "$DEST/ops.md" "$DEST/pythonpath" "$DEST"/*.rc
-BUDGET=${DEVICE_CHECK_BUDGET:-480}
+rm -f "$DEST/results.md" "$DEST/parity.md" "$DEST/serve.md" "$DEST/ops.md" "$DEST/pythonpath" "$DEST"/*.rc
+BUDGET=${DEVICE_CHECK_BUDGET:-540}
 START=$(date +%s)
 SUMMARY="$DEST/summary.tsv"
 printf 'step\tstatus\tseconds\tlog\n' > "$SUMMARY"
@@ -167,6 +167,19 @@ bench() {
         --out "$DEST/bench_gpu.json" --markdown "$DEST/results.md"
 }
 
+serve() {
+    # The HTTP server under load on the GPU (our server only: the device image has no Infinity):
+    # one short text per request up to concurrency 256, and 512-token requests. The server needs
+    # the serve extra (starlette, uvicorn); an image without it skips this step and says so.
+    if ! "$PY" -c "import starlette, uvicorn" 2>/dev/null; then
+        echo "serve benchmark not run: this image has no starlette/uvicorn (pip install .[serve])"
+        return 0
+    fi
+    "$PY" benchmarks/bench_serve.py --device cuda --dtype bfloat16 --concurrency 1,64,256 \
+        --workloads short,long512 --min-requests 64 \
+        --logs "$DEST/serve-logs" --out "$DEST/bench_serve.json" --markdown "$DEST/serve.md"
+}
+
 ops() {
     # The tile sweep (last) stops 30 s before the step's limit.
     "$PY" benchmarks/bench_ops_gpu.py --time-budget $((STEP_LIMIT > 60 ? STEP_LIMIT - 30 : 30)) \
@@ -175,19 +188,20 @@ ops() {
 
 export PY DEST ROOT
 export SUMMARY
-export -f status_of install environment part wait_parts checks bench ops
+export -f status_of install environment part wait_parts checks bench serve ops
 
 echo "device check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $MODERNBERT_EMBED_COMMIT, results in $DEST"
 #    name          limit reserve  command      (install and environment always run: no reserve)
 step install       60    0        install
 [ -f "$DEST/pythonpath" ] && export PYTHONPATH="$(cat "$DEST/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"
 step environment   45    0        environment
-step checks        180   240      checks
-step bench         190   60       bench
-step ops           90    0        ops
+step checks        180   300      checks
+step bench         190   150      bench
+step serve         90    60       serve
+step ops           60    0        ops
 
 echo
-for f in parity.md results.md ops.md; do
+for f in parity.md results.md serve.md ops.md; do
     [ -f "$DEST/$f" ] && cat "$DEST/$f" && echo
 done
 echo "================================ summary ================================"
