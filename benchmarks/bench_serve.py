@@ -23,7 +23,9 @@ against Infinity at concurrency 64 (short), >= 2x its tokens/s and a lower p99.
 The load generator is a bounded asyncio HTTP/1.1 client of its own (one keep-alive connection per
 client, pre-serialised bodies, no JSON decoding of the embeddings), so that the client takes as
 little of the machine as it can. Contenders alternate level by level (which one goes first flips
-each level) to spread the host's drift over both.
+each level) to spread the host's drift over both. Every server but the one being measured is
+frozen (SIGSTOP) for the level, and all of them during the direct `encode`: an idle Infinity
+process kept most of one core busy on this 2-core machine, which would be charged to the others.
 """
 
 from __future__ import annotations
@@ -207,7 +209,19 @@ class Server:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP to its process group) while another contender is measured:
+        an idle server may still spin (Infinity's idle process kept most of a core busy here), and
+        on a 2-core machine that would be charged to whoever is measured."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> int | None:
+        self.resume()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -251,6 +265,16 @@ def body_of(texts: list[str]) -> bytes:
 
 def run_level(server: Server, workload: str, c: int, reqs: list[tuple[list[str], int]],
               warmup: list[tuple[list[str], int]], timeout: float) -> Row:
+    """One level on `server`, the only server not frozen while it runs."""
+    server.resume()
+    try:
+        return _run_level(server, workload, c, reqs, warmup, timeout)
+    finally:
+        server.pause()
+
+
+def _run_level(server: Server, workload: str, c: int, reqs: list[tuple[list[str], int]],
+               warmup: list[tuple[list[str], int]], timeout: float) -> Row:
     asyncio.run(closed_loop("127.0.0.1", server.port, server.path, [body_of(t) for t, _ in warmup], c, timeout))
     before = server.metric_sums() if server.name == "ours" else {}
     cpu = server.cpu_seconds()
@@ -465,6 +489,8 @@ def main(argv=None) -> int:
                                            "HF_HUB_OFFLINE": "1"}))
             for s in servers:
                 s.wait_ready(600)
+            for s in servers:  # frozen but while measured (Server.pause), also during the direct encodes
+                s.pause()
             direct = Direct(folder, args.device, args.dtype)
             for k, (w, c) in enumerate(plan):
                 reqs, warm = plan[w, c]

@@ -61,7 +61,9 @@ class Embedder:
                         local_files_only=None) -> "Embedder":
         """Load from a local folder, the HF cache or the Hub. device: "cpu", "cuda" or "cuda:N"
         (default: the current GPU when there is one); dtype: float32 (CPU default), bfloat16 (default
-        on GPUs with native bf16, compute capability 8.0+), float16 (default on older GPUs)."""
+        on GPUs with native bf16, compute capability 8.0+), float16 (default on older GPUs), or
+        "int8" on the CPU only (int8 weights, activations quantised per call; never a default:
+        README, "int8 on the CPU")."""
         checkpoint = Checkpoint.open(name_or_path, revision=revision, local_files_only=local_files_only)
         return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
 
@@ -89,6 +91,12 @@ class Embedder:
     @property
     def dtype(self) -> torch.dtype:
         return self.engine.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """What the model runs: "float32", "bfloat16", "float16", or "int8" (int8 weights on the
+        CPU, float32 elsewhere; `dtype` is then float32)."""
+        return self.engine.dtype_name
 
     @property
     def ops(self):
@@ -258,7 +266,7 @@ class Embedder:
         return result if convert_to_tensor else result.cpu().numpy()
 
     def __repr__(self) -> str:
-        return (f"Embedder({self.name!r}, device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
+        return (f"Embedder({self.name!r}, device={str(self.device)!r}, dtype={self.dtype_name}, "
                 f"ops={self.ops.name!r}, max_seq_length={self.max_seq_length})")
 
 

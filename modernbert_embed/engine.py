@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 from .batching import DEFAULT_MAX_BATCH_TOKENS, pack, plan_batches, upload
 from .model import ModernBert
-from .ops import Ops, resolve_device, resolve_dtype, select_ops, self_check
+from .ops import INT8, Ops, resolve_device, resolve_dtype, select_ops, self_check, wants_int8
 from .weights import Checkpoint, load_state_dict
 
 # With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
@@ -56,6 +57,8 @@ class Engine:
         self.pooling = pooling
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
+        # What the model runs, by name: the dtype's, or "int8" (int8 weights, float32 elsewhere).
+        self.dtype_name = INT8 if model.ops.int8_weights else str(self.dtype).removeprefix("torch.")
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device=None, dtype=None, ops: Ops | None = None) -> "Engine":
@@ -63,13 +66,16 @@ class Engine:
         `ops.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
         the dispatch chooses them, and on a GPU checks them first (`ops.self_check`)."""
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        int8 = wants_int8(dtype)
+        dtype = resolve_dtype(dtype, device)  # "int8": float32, with the int8 weights of the ops
         cfg = checkpoint.config
         if ops is None:
-            ops = select_ops(device)
+            ops = select_ops(device, int8_weights=int8)
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     ops = self_check(ops, cfg, device, dtype)
+        elif int8 and not ops.int8_weights:
+            ops = replace(ops, name=ops.name + "+int8", int8_weights=True)
         model = ModernBert(cfg, ops, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         model.load(load_state_dict(checkpoint.folder, expected, dtype, device))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .batching import Batch
 from .config import ModernBertConfig
+from .ops_torch import int8_linear, int8_pack
 from .rope import rope_tables
 
 if TYPE_CHECKING:
@@ -37,9 +38,17 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = _weight(out_features, in_features)
+        self.int8 = None  # the weight quantised and packed, when the ops run int8 weights
 
     def forward(self, x):
+        if self.int8 is not None:
+            return int8_linear(x, self.int8)
         return F.linear(x, self.weight)
+
+    def quantize_int8(self) -> None:
+        """Keep the weight only as int8 (packed for the CPU's int8 GEMM); the float copy is freed."""
+        self.int8 = int8_pack(self.weight)
+        self.weight = _weight(*self.weight.shape)
 
 
 class LayerNorm(nn.Module):
@@ -169,10 +178,12 @@ class ModernBert(nn.Module):
         if self.ops.rotary_pairs:
             for layer in self.layers:
                 layer.attn.reorder_rotary_pairs()
-        if self.ops.column_major_weights:
-            for module in self.modules():
-                if isinstance(module, Linear):  # same shape and values, transposed storage
-                    module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+        for module in self.modules():
+            if isinstance(module, Linear) and self.ops.int8_weights:
+                module.quantize_int8()
+            elif isinstance(module, Linear) and self.ops.column_major_weights:
+                # same shape and values, transposed storage
+                module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
         self.eval()
 
     @torch.inference_mode()

@@ -2,7 +2,8 @@
 
 - Device: `resolve_device` (a CUDA index must exist).
 - dtype: float32 on the CPU; on a GPU bfloat16 where it has native bf16 (compute capability 8.0 and
-  newer), float16 before that.
+  newer), float16 before that. "int8" (the CPU only, never a default): int8 Linear weights with
+  activations quantised per call, float32 elsewhere.
 - Ops, chosen once at load: plain torch on the CPU; Triton kernels on CUDA GPUs of compute
   capability 7.5 and newer (older ones get torch). Attention follows the GPU: where the Triton
   attention kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
@@ -44,6 +45,7 @@ DTYPES = {
 TRITON_MIN_ARCH = 75
 TRITON_ATTENTION_MIN_ARCH = 80
 BF16_MIN_ARCH = 80
+INT8 = "int8"  # the CPU's int8-weight path: a dtype by name, never a default
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class Ops:
     # model reorders its Wqkv rows to match at load (attention scores do not change: q and k are
     # reordered alike). On the CPU the rotation is then one complex multiplication.
     rotary_pairs: bool = False
+    # The CPU's optional int8 path (dtype "int8"): every Linear weight is quantised to int8 per
+    # output feature at load and its input per call (`ops_torch.int8_linear`); the rest of the
+    # model runs in float32.
+    int8_weights: bool = False
 
 
 OP_NAMES = ("layer_norm", "rotary", "attention", "geglu", "pool")
@@ -123,15 +129,30 @@ def gpu_dtypes(cc: int) -> tuple[torch.dtype, ...]:
     return torch.float16, torch.float32
 
 
+def wants_int8(dtype) -> bool:
+    """Whether `dtype` names the CPU's int8-weight path ("int8")."""
+    return isinstance(dtype, str) and dtype.lower() == INT8
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """float32 on the CPU; bfloat16 on GPUs with native bf16 (compute capability >= 8.0), float16
-    on older ones. A dtype given by name or as a torch dtype is checked against the device."""
+    on older ones. A dtype given by name or as a torch dtype is checked against the device.
+    "int8" (CPU only, never a default): int8 Linear weights, everything else in float32, which
+    is the dtype returned (`select_ops(..., int8_weights=True)` does the rest)."""
+    if wants_int8(dtype):
+        if device.type != "cpu":
+            raise ValueError(f"dtype 'int8' (int8 weights) runs on the CPU only, not on {device}: use "
+                             "bfloat16 or float16 on a GPU")
+        if not ops_torch.int8_available():
+            raise ValueError("dtype 'int8' needs a torch build with a quantized CPU engine (fbgemm, "
+                             "oneDNN or qnnpack); this one has none")
+        return torch.float32
     if dtype is None:
         return gpu_dtypes(arch(device))[0] if device.type == "cuda" else torch.float32
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         dtype = DTYPES[dtype.lower().removeprefix("torch.")]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
+        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16, or int8 on the CPU)")
     if device.type == "cuda" and dtype not in gpu_dtypes(arch(device)):
         raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {gpu_name(device)} "
                          "has no native bf16: use float16 (the default there) or float32")
@@ -159,16 +180,21 @@ def triton_ops() -> Ops:
     return Ops(name="triton", layer_norm=layer_norm, rotary=rotary, attention=attention, geglu=geglu, pool=pool)
 
 
-def select_ops(device: torch.device | str, backend: str = "auto", attention: str = "auto") -> Ops:
+def select_ops(device: torch.device | str, backend: str = "auto", attention: str = "auto",
+               int8_weights: bool = False) -> Ops:
     """The ops for `device`. backend: "auto" (Triton on CUDA GPUs from compute capability 7.5,
     torch elsewhere), "torch", "triton". attention: "auto" (Triton's where the backend is Triton
     and the GPU is an Ampere or newer, else torch's), or one to measure: "torch", "triton",
     "triton-rope" (the Triton kernel rotating q and k as it loads them: no separate rotary pass),
     "torch-varlen" (torch's own varlen flash attention, CUDA only, where the installed torch has
     it), "torch-varlen-global" (torch's varlen attention for the global layers, the Triton kernel
-    for the windowed ones)."""
+    for the windowed ones). int8_weights: the CPU's int8 path (dtype "int8")."""
     device = torch.device(device)
+    if int8_weights and device.type != "cpu":
+        raise ValueError("int8 weights run on the CPU only")
     ops = ops_for_arch(arch(device), backend, attention)
+    if int8_weights:
+        return replace(ops, name=ops.name + "+int8", int8_weights=True)
     return ops if device.type == "cpu" else replace(ops, column_major_weights=False)
 
 
@@ -310,4 +336,4 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
 
 
 __all__ = ["Ops", "TORCH_OPS", "CPU_OPS", "select_ops", "ops_for_arch", "self_check", "resolve_device", "resolve_dtype",
-           "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES"]
+           "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES", "INT8", "wants_int8"]

@@ -9,6 +9,7 @@ same signatures. Tensors are packed: `[T, ...]` holds all tokens of all sequence
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -171,3 +172,33 @@ def pool(hidden, batch, mode="mean", dim=None, normalize=True):
         pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return pooled
 
+
+
+# ----------------------------------------------------------------------------- int8 weights (CPU)
+# Activations are quantised to 8 bits, not fbgemm's 7-bit "reduce_range" (which exists for CPUs
+# without VNNI, whose int8 products are added in saturating int16 pairs): on the random base-size
+# checkpoint 7 bits gave a worst cosine of 0.984 against float32 on 48 mixed documents, 8 bits 0.995.
+INT8_REDUCE_RANGE = False
+
+
+def int8_available() -> bool:
+    """Whether this torch build has a quantized CPU engine to run int8 GEMMs with."""
+    return torch.backends.quantized.engine not in ("none", None) and bool(torch.backends.quantized.supported_engines)
+
+
+def int8_pack(weight: torch.Tensor):
+    """A Linear weight [out, in] quantised to int8, one symmetric scale per output feature
+    (max |w| / 127), and packed for torch's quantized CPU engine (fbgemm / oneDNN on x86)."""
+    w = weight.detach().float().contiguous()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated (still there in 2.13)
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def int8_linear(x, packed):
+    """`x @ W^T` for an `int8_pack`ed W and float32 x [T, in] -> float32 [T, out]: x is quantised
+    per call (one scale and zero point from the range of the whole of x), the product runs in
+    int8 with int32 sums, and is scaled back to float32."""
+    return torch.ops.quantized.linear_dynamic(x, packed, INT8_REDUCE_RANGE)

@@ -346,6 +346,8 @@ def test_changed_model_or_options_are_refused(tmp_path, embed, ckpt):
     assert rc == 0 and "nothing to do" in out, err
     rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16", load=True)
     assert rc == 2 and "model.dtype" in err
+    rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "int8", load=True)
+    assert rc == 2 and 'model.dtype: "float32" in the folder, "int8" now' in err
     # an Embedder handed to the command must be what the options ask for
     rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16")
     assert rc == 2 and "the embedder given runs float32, but the options ask for --dtype bfloat16" in err

@@ -114,9 +114,9 @@ class CorpusJob:
             emb = Embedder.from_pretrained(o.model, device=o.device, dtype=o.dtype, revision=o.revision,
                                            local_files_only=o.local_files_only)
         else:  # given: it must be what the options ask for
-            if o.dtype is not None and str(emb.dtype) != f"torch.{o.dtype}":
-                raise RefusedError(f"the embedder given runs {str(emb.dtype).removeprefix('torch.')}, but the "
-                                   f"options ask for --dtype {o.dtype}")
+            if o.dtype is not None and emb.dtype_name != o.dtype:
+                raise RefusedError(f"the embedder given runs {emb.dtype_name}, but the options ask for "
+                                   f"--dtype {o.dtype}")
             if o.device is not None and not _same_device(o.device, emb.device):
                 raise RefusedError(f"the embedder given runs on {emb.device}, but the options ask for "
                                    f"--device {o.device}")
@@ -141,7 +141,7 @@ class CorpusJob:
             "embedding_dim": emb.config.hidden_size,
             "max_seq_length": self._max_seq_length,
             "pooling": emb.pooling,
-            "dtype": str(emb.dtype).removeprefix("torch."),
+            "dtype": emb.dtype_name,
         }
 
     def _settings(self, emb) -> dict:

@@ -61,8 +61,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"],
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA GPUs with "
+                        "native bf16, else float16); int8: int8 weights, on the CPU only")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name in responses and /v1/models (default: --model)")
     g = s.add_argument_group("network")

@@ -87,7 +87,7 @@ class ServerState:
             job = self.batcher.submit(self.warmup_ids(), self.limits.hidden_size, True)
             await job.future
             self.ready = True
-            log.info("ready: %s on %s (%s)", self.model_name, self.engine.device, self.engine.dtype)
+            log.info("ready: %s on %s (%s)", self.model_name, self.engine.device, self.engine.dtype_name)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -102,7 +102,7 @@ class ServerState:
         return {
             "model_id": self.embedder.name, "model_sha": ckpt.revision if ckpt else None,
             "model_fingerprint": ckpt.fingerprint if ckpt else None, "served_model_name": self.model_name,
-            "model_dtype": str(self.engine.dtype).removeprefix("torch."), "device": str(self.engine.device),
+            "model_dtype": self.engine.dtype_name, "device": str(self.engine.device),
             "ops": self.engine.ops.name, "model_type": {"embedding": {"pooling": self.engine.pooling}},
             "hidden_size": lim.hidden_size, "vocab_size": cfg.vocab_size,
             "max_input_length": lim.max_input_tokens, "max_batch_tokens": s.max_batch_tokens,
