@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--corpora", nargs="+", default=["mixed", "fixed"], choices=["mixed", "fixed"])
-    p.add_argument("--mixed-docs", type=int, default=32)
+    p.add_argument("--mixed-docs", type=int, default=96)
     p.add_argument("--fixed-docs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -208,7 +208,7 @@ class Embedder:
                                   on_batch=on_batch, out=result[start:start + len(ids)], check_finite=False)
         bad = self.engine.nonfinite_rows(result)
         if bad:
-            raise NonFiniteError(bad, self.dtype)
+            raise NonFiniteError(bad, self.dtype_name)
         return result
 
     def encode_query(self, sentences, **kwargs):

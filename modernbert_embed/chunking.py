@@ -152,5 +152,5 @@ def embed_windows(engine, windows: Windows, *, dim: int, normalize: bool = True,
         emb = engine.embed(windows.ids, dim=dim, normalize=normalize, max_batch_tokens=max_batch_tokens,
                            batch_size=batch_size, on_batch=on_batch)
     except NonFiniteError as e:
-        raise NonFiniteError(sorted({windows.owner[r] for r in e.rows}), engine.dtype) from None
+        raise NonFiniteError(sorted({windows.owner[r] for r in e.rows}), engine.dtype_name) from None
     return combine(emb, windows.owner, windows.content_tokens, windows.num_docs, normalize)

@@ -189,7 +189,7 @@ class Engine:
             if check_finite:
                 bad = self.nonfinite_rows(out)
                 if bad:
-                    raise NonFiniteError(bad, self.dtype)
+                    raise NonFiniteError(bad, self.dtype_name)
         return out
 
     def hidden_states(self, ids: Sequence[Sequence[int]],

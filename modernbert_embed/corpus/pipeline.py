@@ -174,7 +174,7 @@ class Shards:
             if bad and self.on_error == "stop":
                 shown = "; ".join(prep.where[d] for d in bad[:5]) + (" ..." if len(bad) > 5 else "")
                 raise CorpusError(f"non-finite embeddings (NaN or infinity) for {len(bad)} document(s): {shown} "
-                                  f"(model dtype {str(self.engine.dtype).removeprefix('torch.')}). Pass "
+                                  f"(model dtype {self.engine.dtype_name}). Pass "
                                   "--on-error skip to record them as skipped and go on.") from None
         else:
             bad = []

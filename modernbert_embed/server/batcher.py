@@ -220,7 +220,7 @@ class Batcher:
             ok = finite[at:at + len(job.ids)]
             at += len(job.ids)
             if not ok.all():
-                self._finish(job, error=NonFiniteError(np.flatnonzero(~ok).tolist(), self.engine.dtype))
+                self._finish(job, error=NonFiniteError(np.flatnonzero(~ok).tolist(), self.engine.dtype_name))
                 continue
             out = np.array(mine[:, :job.dim], dtype=np.float32)  # a copy: the request owns it
             if job.normalize:
