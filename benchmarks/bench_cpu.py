@@ -9,8 +9,8 @@ All contenders run on the same random checkpoint (the real layout, base size) an
 ids: ours fp32 and bf16 (`Embedder.encode_tokens`, unpadded), transformers fp32 (the reference of
 ratio (a)) and bf16, ONNX Runtime fp32 / bf16 and OpenVINO fp32 / bf16 on an ONNX export of the
 checkpoint made here (the runtimes of ratio (b)), sentence-transformers fp32 (the text path,
-through an id tokenizer that gives back the corpus ids), and int8 rows for ours (dtype "int8"),
-ONNX Runtime (dynamic quantisation) and OpenVINO (NNCF int8 weights). Peers get length-sorted padded batches of 32, as
+through an id tokenizer that gives back the corpus ids), and int8 rows for ours (the int8-weight
+experiment, `select_ops(..., int8_weights=True)`), ONNX Runtime (dynamic quantisation) and OpenVINO (NNCF int8 weights). Peers get length-sorted padded batches of 32, as
 their users run them (one document per batch on the long corpora, where the exported graph's
 attention scores fill the memory). A contender that cannot run is a row that says why; one left
 out of a corpus by the plan (PLAN) is a row that says why too. The mixed corpus has 96 documents
@@ -162,7 +162,7 @@ def build_contenders(args, folder: Path, work: Path, cfg: ModernBertConfig, thre
         "sentence-transformers-fp32": ("sentence-transformers", "fp32", "other",
                                        lambda role: h.SentenceTransformers(folder, cpu, torch.float32, PEER_BATCH[role],
                                                                            work_dir=work / "st")),
-        "ours-int8": ("ours", "int8", "ours", lambda role: h.Ours(folder, cpu, "int8")),
+        "ours-int8": ("ours", "int8", "ours", lambda role: h.Ours(folder, cpu, torch.float32, int8_weights=True)),
         "onnxruntime-int8": ("onnxruntime", "int8", "runtime", ort("int8")),
         "openvino-int8": ("openvino", "int8", "runtime", openvino("int8")),
     }

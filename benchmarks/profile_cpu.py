@@ -2,7 +2,7 @@
 the rest of the forward (embedding lookup, residual views, copies) and the Python around it
 (planning, packing, scatter: `encode_tokens` less the forward).
 
-    python benchmarks/profile_cpu.py                          # fp32 and bf16, mixed and fixed-512
+    python benchmarks/profile_cpu.py                          # fp32, bf16 and int8; mixed and fixed-512
     python benchmarks/profile_cpu.py --dtypes bfloat16 --corpora fixed --threads 1
 
 Each part is timed by wrapping the ops that `ops.py` chose (the model calls nothing else but its
@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
-from modernbert_embed import Embedder  # noqa: E402
+from modernbert_embed import Checkpoint, Embedder  # noqa: E402
 from modernbert_embed.config import ModernBertConfig  # noqa: E402
 from modernbert_embed.model import Linear  # noqa: E402
-from modernbert_embed.ops import OP_NAMES  # noqa: E402
+from modernbert_embed.ops import OP_NAMES, select_ops  # noqa: E402
 
 PARTS = ("matmul", "attention", "layer_norm", "rotary", "geglu", "pool", "forward, rest", "outside the forward")
 
@@ -104,7 +104,10 @@ def matmul_flops(model) -> float:
 
 
 def profile(folder: Path, dtype: str, corpus, repeats: int) -> dict:
-    emb = Embedder.from_pretrained(folder, device="cpu", dtype=dtype)
+    if dtype == "int8":  # the int8-weight experiment: float32 with int8 Linear layers
+        emb = Embedder.from_checkpoint(Checkpoint(folder), device="cpu", ops=select_ops("cpu", int8_weights=True))
+    else:
+        emb = Embedder.from_pretrained(folder, device="cpu", dtype=dtype)
     model = emb.model
     cfg = model.config
     emb.encode_tokens(corpus.ids)  # warm-up: the corpus's shapes
@@ -148,24 +151,25 @@ def markdown(results: list[dict], peaks: dict[str, float]) -> str:
     for r in results:
         peak = peaks[r["dtype"]]
         c = r["corpus"]
+        of_peak = f" = {r['model_gflops'] / peak:.0%} of the {peak:.0f} GFLOP/s matmul" if peak else ""
         lines.append(f"**{r['dtype']}, {c['name']}** ({c['docs']} documents, {c['tokens']:,} tokens; "
                      f"{r['tokens_per_s']:,.0f} tokens/s instrumented, {r['tokens_per_s_plain']:,.0f} plain; "
-                     f"model {r['model_gflops']:.0f} GFLOP/s = {r['model_gflops'] / peak:.0%} of the "
-                     f"{peak:.0f} GFLOP/s matmul)")
+                     f"model {r['model_gflops']:.0f} GFLOP/s{of_peak})")
         lines.append("")
         lines.append("| part | ms / 1k tokens | share | calls per call | GFLOP/s | of the matmul peak |")
         lines.append("|---|---|---|---|---|---|")
         for part, p in r["parts"].items():
             g = p.get("gflops")
             lines.append(f"| {part} | {p['ms_per_1k_tokens']:.1f} | {p['share']:.1%} | {p['calls_per_call']:.0f} | "
-                         f"{f'{g:.0f}' if g else '-'} | {f'{g / peak:.0%}' if g else '-'} |")
+                         f"{f'{g:.0f}' if g else '-'} | {f'{g / peak:.0%}' if g and peak else '-'} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "int8"],
+                   choices=["float32", "bfloat16", "int8"])
     p.add_argument("--corpora", nargs="+", default=["mixed", "fixed"], choices=["mixed", "fixed"])
     p.add_argument("--mixed-docs", type=int, default=96)
     p.add_argument("--fixed-docs", type=int, default=4)
@@ -192,7 +196,8 @@ def main(argv=None) -> int:
 
         def measure_peaks():
             for d in args.dtypes:
-                peaks[d] = max(peaks[d], 1000 * h.matmul_tflops("cpu", getattr(torch, d), 2048))
+                if d != "int8":  # int8: the GEMM rates in the table stand alone
+                    peaks[d] = max(peaks[d], 1000 * h.matmul_tflops("cpu", getattr(torch, d), 2048))
 
         measure_peaks()
         results = []

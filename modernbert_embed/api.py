@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from . import quantize
-from .batching import DEFAULT_MAX_BATCH_TOKENS
 from .chunking import embed_windows, split_long
 from .engine import Engine, NonFiniteError
 from .options import EncodeOptions
@@ -61,9 +60,7 @@ class Embedder:
                         local_files_only=None) -> "Embedder":
         """Load from a local folder, the HF cache or the Hub. device: "cpu", "cuda" or "cuda:N"
         (default: the current GPU when there is one); dtype: float32 (CPU default), bfloat16 (default
-        on GPUs with native bf16, compute capability 8.0+), float16 (default on older GPUs), or
-        "int8" on the CPU only (int8 weights, activations quantised per call; never a default:
-        README, "int8 on the CPU")."""
+        on GPUs with native bf16, compute capability 8.0+), float16 (default on older GPUs)."""
         checkpoint = Checkpoint.open(name_or_path, revision=revision, local_files_only=local_files_only)
         return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
 
@@ -94,8 +91,8 @@ class Embedder:
 
     @property
     def dtype_name(self) -> str:
-        """What the model runs: "float32", "bfloat16", "float16", or "int8" (int8 weights on the
-        CPU, float32 elsewhere; `dtype` is then float32)."""
+        """What the model runs: "float32", "bfloat16", "float16", or "int8" for the CPU's int8-weight
+        experiment (`select_ops(..., int8_weights=True)`; `dtype` is then float32)."""
         return self.engine.dtype_name
 
     @property
@@ -137,7 +134,7 @@ class Embedder:
 
     def encode(self, sentences, prompt: str | None = None, prompt_name: str | None = None,
                truncate_dim: int | None = None, normalize_embeddings: bool = True,
-               batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+               batch_size: int | None = None, max_batch_tokens: int | None = None,
                precision: str = "float32", convert_to_tensor: bool = False,
                show_progress_bar: bool | None = None, long: str = "truncate", overlap: int | None = None,
                ranges=None, calibration_embeddings=None):
@@ -147,7 +144,7 @@ class Embedder:
         prompt_name picks one of the trained prefixes (search_query, search_document,
         classification, clustering); prompt is prepended as given. truncate_dim keeps the first d
         features (Matryoshka), then normalises. Inputs are sorted by length and packed under
-        `max_batch_tokens` tokens per forward; `batch_size` caps the *sequences* in one such batch
+        `max_batch_tokens` tokens per forward (default: 4096 on the CPU, 16384 on a GPU); `batch_size` caps the *sequences* in one such batch
         (in sentence-transformers it is the texts per padded forward: here the token budget
         decides). precision int8/uint8 quantise with `ranges` ([2, d] minima, maxima), else ranges
         taken from `calibration_embeddings`, else from this call's embeddings; binary/ubinary pack
@@ -219,7 +216,7 @@ class Embedder:
 
     # --------------------------------------------------------------------------- ids in
     def encode_tokens(self, token_ids, truncate_dim: int | None = None, normalize_embeddings: bool = True,
-                      batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                      batch_size: int | None = None, max_batch_tokens: int | None = None,
                       precision: str = "float32", convert_to_tensor: bool = False,
                       show_progress_bar: bool | None = None, ranges=None, calibration_embeddings=None):
         """Embed pre-tokenised inputs (each `[CLS] ... [SEP]` included), same options as encode."""
@@ -238,7 +235,7 @@ class Embedder:
                 bar.close()
         return self._to_output(result, opts, convert_to_tensor)
 
-    def hidden_states(self, token_ids, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
+    def hidden_states(self, token_ids, max_batch_tokens: int | None = None) -> list[torch.Tensor]:
         """Final-norm hidden states, one float32 CPU tensor [len_i, hidden] per input, input order."""
         opts = EncodeOptions(max_batch_tokens=max_batch_tokens)
         return self.engine.hidden_states(self.engine.check_ids(token_ids), opts.max_batch_tokens)

@@ -14,9 +14,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# Tokens per batch unless the caller says otherwise: large enough to keep a GPU's matmuls
-# efficient, small enough that activations of a batch stay a few hundred MB.
+# Tokens per batch unless the caller says otherwise (the dispatch picks one by device,
+# `ops.default_max_batch_tokens`). A GPU: large enough to keep its matmuls efficient, small enough
+# that a batch's activations stay a few hundred MB. The CPU: small enough that a batch's
+# activations stay in the caches between the memory-bound ops (norms, rotary, GeGLU, residuals);
+# on the 2-core benchmark machine 4096 ran the mixed corpus 1.09x (fp32) and 1.14x (bf16) faster
+# than 16384, with bit-identical embeddings, and 2048 no better (benchmarks/RESULTS.md).
 DEFAULT_MAX_BATCH_TOKENS = 16384
+CPU_MAX_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)

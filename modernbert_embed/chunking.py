@@ -23,7 +23,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batching import DEFAULT_MAX_BATCH_TOKENS
 from .engine import NonFiniteError
 
 DEFAULT_MAX_OVERLAP = 128
@@ -144,7 +143,7 @@ def combine(window_embeddings, owner: Sequence[int], content_tokens: Sequence[in
 
 
 def embed_windows(engine, windows: Windows, *, dim: int, normalize: bool = True,
-                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, batch_size: int | None = None,
+                  max_batch_tokens: int | None = None, batch_size: int | None = None,
                   on_batch=None) -> torch.Tensor:
     """Embed every window with `engine` and combine per document: float32 [docs, dim] on the
     engine's device. Non-finite windows raise `NonFiniteError` naming their documents."""

@@ -70,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"],
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA GPUs with "
-                        "native bf16, else float16); int8: int8 weights, on the CPU only")
+                        "native bf16, else float16)")
     g.add_argument("--max-batch-tokens", type=_positive, default=None, metavar="N",
-                   help="tokens per batch (default 16384); may change on a resume, which is recorded and "
+                   help="tokens per batch (default 4096 on the CPU, 16384 on a GPU); may change on a resume, "
+                        "which is recorded and "
                         "warned about (other batches can change the last bits of the floats)")
     g = e.add_argument_group("input")
     g.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "parquet"],

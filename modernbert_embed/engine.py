@@ -19,15 +19,14 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
-from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .batching import DEFAULT_MAX_BATCH_TOKENS, pack, plan_batches, upload
+from .batching import pack, plan_batches, upload
 from .model import ModernBert
-from .ops import INT8, Ops, resolve_device, resolve_dtype, select_ops, self_check, wants_int8
+from .ops import Ops, default_max_batch_tokens, resolve_device, resolve_dtype, select_ops, self_check
 from .weights import Checkpoint, load_state_dict
 
 # With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
@@ -57,8 +56,11 @@ class Engine:
         self.pooling = pooling
         first = next(model.parameters())
         self.device, self.dtype = first.device, first.dtype
-        # What the model runs, by name: the dtype's, or "int8" (int8 weights, float32 elsewhere).
-        self.dtype_name = INT8 if model.ops.int8_weights else str(self.dtype).removeprefix("torch.")
+        # What the model runs, by name: the dtype's, or "int8" for the int8-weight experiment
+        # (float32 elsewhere), so that a corpus folder or /info never mistakes one for the other.
+        self.dtype_name = "int8" if model.ops.int8_weights else str(self.dtype).removeprefix("torch.")
+        # Tokens per forward when a call does not say (`max_batch_tokens=None`): by device.
+        self.max_batch_tokens = default_max_batch_tokens(self.device)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device=None, dtype=None, ops: Ops | None = None) -> "Engine":
@@ -66,16 +68,13 @@ class Engine:
         `ops.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
         the dispatch chooses them, and on a GPU checks them first (`ops.self_check`)."""
         device = resolve_device(device)
-        int8 = wants_int8(dtype)
-        dtype = resolve_dtype(dtype, device)  # "int8": float32, with the int8 weights of the ops
+        dtype = resolve_dtype(dtype, device)
         cfg = checkpoint.config
         if ops is None:
-            ops = select_ops(device, int8_weights=int8)
+            ops = select_ops(device)
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     ops = self_check(ops, cfg, device, dtype)
-        elif int8 and not ops.int8_weights:
-            ops = replace(ops, name=ops.name + "+int8", int8_weights=True)
         model = ModernBert(cfg, ops, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         model.load(load_state_dict(checkpoint.folder, expected, dtype, device))
@@ -142,13 +141,13 @@ class Engine:
 
     # --------------------------------------------------------------------------- the batch loop
     def embed(self, ids: Sequence[Sequence[int]], *, dim: int | None = None, normalize: bool = True,
-              max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, batch_size: int | None = None,
+              max_batch_tokens: int | None = None, batch_size: int | None = None,
               on_batch: Callable[[int, int], None] | None = None, out: torch.Tensor | None = None,
               check_finite: bool = True) -> torch.Tensor:
         """Sentence embeddings of `ids` (checked token-id lists, see `check_ids`): float32
         [len(ids), dim] on the device, in input order, pooled, sliced to `dim` and normalised when
-        `normalize`. Batches are planned longest first under `max_batch_tokens` tokens and at most
-        `batch_size` sequences. `on_batch(docs, tokens)` hears of each batch as it finishes, in
+        `normalize`. Batches are planned longest first under `max_batch_tokens` tokens (None: the
+        engine's `max_batch_tokens`, by device) and at most `batch_size` sequences. `on_batch(docs, tokens)` hears of each batch as it finishes, in
         plan order. `out`: a float32 [len(ids), dim] tensor on the device to fill instead of a new
         one. Non-finite rows raise `NonFiniteError` naming them, unless `check_finite` is False.
 
@@ -164,7 +163,7 @@ class Engine:
                              f"{out.dtype} {list(out.shape)} on {out.device}")
         if not ids:
             return out
-        plan = plan_batches([len(s) for s in ids], max_batch_tokens, batch_size)
+        plan = plan_batches([len(s) for s in ids], max_batch_tokens or self.max_batch_tokens, batch_size)
         track = on_batch is not None and self.device.type == "cuda"
         pending: collections.deque = collections.deque()
         with self.on_device():
@@ -193,12 +192,12 @@ class Engine:
         return out
 
     def hidden_states(self, ids: Sequence[Sequence[int]],
-                      max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
+                      max_batch_tokens: int | None = None) -> list[torch.Tensor]:
         """Final-norm hidden states of checked token-id lists: one float32 CPU tensor
         [len_i, hidden] per input, in input order."""
         result: list[torch.Tensor | None] = [None] * len(ids)
         with self.on_device():
-            for order in plan_batches([len(s) for s in ids], max_batch_tokens):
+            for order in plan_batches([len(s) for s in ids], max_batch_tokens or self.max_batch_tokens):
                 batch = pack(ids, order, self.device)
                 hidden = self.model(batch).float().cpu()
                 for seq, piece in zip(batch.order, hidden.split(list(batch.lengths))):

@@ -2,14 +2,14 @@
 
 - Device: `resolve_device` (a CUDA index must exist).
 - dtype: float32 on the CPU; on a GPU bfloat16 where it has native bf16 (compute capability 8.0 and
-  newer), float16 before that. "int8" (the CPU only, never a default): int8 Linear weights with
-  activations quantised per call, float32 elsewhere.
+  newer), float16 before that.
 - Ops, chosen once at load: plain torch on the CPU; Triton kernels on CUDA GPUs of compute
   capability 7.5 and newer (older ones get torch). Attention follows the GPU: where the Triton
   attention kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
   The policy is `ops_for_arch` (by compute capability); `compile_check --arch N` compiles
   exactly what it picks for sm_N, in each dtype of `gpu_dtypes(N)`. Within a kernel, the tiles
   follow the GPU of the tensors it is given (the launchers, via `kernels._arch`).
+- Batch budget: `default_max_batch_tokens` (4096 tokens per forward on the CPU, 16384 on a GPU).
 - `self_check` runs each chosen op once on tiny inputs against its torch version; an op that fails
   to compile or disagrees is replaced by torch's, with one warning naming the ops and the GPU, so
   that a broken kernel shows at load and not on a user's first batch.
@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import ops_torch
+from .batching import CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS
 from .kernels._arch import capability
 
 BACKENDS = ("auto", "torch", "triton")
@@ -45,7 +46,6 @@ DTYPES = {
 TRITON_MIN_ARCH = 75
 TRITON_ATTENTION_MIN_ARCH = 80
 BF16_MIN_ARCH = 80
-INT8 = "int8"  # the CPU's int8-weight path: a dtype by name, never a default
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,10 @@ class Ops:
     # model reorders its Wqkv rows to match at load (attention scores do not change: q and k are
     # reordered alike). On the CPU the rotation is then one complex multiplication.
     rotary_pairs: bool = False
-    # The CPU's optional int8 path (dtype "int8"): every Linear weight is quantised to int8 per
-    # output feature at load and its input per call (`ops_torch.int8_linear`); the rest of the
-    # model runs in float32.
+    # An experiment on the CPU (`select_ops(..., int8_weights=True)`, not offered as a dtype: its
+    # cosine to float32 missed the 0.995 bar, benchmarks/RESULTS.md): every Linear weight is
+    # quantised to int8 per output feature at load and its input per call
+    # (`ops_torch.int8_linear`); the rest of the model runs in float32.
     int8_weights: bool = False
 
 
@@ -129,34 +130,24 @@ def gpu_dtypes(cc: int) -> tuple[torch.dtype, ...]:
     return torch.float16, torch.float32
 
 
-def wants_int8(dtype) -> bool:
-    """Whether `dtype` names the CPU's int8-weight path ("int8")."""
-    return isinstance(dtype, str) and dtype.lower() == INT8
-
-
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """float32 on the CPU; bfloat16 on GPUs with native bf16 (compute capability >= 8.0), float16
-    on older ones. A dtype given by name or as a torch dtype is checked against the device.
-    "int8" (CPU only, never a default): int8 Linear weights, everything else in float32, which
-    is the dtype returned (`select_ops(..., int8_weights=True)` does the rest)."""
-    if wants_int8(dtype):
-        if device.type != "cpu":
-            raise ValueError(f"dtype 'int8' (int8 weights) runs on the CPU only, not on {device}: use "
-                             "bfloat16 or float16 on a GPU")
-        if not ops_torch.int8_available():
-            raise ValueError("dtype 'int8' needs a torch build with a quantized CPU engine (fbgemm, "
-                             "oneDNN or qnnpack); this one has none")
-        return torch.float32
+    on older ones. A dtype given by name or as a torch dtype is checked against the device."""
     if dtype is None:
         return gpu_dtypes(arch(device))[0] if device.type == "cuda" else torch.float32
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         dtype = DTYPES[dtype.lower().removeprefix("torch.")]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16, or int8 on the CPU)")
+        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
     if device.type == "cuda" and dtype not in gpu_dtypes(arch(device)):
         raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {gpu_name(device)} "
                          "has no native bf16: use float16 (the default there) or float32")
     return dtype
+
+
+def default_max_batch_tokens(device: torch.device) -> int:
+    """Tokens per forward when the caller does not say: see `batching.CPU_MAX_BATCH_TOKENS`."""
+    return CPU_MAX_BATCH_TOKENS if torch.device(device).type == "cpu" else DEFAULT_MAX_BATCH_TOKENS
 
 
 # ----------------------------------------------------------------------------- ops
@@ -188,10 +179,13 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
     "triton-rope" (the Triton kernel rotating q and k as it loads them: no separate rotary pass),
     "torch-varlen" (torch's own varlen flash attention, CUDA only, where the installed torch has
     it), "torch-varlen-global" (torch's varlen attention for the global layers, the Triton kernel
-    for the windowed ones). int8_weights: the CPU's int8 path (dtype "int8")."""
+    for the windowed ones). int8_weights: the CPU's int8 Linear layers, an experiment (see `Ops`)."""
     device = torch.device(device)
     if int8_weights and device.type != "cpu":
         raise ValueError("int8 weights run on the CPU only")
+    if int8_weights and not ops_torch.int8_available():
+        raise ValueError("int8 weights need a torch build with a quantized CPU engine (fbgemm, oneDNN or "
+                         "qnnpack); this one has none")
     ops = ops_for_arch(arch(device), backend, attention)
     if int8_weights:
         return replace(ops, name=ops.name + "+int8", int8_weights=True)
@@ -336,4 +330,4 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
 
 
 __all__ = ["Ops", "TORCH_OPS", "CPU_OPS", "select_ops", "ops_for_arch", "self_check", "resolve_device", "resolve_dtype",
-           "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES", "INT8", "wants_int8"]
+           "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES", "default_max_batch_tokens"]

@@ -18,7 +18,6 @@ from typing import Mapping
 import numpy as np
 
 from . import quantize
-from .batching import DEFAULT_MAX_BATCH_TOKENS
 from .tokenizer import PROMPTS
 
 LONG_MODES = ("truncate", "chunk")
@@ -83,7 +82,7 @@ class EncodeOptions:
     precision: str = "float32"
     long: str = "truncate"
     overlap: int | None = None
-    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_tokens: int | None = None  # None: the engine's budget for its device
     batch_size: int | None = None
     ranges: object = None  # [2, d] minima and maxima for int8 / uint8
     calibration_embeddings: object = None  # float embeddings to take int8 / uint8 ranges from
@@ -106,8 +105,8 @@ class EncodeOptions:
             set_(self, "overlap", _int_option("overlap", self.overlap, 0))
             if self.long != "chunk":
                 raise OptionError("overlap", "{overlap} applies to {long}='chunk' only")
-        mbt = DEFAULT_MAX_BATCH_TOKENS if self.max_batch_tokens is None else self.max_batch_tokens
-        set_(self, "max_batch_tokens", _int_option("max_batch_tokens", mbt, 1))
+        if self.max_batch_tokens is not None:
+            set_(self, "max_batch_tokens", _int_option("max_batch_tokens", self.max_batch_tokens, 1))
         if self.batch_size is not None:
             set_(self, "batch_size", _int_option("batch_size", self.batch_size, 1))
         for name in ("ranges", "calibration_embeddings"):

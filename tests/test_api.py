@@ -61,6 +61,22 @@ def test_max_batch_tokens_none_means_the_default(model):
     np.testing.assert_array_equal(model.encode_tokens(ids, max_batch_tokens=None), model.encode_tokens(ids))
 
 
+def test_the_default_budget_follows_the_device(model, monkeypatch):
+    from modernbert_embed import batching
+    from modernbert_embed.ops import default_max_batch_tokens
+
+    assert default_max_batch_tokens("cpu") == 4096 and default_max_batch_tokens("cuda") == 16384
+    assert model.engine.max_batch_tokens == default_max_batch_tokens(model.device)
+    # a call without a budget plans under the engine's
+    seen = []
+    monkeypatch.setattr(model.engine, "max_batch_tokens", 300)
+    real = batching.plan_batches
+    monkeypatch.setattr("modernbert_embed.engine.plan_batches", lambda lengths, budget, *a: seen.append(budget)
+                        or real(lengths, budget, *a))
+    model.encode_tokens(random_ids([200, 200, 7], seed=28))
+    assert seen == [300]
+
+
 def test_matryoshka_and_normalisation(model):
     ids = random_ids([10, 80], seed=24)
     full = model.encode_tokens(ids, normalize_embeddings=False)

@@ -323,3 +323,26 @@ def test_visible_pairs_counts_the_window(bench):
     assert ops.group_of("_attention_kernel") == "attention"
     assert ops.group_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert ops.group_of("_layer_norm_kernel") == "layer_norm"
+
+
+@pytest.mark.slow
+def test_cpu_profile_parts_add_up_to_the_call(bench, tmp_path, one_thread):
+    """profile_cpu on a small model: every part timed, the parts' shares add up to the call (the
+    clocks are exclusive), the matmul and attention rates are positive, int8 included."""
+    prof = bench("profile_cpu")
+    out = tmp_path / "profile.json"
+    rc = prof.main(["--config", "small", "--mixed-docs", "6", "--fixed-docs", "1", "--repeats", "1",
+                    "--dtypes", "float32", "int8", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    layers = json.loads((tmp_path / "ckpt" / "config.json").read_text())["num_hidden_layers"]
+    assert rec["peaks_gflops"]["float32"] > 0 and rec["peaks_gflops"]["int8"] == 0
+    assert [(r["dtype"], r["corpus"]["name"]) for r in rec["results"]] == [
+        ("float32", "mixed"), ("float32", "fixed512"), ("int8", "mixed"), ("int8", "fixed512")]
+    for r in rec["results"]:
+        parts = r["parts"]
+        assert set(parts) == set(prof.PARTS)
+        assert 0.97 < sum(p["share"] for p in parts.values()) < 1.03, parts
+        assert parts["matmul"]["calls_per_call"] == 4 * layers  # Wqkv, Wo, Wi, Wo per layer
+        assert parts["matmul"]["gflops"] > 0 and parts["attention"]["gflops"] > 0
+        assert parts["pool"]["calls_per_call"] == 1

@@ -59,12 +59,13 @@ class Engine:
 
 class Ours(Engine):
     def __init__(self, folder, device, dtype: torch.dtype, backend: str = "auto", attention: str = "auto",
-                 max_batch_tokens: int | None = None):
+                 max_batch_tokens: int | None = None, int8_weights: bool = False):
         from modernbert_embed import Checkpoint, Embedder
         from modernbert_embed.ops import select_ops
 
         # the experiment switches go through from_checkpoint's `ops` (auto: the library's own choice)
-        ops = None if (backend, attention) == ("auto", "auto") else select_ops(device, backend, attention)
+        experiment = (backend, attention) != ("auto", "auto") or int8_weights
+        ops = select_ops(device, backend, attention, int8_weights=int8_weights) if experiment else None
         self.model = Embedder.from_checkpoint(Checkpoint(folder), device=device, dtype=dtype, ops=ops)
         self.kwargs = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
         self.label = f"ours ({self.model.ops.name if self.model.ops else backend})"

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-from ..batching import DEFAULT_MAX_BATCH_TOKENS
 from ..weights.resolve import DEFAULT_MODEL
 from .settings import API_KEY_ENV, ServerSettings
 
@@ -61,9 +60,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "int8"],
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA GPUs with "
-                        "native bf16, else float16); int8: int8 weights, on the CPU only")
+                        "native bf16, else float16)")
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name in responses and /v1/models (default: --model)")
     g = s.add_argument_group("network")
@@ -75,8 +74,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--payload-limit", type=_int_at_least(1), default=DEFAULTS.payload_limit, metavar="BYTES",
                    help="largest request body; more is a 413")
     g = s.add_argument_group("batching and admission")
-    g.add_argument("--max-batch-tokens", type=_int_at_least(1), default=DEFAULT_MAX_BATCH_TOKENS, metavar="N",
-                   help="tokens per forward")
+    g.add_argument("--max-batch-tokens", type=_int_at_least(1), default=None, metavar="N",
+                   help="tokens per forward (default 4096 on the CPU, 16384 on a GPU)")
     g.add_argument("--max-client-batch-size", type=_int_at_least(1), default=DEFAULTS.max_client_batch_size,
                    metavar="N", help="inputs per request")
     g.add_argument("--max-input-tokens", type=_int_at_least(2), default=None, metavar="N",

@@ -16,7 +16,7 @@ class ServerSettings:
 
     served_model_name: str | None = None  # default: the model's name or path
     api_key: str | None = None
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens per forward
+    max_batch_tokens: int | None = None  # tokens per forward; None: the engine's (4096 CPU, 16384 GPU)
     max_client_batch_size: int = 2048  # inputs per request (OpenAI's limit)
     max_input_tokens: int | None = None  # per input, [CLS]/[SEP] included; default: the model's max_seq_length
     max_queued_tokens: int = 1 << 19  # tokens waiting for a forward; more -> 429
@@ -26,10 +26,13 @@ class ServerSettings:
     tokenization_workers: int | None = None  # default: min(4, CPUs)
     warmup_tokens: int | None = None  # default: max_batch_tokens on a GPU, 128 on the CPU
 
-    def check(self, model_limit: int, default_input_tokens: int) -> "ServerSettings":
+    def check(self, model_limit: int, default_input_tokens: int,
+              default_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> "ServerSettings":
         """These settings with the input limit resolved (`default_input_tokens`, the checkpoint's
-        max_seq_length, unless given; at most `model_limit`, its positions), or a ValueError naming
-        the bad one."""
+        max_seq_length, unless given; at most `model_limit`, its positions) and the batch budget
+        (`default_batch_tokens`, the engine's, unless given), or a ValueError naming the bad one."""
+        if self.max_batch_tokens is None:
+            return replace(self, max_batch_tokens=default_batch_tokens).check(model_limit, default_input_tokens)
         for name in ("max_batch_tokens", "max_client_batch_size", "max_queued_tokens", "payload_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

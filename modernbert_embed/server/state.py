@@ -33,7 +33,8 @@ class ServerState:
         self.tokenizer = embedder.tokenizer
         cfg = self.engine.config
         self.settings = settings = settings.check(cfg.max_position_embeddings,
-                                                  min(embedder.max_seq_length, cfg.max_position_embeddings))
+                                                  min(embedder.max_seq_length, cfg.max_position_embeddings),
+                                                  self.engine.max_batch_tokens)
         self.model_name = settings.served_model_name or embedder.name or "modernbert-embed"
         specials = tuple(sorted({cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id}))
         self.limits = schemas.Limits(
