@@ -10,9 +10,10 @@ ids: ours fp32 and bf16 (`Embedder.encode_tokens`, unpadded), transformers fp32 
 ratio (a)) and bf16, ONNX Runtime fp32 / bf16 and OpenVINO fp32 / bf16 on an ONNX export of the
 checkpoint made here (the runtimes of ratio (b)), sentence-transformers fp32 (the text path,
 through an id tokenizer that gives back the corpus ids), and int8 rows for ours (the int8-weight
-experiment, `select_ops(..., int8_weights=True)`), ONNX Runtime (dynamic quantisation) and OpenVINO (NNCF int8 weights). Peers get length-sorted padded batches of 32, as
-their users run them (one document per batch on the long corpora, where the exported graph's
-attention scores fill the memory). A contender that cannot run is a row that says why; one left
+experiment, `select_ops(..., int8_weights=True)`), ONNX Runtime (dynamic quantisation) and
+OpenVINO (NNCF int8 weights). Peers get length-sorted padded batches of 32, as their users run
+them (one document per batch on the long corpora, where the exported graph's attention scores fill
+the memory). A contender that cannot run is a row that says why; one left
 out of a corpus by the plan (PLAN) is a row that says why too. The mixed corpus has 96 documents
 (median about 110 tokens, cap 512), so that the peers' length sorting has three batches of 32 to
 sort into (with 32 documents, one padded batch held 2.8 times the real tokens; with 96, 1.6).

@@ -144,7 +144,8 @@ class Embedder:
         prompt_name picks one of the trained prefixes (search_query, search_document,
         classification, clustering); prompt is prepended as given. truncate_dim keeps the first d
         features (Matryoshka), then normalises. Inputs are sorted by length and packed under
-        `max_batch_tokens` tokens per forward (default: 4096 on the CPU, 16384 on a GPU); `batch_size` caps the *sequences* in one such batch
+        `max_batch_tokens` tokens per forward (default: 4096 on the CPU, 16384 on a GPU);
+        `batch_size` caps the *sequences* in one such batch
         (in sentence-transformers it is the texts per padded forward: here the token budget
         decides). precision int8/uint8 quantise with `ranges` ([2, d] minima, maxima), else ranges
         taken from `calibration_embeddings`, else from this call's embeddings; binary/ubinary pack

@@ -147,7 +147,8 @@ class Engine:
         """Sentence embeddings of `ids` (checked token-id lists, see `check_ids`): float32
         [len(ids), dim] on the device, in input order, pooled, sliced to `dim` and normalised when
         `normalize`. Batches are planned longest first under `max_batch_tokens` tokens (None: the
-        engine's `max_batch_tokens`, by device) and at most `batch_size` sequences. `on_batch(docs, tokens)` hears of each batch as it finishes, in
+        engine's `max_batch_tokens`, by device) and at most `batch_size` sequences.
+        `on_batch(docs, tokens)` hears of each batch as it finishes, in
         plan order. `out`: a float32 [len(ids), dim] tensor on the device to fill instead of a new
         one. Non-finite rows raise `NonFiniteError` naming them, unless `check_finite` is False.
 

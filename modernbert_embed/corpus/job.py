@@ -151,7 +151,8 @@ class CorpusJob:
         dev = str(emb.device)
         if emb.device.type == "cuda":
             dev += f" ({torch.cuda.get_device_name(emb.device)})"
-        return {"device": dev, "ops": emb.ops.name, "max_batch_tokens": self.encode.max_batch_tokens or emb.engine.max_batch_tokens,
+        budget = self.encode.max_batch_tokens or emb.engine.max_batch_tokens  # None: the engine's
+        return {"device": dev, "ops": emb.ops.name, "max_batch_tokens": budget,
                 "threads": torch.get_num_threads() if emb.device.type == "cpu" else None}
 
     # ---------------------------------------------------------------- 3. the folder, read and compared
