@@ -24,19 +24,6 @@ DEFAULTS = ServerSettings()
 SHUTDOWN_MARGIN = 0.5
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -49,7 +36,7 @@ def _seconds(text: str) -> float:
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """Register the `serve` subcommand on the main parser's subparsers."""
-    from ..cli import _Formatter
+    from ..cli import _Formatter, _int_at_least  # the main command's: one parser style, one set of messages
 
     s = sub.add_parser(
         "serve", help="serve embeddings over HTTP (OpenAI and TEI APIs)", formatter_class=_Formatter,
