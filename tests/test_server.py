@@ -131,6 +131,14 @@ class Spy:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
+    async def hold(self, http):
+        """Close the gate and send one request that the worker takes and holds there: what is
+        sent next queues behind it. Returns that request's future (it ends once the gate opens)."""
+        self.gate.clear()
+        first = asyncio.ensure_future(_post(http, "/embed", {"inputs": "hold the worker"}))
+        await asyncio.to_thread(self.entered.acquire)
+        return first
+
     def embed(self, ids, **kw):
         self.calls.append([list(s) for s in ids])
         self.entered.release()
@@ -424,12 +432,9 @@ def test_64_one_text_clients_share_a_few_forwards(live, embedder):
     texts = make_texts(64, seed=7)
     want = embedder.encode(texts)
     with spied(live) as spy:
-        spy.gate.clear()
-
         async def main():
             async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
-                first = asyncio.ensure_future(_post(http, "/embed", {"inputs": "hold the worker"}))
-                await asyncio.to_thread(spy.entered.acquire)
+                first = await spy.hold(http)
                 rest = [asyncio.ensure_future(_post(http, "/embed", {"inputs": t})) for t in texts]
                 await asyncio.to_thread(wait_for, lambda: live.state.batcher.queued_requests == 64, "64 queued")
                 spy.gate.set()
@@ -446,12 +451,9 @@ def test_64_one_text_clients_share_a_few_forwards(live, embedder):
 def test_overload_gives_429_with_retry_after_then_full_service(embedder):
     with running(embedder, max_queued_tokens=200) as s:
         with spied(s) as spy:
-            spy.gate.clear()
-
             async def main():
                 async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
-                    first = asyncio.ensure_future(_post(http, "/embed", {"inputs": "hold the worker"}))
-                    await asyncio.to_thread(spy.entered.acquire)
+                    first = await spy.hold(http)
                     admitted, refused = [], []
                     for i in range(30):  # 40 tokens each: the queue of 200 is full after 5
                         body = {"input": " ".join(["vector"] * 38)} if i % 2 else {"inputs": " ".join(["token"] * 38)}
@@ -512,12 +514,9 @@ def test_a_failing_forward_fails_only_its_requests(live, embedder):
         return out
 
     with spied(live, fail=poison) as spy:
-        spy.gate.clear()
-
         async def main():
             async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
-                first = asyncio.ensure_future(_post(http, "/embed", {"inputs": "hold the worker"}))
-                await asyncio.to_thread(spy.entered.acquire)
+                first = await spy.hold(http)
                 good = asyncio.ensure_future(_post(http, "/embed", {"inputs": ["a fine text to embed"]}))
                 bad = asyncio.ensure_future(_post(http, "/v1/embeddings", {"input": ["poison pill here"]}))
                 await asyncio.to_thread(wait_for, lambda: live.state.batcher.queued_requests == 2, "2 queued")
