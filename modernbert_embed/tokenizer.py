@@ -88,6 +88,11 @@ class TextTokenizer:
         encodings = encode(texts, add_special_tokens=True)
         return [e.ids for e in encodings], [len(e.overflowing) > 0 for e in encodings]
 
+    @property
+    def untruncated(self):
+        """The `tokenizers.Tokenizer` that neither truncates nor pads (made at load, never changed)."""
+        return self._by_length[None]
+
     def encode_whole(self, texts: Sequence[str]) -> list:
         """Untruncated encodings without special tokens, with character offsets."""
-        return self._for_length(None).encode_batch(check_texts(texts), add_special_tokens=False)
+        return self.untruncated.encode_batch(check_texts(texts), add_special_tokens=False)

@@ -26,8 +26,6 @@ class ServerState:
     """What the routes share: the model, the worker, the limits, the flags."""
 
     def __init__(self, embedder, settings: ServerSettings):
-        from tokenizers import Tokenizer
-
         self.embedder = embedder
         self.engine = embedder.engine
         self.tokenizer = embedder.tokenizer
@@ -46,11 +44,8 @@ class ServerState:
         self.metrics.watch(self.batcher, self)
         self.tokenization_workers = settings.tokenization_workers or min(4, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.tokenization_workers, thread_name_prefix="modernbert-embed-tokenize")
-        self.raw_tokenizer = None  # untruncated, with offsets, for /tokenize; never reconfigured
-        if self.tokenizer is not None:
-            self.raw_tokenizer = Tokenizer.from_file(str(self.tokenizer.path))
-            self.raw_tokenizer.no_truncation()
-            self.raw_tokenizer.no_padding()
+        # untruncated, with offsets, for /tokenize: the checkpoint tokenizer's own, never reconfigured
+        self.raw_tokenizer = self.tokenizer.untruncated if self.tokenizer is not None else None
         self.created = int(time.time())
         self.ready = False  # warmed up
         self.failed = False  # the warm-up forward failed
