@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
+from harness.measure import visible_pairs  # noqa: E402
 
 FULL_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
               (128, 64, 4, 4), (128, 64, 4, 2), (64, 128, 4, 3)]
@@ -104,17 +105,6 @@ def batch_of(lengths, device):
     from modernbert_embed.batching import pack
 
     return pack([[0] * n for n in lengths], list(range(len(lengths))), device)
-
-
-def visible_pairs(lengths, window):
-    """Query-key pairs the model attends over (|i - j| <= w within a sequence)."""
-    total = 0
-    for n in lengths:
-        if window is None or window >= n - 1:
-            total += n * n
-        else:  # each row sees 2w + 1 keys, minus what falls off either end
-            total += n * (2 * window + 1) - window * (window + 1)
-    return total
 
 
 # ----------------------------------------------------------------------------- sections

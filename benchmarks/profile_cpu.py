@@ -89,13 +89,8 @@ def instrument(engine, clock: Clock) -> None:
 
 def attention_flops(cfg: ModernBertConfig, lengths) -> float:
     """QK^T and PV over the keys each query sees (the window in local layers)."""
-    total = 0.0
-    for layer in range(cfg.num_hidden_layers):
-        w = cfg.window(layer)
-        for n in lengths:
-            keys = n * n if w is None else sum(min(n - 1, i + w) - max(0, i - w) + 1 for i in range(n))
-            total += 4 * keys * cfg.hidden_size
-    return total
+    return sum(4.0 * cfg.hidden_size * h.visible_pairs(lengths, cfg.window(layer))
+               for layer in range(cfg.num_hidden_layers))
 
 
 def matmul_flops(model) -> float:

@@ -25,7 +25,7 @@ from .engines import (
 from .measure import (
     GPU_BANDWIDTH_GBS, GPU_BF16_PEAK_TFLOPS, ROOT, Timing, cpu_model, cuda_missing, free_memory, git_commit,
     machine_info, machine_line, matmul_tflops, mfu, nominal_bandwidth_gbs, nominal_peak_tflops,
-    peak_memory_mb, reset_peak_memory, synchronize,
+    peak_memory_mb, reset_peak_memory, synchronize, visible_pairs,
 )
 from .report import (
     Goal, Results, Row, Spec, add_output_args, append_markdown, compare, fmt_num, fmt_pct, markdown_table,
@@ -39,7 +39,7 @@ __all__ = [
     "load_transformers_model", "padded_batches",
     "GPU_BANDWIDTH_GBS", "GPU_BF16_PEAK_TFLOPS", "ROOT", "Timing", "cpu_model", "cuda_missing", "free_memory",
     "git_commit", "machine_info", "machine_line", "matmul_tflops", "mfu", "nominal_bandwidth_gbs",
-    "nominal_peak_tflops", "peak_memory_mb", "reset_peak_memory", "synchronize",
+    "nominal_peak_tflops", "peak_memory_mb", "reset_peak_memory", "synchronize", "visible_pairs",
     "Goal", "Results", "Row", "Spec", "add_output_args", "append_markdown", "compare", "fmt_num", "fmt_pct",
     "markdown_table", "run_plan", "run_row", "write_json",
 ]

@@ -224,6 +224,17 @@ def matmul_tflops(device, dtype: torch.dtype, n: int, repeats: int = 5) -> float
     return 2 * n**3 / min(timing.times) / 1e12
 
 
+def visible_pairs(lengths, window) -> int:
+    """Query-key pairs the model attends over (|i - j| <= window within a sequence; None: all)."""
+    total = 0
+    for n in lengths:
+        if window is None or window >= n - 1:
+            total += n * n
+        else:  # each row sees 2w + 1 keys, minus what falls off either end
+            total += n * (2 * window + 1) - window * (window + 1)
+    return total
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
     if not peak_tflops:
         return None
