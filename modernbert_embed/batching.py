@@ -20,7 +20,7 @@ import torch
 # activations stay in the caches between the memory-bound ops (norms, rotary, GeGLU, residuals);
 # on the 2-core benchmark machine 4096 ran the mixed corpus 1.09x (fp32) and 1.14x (bf16) faster
 # than 16384, with bit-identical embeddings, and 2048 no better (benchmarks/RESULTS.md).
-DEFAULT_MAX_BATCH_TOKENS = 16384
+GPU_MAX_BATCH_TOKENS = 16384
 CPU_MAX_BATCH_TOKENS = 4096
 
 

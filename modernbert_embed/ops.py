@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from . import ops_torch
-from .batching import CPU_MAX_BATCH_TOKENS, DEFAULT_MAX_BATCH_TOKENS
+from .batching import CPU_MAX_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS
 from .kernels._arch import capability
 
 BACKENDS = ("auto", "torch", "triton")
@@ -147,7 +147,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def default_max_batch_tokens(device: torch.device) -> int:
     """Tokens per forward when the caller does not say: see `batching.CPU_MAX_BATCH_TOKENS`."""
-    return CPU_MAX_BATCH_TOKENS if torch.device(device).type == "cpu" else DEFAULT_MAX_BATCH_TOKENS
+    return CPU_MAX_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_MAX_BATCH_TOKENS
 
 
 # ----------------------------------------------------------------------------- ops

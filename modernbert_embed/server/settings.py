@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..batching import DEFAULT_MAX_BATCH_TOKENS
 
 API_KEY_ENV = "MODERNBERT_EMBED_API_KEY"
 
@@ -26,15 +25,13 @@ class ServerSettings:
     tokenization_workers: int | None = None  # default: min(4, CPUs)
     warmup_tokens: int | None = None  # default: max_batch_tokens on a GPU, 128 on the CPU
 
-    def check(self, model_limit: int, default_input_tokens: int,
-              default_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> "ServerSettings":
+    def check(self, model_limit: int, default_input_tokens: int, default_batch_tokens: int) -> "ServerSettings":
         """These settings with the input limit resolved (`default_input_tokens`, the checkpoint's
         max_seq_length, unless given; at most `model_limit`, its positions) and the batch budget
         (`default_batch_tokens`, the engine's, unless given), or a ValueError naming the bad one."""
-        if self.max_batch_tokens is None:
-            return replace(self, max_batch_tokens=default_batch_tokens).check(model_limit, default_input_tokens)
+        resolved = replace(self, max_batch_tokens=self.max_batch_tokens or default_batch_tokens)
         for name in ("max_batch_tokens", "max_client_batch_size", "max_queued_tokens", "payload_limit"):
-            value = getattr(self, name)
+            value = getattr(resolved, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         limit = default_input_tokens if self.max_input_tokens is None else self.max_input_tokens
@@ -45,7 +42,7 @@ class ServerSettings:
                              f"max_input_tokens ({limit})")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
-        return replace(self, max_input_tokens=limit)
+        return replace(resolved, max_input_tokens=limit)
 
 
 __all__ = ["ServerSettings", "API_KEY_ENV"]
