@@ -8,8 +8,8 @@ What this computes is transformers' `ModernBertModel`; how it departs from the t
   - GeGLU MLP: `Wi` makes [input | gate], output `Wo(gelu_erf(input) * gate)`;
   - no biases anywhere.
 All tensors are packed: `[T, ...]` holds the tokens of every sequence of a `Batch` back to back.
-The ops (`layer_norm`, `rotary`, `attention`, `geglu`) are chosen once, at load, by `ops.py`:
-this file has no device branches.
+The ops (`layer_norm`, `rotary`, `attention`, `geglu`, and the Linear layers' GEMM) are chosen
+once, at load, by `ops.py`: this file has no device branches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .batching import Batch
 from .config import ModernBertConfig
-from .ops_torch import int8_linear, int8_pack
 from .rope import rope_tables
 
 if TYPE_CHECKING:
@@ -35,20 +34,40 @@ def _weight(*shape) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int):
+    """`x @ W^T` by the ops' GEMM, on the weight in the form that GEMM takes (`Ops.pack_linear`:
+    the checkpoint's tensor on a GPU, oneDNN's blocked layout on the CPU), made once by `pack`."""
+
+    geglu = False  # Wi, whose GEMM the ops may fuse with the GeGLU after it (`GegluLinear`)
+
+    def __init__(self, in_features: int, out_features: int, ops: Ops):
         super().__init__()
         self.weight = _weight(out_features, in_features)
-        self.int8 = None  # the weight quantised and packed, when the ops run int8 weights
+        self.ops = ops
+        self.packed = None
 
     def forward(self, x):
-        if self.int8 is not None:
-            return int8_linear(x, self.int8)
-        return F.linear(x, self.weight)
+        return self.ops.linear(x, self.packed)
 
-    def quantize_int8(self) -> None:
-        """Keep the weight only as int8 (packed for the CPU's int8 GEMM); the float copy is freed."""
-        self.int8 = int8_pack(self.weight)
-        self.weight = _weight(*self.weight.shape)
+    def pack(self) -> None:
+        """At load. Where the packed form is a copy, the checkpoint's tensor is freed (only its
+        shape stays, on the meta device)."""
+        fused = self.geglu and self.ops.geglu_linear is not None  # packed for `geglu_linear`
+        self.packed = self.ops.pack_linear(self.weight, fused)
+        if self.packed is not self.weight:
+            self.weight = _weight(*self.weight.shape)
+
+
+class GegluLinear(Linear):
+    """Wi and the GeGLU after it: `gelu_erf(x W_in^T) * (x W_gate^T)` for W = [W_in; W_gate],
+    [T, H] -> [T, I]. Ops with a `geglu_linear` apply the GeGLU inside the GEMM; the others run the
+    GEMM, then their `geglu` op on its [T, 2I] output."""
+
+    geglu = True
+
+    def forward(self, x):
+        if self.ops.geglu_linear is not None:
+            return self.ops.geglu_linear(x, self.packed)
+        return self.ops.geglu(self.ops.linear(x, self.packed))
 
 
 class LayerNorm(nn.Module):
@@ -101,8 +120,8 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.rope = rope  # the tables of this layer's theta, shared with the other layers of that theta
         self.ops = ops
-        self.Wqkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.Wo = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.Wqkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, ops)
+        self.Wo = Linear(cfg.hidden_size, cfg.hidden_size, ops)
 
     def reorder_rotary_pairs(self) -> None:
         """Reorder each head's q and k rows of Wqkv from halves (x_0 .. x_{d-1}) to rotary pairs
@@ -127,12 +146,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModernBertConfig, ops: Ops):
         super().__init__()
-        self.ops = ops
-        self.Wi = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.Wo = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.Wi = GegluLinear(cfg.hidden_size, 2 * cfg.intermediate_size, ops)
+        self.Wo = Linear(cfg.intermediate_size, cfg.hidden_size, ops)
 
     def forward(self, x):
-        return self.Wo(self.ops.geglu(self.Wi(x)))  # [T, 2I] -> [T, I] -> [T, H]
+        return self.Wo(self.Wi(x))  # [T, H] -> GeGLU [T, I] -> [T, H]
 
 
 class EncoderLayer(nn.Module):
@@ -179,11 +197,8 @@ class ModernBert(nn.Module):
             for layer in self.layers:
                 layer.attn.reorder_rotary_pairs()
         for module in self.modules():
-            if isinstance(module, Linear) and self.ops.int8_weights:
-                module.quantize_int8()
-            elif isinstance(module, Linear) and self.ops.column_major_weights:
-                # same shape and values, transposed storage
-                module.weight = nn.Parameter(module.weight.t().contiguous().t(), requires_grad=False)
+            if isinstance(module, Linear):
+                module.pack()
         self.eval()
 
     @torch.inference_mode()

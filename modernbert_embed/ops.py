@@ -56,9 +56,13 @@ class Ops:
     attention: Callable  # (qkv, batch, window | None, scale) -> [T, h * d]
     geglu: Callable  # (u [T, 2I]) -> [T, I]
     pool: Callable  # (hidden [T,H], batch, mode, dim, normalize) -> [B, dim] fp32
-    # Store Linear weights [out, in] column-major (contiguous [in, out]): CPU BLAS runs x @ W^T
-    # faster as a plain NN product. GPU GEMMs take the checkpoint's row-major layout as it is.
-    column_major_weights: bool = False
+    # The Linear layers' GEMM: at load, `pack_linear(weight [out, in], geglu)` turns each weight into
+    # the form `linear(x, packed)` takes (GPU: the weight as it is, for cuBLAS; CPU: oneDNN's blocked
+    # layout). `geglu_linear(x, packed Wi)`, where set, is Wi's GEMM with the GeGLU applied as it
+    # writes (Wi is packed with `geglu=True`); None: Wi's `linear`, then the `geglu` op.
+    pack_linear: Callable = ops_torch.keep_weight
+    linear: Callable = ops_torch.linear
+    geglu_linear: Callable | None = None
     # The attention op rotates q and k itself as it loads them (attention(..., rope=(cos, sin)));
     # the model then skips the rotary op and its pass over q and k.
     fused_rotary: bool = False
@@ -68,8 +72,8 @@ class Ops:
     rotary_pairs: bool = False
     # An experiment on the CPU (`select_ops(..., int8_weights=True)`, not offered as a dtype: its
     # cosine to float32 missed the 0.995 bar, benchmarks/RESULTS.md): every Linear weight is
-    # quantised to int8 per output feature at load and its input per call
-    # (`ops_torch.int8_linear`); the rest of the model runs in float32.
+    # quantised to int8 per output feature at load and its input per call (`pack_linear` and
+    # `linear` are `ops_torch.int8_pack` / `int8_linear`); the rest of the model runs in float32.
     int8_weights: bool = False
 
 
@@ -82,10 +86,11 @@ TORCH_OPS = Ops(
     attention=ops_torch.attention,
     geglu=ops_torch.geglu,
     pool=ops_torch.pool,
-    column_major_weights=True,
 )
-# The CPU's: torch's ops with the rotary of the pairs layout.
-CPU_OPS = replace(TORCH_OPS, rotary=ops_torch.rotary_pairs, rotary_pairs=True)
+# The CPU's: torch's ops with the rotary of the pairs layout, and oneDNN's GEMMs on packed weights
+# (BLAS on column-major weights where oneDNN cannot take the dtype: `ops_torch.cpu_pack`).
+CPU_OPS = replace(TORCH_OPS, rotary=ops_torch.rotary_pairs, rotary_pairs=True, pack_linear=ops_torch.cpu_pack,
+                  linear=ops_torch.cpu_linear, geglu_linear=ops_torch.cpu_geglu_linear)
 
 
 # ----------------------------------------------------------------------------- device and dtype
@@ -188,8 +193,9 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
                          "qnnpack); this one has none")
     ops = ops_for_arch(arch(device), backend, attention)
     if int8_weights:
-        return replace(ops, name=ops.name + "+int8", int8_weights=True)
-    return ops if device.type == "cpu" else replace(ops, column_major_weights=False)
+        return replace(ops, name=ops.name + "+int8", int8_weights=True, pack_linear=ops_torch.int8_pack,
+                       linear=ops_torch.int8_linear, geglu_linear=None)
+    return ops
 
 
 def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto") -> Ops:

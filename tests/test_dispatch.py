@@ -115,16 +115,16 @@ def test_triton_ops_from_turing_and_triton_attention_from_ampere(fake_gpus, capa
     if attention == "triton":
         assert chosen.attention is attention_mod.attention
     assert not chosen.fused_rotary  # the rotary op runs (rotary inside attention is an experiment)
-    assert not chosen.column_major_weights  # GPU GEMMs take the checkpoint's layout
+    assert chosen.pack_linear is ops.ops_torch.keep_weight  # GPU GEMMs take the checkpoint's layout
 
 
 def test_torch_ops_before_turing_and_on_the_cpu(fake_gpus):
     fake_gpus(capability=(7, 0), name="Tesla V100")
     assert set(_kinds(ops.select_ops(CUDA0)).values()) == {"torch"}
-    assert ops.select_ops(CUDA0).column_major_weights is False
+    assert ops.select_ops(CUDA0).linear is ops.ops_torch.linear
     assert ops.select_ops(CUDA0).rotary is ops.TORCH_OPS.rotary  # the halves' layout, as Triton's
     cpu = ops.select_ops("cpu")
-    assert set(_kinds(cpu).values()) == {"torch"} and cpu.column_major_weights is True
+    assert set(_kinds(cpu).values()) == {"torch"} and cpu.pack_linear is ops.ops_torch.cpu_pack
     assert cpu.rotary_pairs and cpu.rotary is ops.ops_torch.rotary_pairs
 
 
@@ -233,7 +233,10 @@ def test_on_device_enters_the_engines_gpu(cpu_engine, monkeypatch):
 
 def test_every_launch_of_embed_and_hidden_states_happens_inside_on_device(cpu_engine, monkeypatch):
     inside = [False]
-    calls = {n: [] for n in ops.OP_NAMES}
+    # every op, the GEMM of the Linear layers included; on the CPU GeGLU runs inside Wi's GEMM
+    fused = cpu_engine.ops.geglu_linear is not None
+    names = [n for n in (*ops.OP_NAMES, "linear", "geglu_linear") if getattr(cpu_engine.ops, n) is not None]
+    calls = {n: [] for n in names}
 
     @contextlib.contextmanager
     def on_device():
@@ -252,7 +255,7 @@ def test_every_launch_of_embed_and_hidden_states_happens_inside_on_device(cpu_en
 
         return op
 
-    spied = replace(cpu_engine.ops, **{n: spy(n) for n in ops.OP_NAMES})
+    spied = replace(cpu_engine.ops, **{n: spy(n) for n in names})
     # the model and the engine hold the same Ops record; every module reads its ops from it
     for module in cpu_engine.model.modules():
         if getattr(module, "ops", None) is cpu_engine.ops:
@@ -262,7 +265,7 @@ def test_every_launch_of_embed_and_hidden_states_happens_inside_on_device(cpu_en
     ids = random_ids([5, 140, 9])
     cpu_engine.embed(ids)
     cpu_engine.hidden_states(ids)
-    assert all(calls[n] for n in ops.OP_NAMES), {n: len(c) for n, c in calls.items()}
+    assert all(calls[n] for n in names if not (fused and n == "geglu")), {n: len(c) for n, c in calls.items()}
     assert all(all(c) for c in calls.values()), "an op ran outside the engine's device context"
 
 

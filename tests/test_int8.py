@@ -34,7 +34,7 @@ def test_an_int8_model_keeps_only_int8_weights_and_stays_close_to_float32(small_
     assert m8.dtype_name == "int8" and m8.dtype == torch.float32 and m32.dtype_name == "float32"
     assert "dtype=int8" in repr(m8) and m8.ops.int8_weights and not m32.ops.int8_weights
     linears = [m for m in m8.model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.int8 is not None and m.weight.is_meta for m in linears)
+    assert linears and all(m.packed is not None and m.weight.is_meta for m in linears)
     ids = random_ids([1, 5, 64, 65, 130, 300], seed=3)
     a = m32.encode_tokens(ids, convert_to_tensor=True)
     b = m8.encode_tokens(ids, convert_to_tensor=True)

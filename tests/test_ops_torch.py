@@ -1,5 +1,6 @@
-"""The CPU attention's three paths (full, band mask, window blocks) against a dense float64
-reference with an explicit |i - j| <= w mask."""
+"""The CPU's torch ops: the attention's three paths (full, band mask, window blocks) against a
+dense float64 reference with an explicit |i - j| <= w mask, the rotary of the pairs layout, and the
+Linear layers' GEMMs (oneDNN on packed weights, GeGLU inside Wi's GEMM) against `F.linear`."""
 
 import pytest
 import torch
@@ -44,3 +45,96 @@ def test_rotary_pairs_is_rotary_on_reordered_features(dtype, head_dim):
     back[..., pairs] = got
     diff = (back[:, :2].float() - want[:, :2].float()).abs().max().item()
     assert diff <= (1e-6 if dtype == torch.float32 else 0.0), diff
+
+
+# ----------------------------------------------------------------------------- the CPU's Linear GEMMs
+needs_onednn = pytest.mark.skipif(not ops_torch.onednn_supports(torch.float32),
+                                  reason="this torch or CPU has no oneDNN linear: the CPU runs BLAS (tested below)")
+
+
+def _linear_case(dtype, rows, seed=0, out_features=96, in_features=80):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, generator=g) * in_features ** -0.5).to(dtype)
+    return x, w
+
+
+def _relative(got, want):
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_onednn_linear_on_packed_weights_is_f_linear(rows):
+    x, w = _linear_case(torch.float32, rows)
+    packed = ops_torch.cpu_pack(w)
+    assert packed.is_mkldnn
+    got = ops_torch.cpu_linear(x, packed)
+    assert got.shape == (rows, 96) and got.dtype == torch.float32
+    assert _relative(got, torch.nn.functional.linear(x, w)) < 1e-5
+    # any input row layout: a strided view of a wider tensor
+    wide = torch.randn(rows, 160)
+    assert _relative(ops_torch.cpu_linear(wide[:, ::2], packed), torch.nn.functional.linear(wide[:, ::2], w)) < 1e-5
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_geglu_inside_wi_gemm_is_the_geglu_of_the_product(dtype, tol):
+    """The two fused GEMMs give `gelu_erf(x W_in^T) * (x W_gate^T)`: the exact GELU (a tanh GELU
+    would be off by about 1e-4 of the largest output here) on the halves in the checkpoint's order."""
+    x, w = _linear_case(dtype, 37, seed=3, out_features=2 * 48)
+    packed = ops_torch.cpu_pack(w, geglu=True)
+    assert isinstance(packed, tuple) and all(p.is_mkldnn for p in packed)
+    got = ops_torch.cpu_geglu_linear(x, packed)
+    u = torch.nn.functional.linear(x.float(), w.float())
+    want = ops_torch.geglu(u)
+    assert got.shape == (37, 48) and got.dtype == dtype
+    assert _relative(got, want) < tol
+    if dtype == torch.float32:  # the test tells the two GELUs apart
+        tanh = torch.nn.functional.gelu(u[:, :48], approximate="tanh") * u[:, 48:]
+        assert _relative(tanh, want) > 10 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_linear_runs_every_dtype_with_or_without_onednn(monkeypatch, dtype):
+    """Where oneDNN cannot take a dtype (float16 on most CPUs, or a build without it), the weights
+    are kept column-major and BLAS runs them: the same products either way."""
+    x, w = _linear_case(dtype, 33, seed=5, out_features=2 * 40)
+    want_linear = torch.nn.functional.linear(x.float(), w.float())
+    want_geglu = ops_torch.geglu(want_linear)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for onednn in (True, False):
+        if not onednn:
+            monkeypatch.setattr(ops_torch, "onednn_supports", lambda dtype: False)
+        packed, packed_wi = ops_torch.cpu_pack(w), ops_torch.cpu_pack(w, geglu=True)
+        if not onednn:
+            assert packed.layout == torch.strided and packed.stride() == (1, w.shape[0])  # column-major
+            assert torch.equal(packed, w)
+        assert _relative(ops_torch.cpu_linear(x, packed), want_linear) < tol
+        assert _relative(ops_torch.cpu_geglu_linear(x, packed_wi), want_geglu) < tol
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cpu_model_on_packed_weights_matches_the_model_on_blas(small_checkpoint, dtype):
+    """The CPU's default GEMMs (oneDNN, GeGLU inside Wi's) against BLAS on the checkpoint's weights:
+    the same embeddings up to the order of the sums."""
+    from dataclasses import replace
+
+    from conftest import random_ids
+    from modernbert_embed import Checkpoint, Embedder, ops
+    from modernbert_embed.model import Linear
+
+    blas_ops = replace(ops.CPU_OPS, pack_linear=ops_torch.column_major, linear=ops_torch.linear, geglu_linear=None)
+    default = Embedder.from_pretrained(small_checkpoint, device="cpu", dtype=dtype)
+    blas = Embedder.from_checkpoint(Checkpoint(small_checkpoint), device="cpu", dtype=dtype, ops=blas_ops)
+    linears = [m for m in default.model.modules() if isinstance(m, Linear)]
+    if ops_torch.onednn_supports(default.dtype):  # only the packed copies stay in memory
+        assert all(m.weight.is_meta for m in linears)
+        assert all(p.is_mkldnn for m in linears for p in (m.packed if m.geglu else (m.packed,)))
+    ids = random_ids([1, 5, 64, 65, 130, 300], seed=4)
+    a = default.encode_tokens(ids, convert_to_tensor=True)
+    b = blas.encode_tokens(ids, convert_to_tensor=True)
+    if dtype == "float32":
+        assert (a - b).abs().max() < 1e-5
+    else:
+        assert (a * b).sum(1).min() > 0.999
