@@ -14,6 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .batching import CPU_MAX_BATCH_TOKENS
+
 
 # ----------------------------------------------------------------------------- layer norm
 def layer_norm(x, weight, eps, residual=None):
@@ -194,7 +196,7 @@ def column_major(weight, geglu=False):
 
 # The number of rows (tokens) oneDNN lays a packed weight out for: the CPU's batch budget. Any
 # other count runs too (measured from 1 to 4,000 rows, faster than BLAS at each).
-ONEDNN_ROWS_HINT = 4096
+ONEDNN_ROWS_HINT = CPU_MAX_BATCH_TOKENS
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,7 +213,7 @@ def onednn_supports(dtype: torch.dtype) -> bool:
             packed = _onednn_pack(w)
             got = _onednn_linear(x, packed).float()
             fused = _onednn_mul_linear(x, packed, _onednn_linear(x, packed, gelu=True)).float()
-    except (RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError):  # an op this torch lacks, a dtype it refuses
         return False
     want = F.linear(x.float(), w.float())
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # relative to the largest output

@@ -35,7 +35,13 @@ def test_bench_serve_quick(tmp_path):
         assert row["mean_batch_inputs"] >= (16 if workload == "batch16" else 1)
     direct = record["direct"]
     assert direct["tokens_per_s"] > 0 and len(direct["throughput_runs"]) == 2 and direct["one_text_runs"] == 16
+    paired = direct["paired_one_text"]  # each of the c=1 level's 8 texts: one request and one direct encode
+    assert paired["pairs"] == 8 and paired["served_p50_ms"] > 0 and paired["direct_p50_ms"] > 0
+    lo, hi = paired["ratio_p25_p75"]
+    assert 0 < lo <= paired["ratio"] <= hi
     assert record["exit_codes"] == {"ours": 0}
-    assert [g["goal"] for g in record["goals"]] == ["c=4 short tokens/s >= 0.8x direct encode",
-                                                     "c=1 short p50 <= 1.2x direct encode of one text"]
+    assert [g["goal"] for g in record["goals"]] == [
+        "c=4 short tokens/s >= 0.8x direct encode",
+        "c=1 short latency <= 1.2x direct encode of one text (median of paired ratios)"]
+    assert "Concurrency 1, paired: 8 short texts" in r.stdout
     assert "| short | 4 | ours |" in r.stdout
