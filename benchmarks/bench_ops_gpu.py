@@ -49,7 +49,8 @@ GROUPS = [
     ("rotary", ("_rotary_kernel",)),
     ("geglu", ("_geglu_kernel", "gelu")),
     ("pool", ("_pool_kernel",)),
-    ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::linear", "matmul")),
+    ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::linear", "matmul",
+              "_linear_pointwise")),  # the last: oneDNN's packed linear, the CPU's (dry runs)
     ("embedding", ("index", "embedding", "gather")),
     ("copy", ("memcpy", "memset", "copy", "fill")),
 ]
