@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -69,6 +70,20 @@ class Engine:
         the dispatch chooses them, and on a GPU checks them first (`ops.self_check`)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if device.type == "cpu":
+            # On a thread that ends with the load: torch's OpenMP (libgomp) keeps a team of helper
+            # threads for every thread that ran a parallel op, and once there are more helpers than
+            # cores it lets them spin only briefly, so every op of a forward wakes its helper again.
+            # A model loaded on the main thread and run on another (a server's worker, a thread
+            # pool) then took 1.3-1.45x as long per forward after an idle moment (2 cores); a
+            # passing thread's team goes with it, and the thread that runs the model keeps the
+            # only one.
+            with ThreadPoolExecutor(1, thread_name_prefix="modernbert-embed-load") as loader:
+                return loader.submit(cls._load, checkpoint, device, dtype, ops).result()
+        return cls._load(checkpoint, device, dtype, ops)
+
+    @classmethod
+    def _load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, ops: Ops | None) -> "Engine":
         cfg = checkpoint.config
         if ops is None:
             ops = select_ops(device)

@@ -144,3 +144,36 @@ def test_tokenizer_is_never_reconfigured(model):
     model.tokenize(["x"])
     assert tok._for_length(40) is first and first.truncation["max_length"] == 40
     assert tok._for_length(8192).truncation["max_length"] == 8192
+
+
+def test_a_cpu_model_is_built_on_a_thread_that_has_ended(small_checkpoint, monkeypatch):
+    """`Engine.load` builds a CPU model on a passing thread (the comment there says why: the thread
+    that later runs the model then holds torch's only OpenMP team); the model works from any
+    thread, and an error of the load still reaches the caller as itself."""
+    from modernbert_embed import Embedder
+    from modernbert_embed import engine as engine_mod
+
+    seen = []
+    real = engine_mod.load_state_dict
+
+    def recording(*args, **kwargs):
+        seen.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "load_state_dict", recording)
+    m = Embedder.from_pretrained(small_checkpoint, device="cpu")
+    assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    ids = random_ids([5, 70])
+    want = m.encode_tokens(ids)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(m.encode_tokens(ids)))
+    worker.start()
+    worker.join()
+    np.testing.assert_array_equal(got[0], want)
+
+    def broken(*args, **kwargs):
+        raise ValueError("the weights are broken")
+
+    monkeypatch.setattr(engine_mod, "load_state_dict", broken)
+    with pytest.raises(ValueError, match="the weights are broken"):
+        Embedder.from_pretrained(small_checkpoint, device="cpu")

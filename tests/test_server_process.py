@@ -177,35 +177,3 @@ def test_the_command_line_works_without_the_serve_extra(ckpt):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pip install 'modernbert-embed[serve]'" in r.stderr, r.stderr
 
-
-def test_the_server_loads_its_model_on_a_thread_that_ends(ckpt, monkeypatch):
-    """The model is loaded on a passing thread, never on the main one, so that the worker is the
-    only thread whose parallel CPU ops keep an OpenMP team (`load_on_a_passing_thread`); errors
-    of the load still reach the command."""
-    from modernbert_embed import Embedder
-    from modernbert_embed.cli import main
-    from modernbert_embed.server import cli as serve_cli
-
-    loads = []
-    real = Embedder.from_pretrained
-
-    def recording(*args, **kwargs):
-        loads.append(threading.current_thread())
-        return real(*args, **kwargs)
-
-    class NotRun:  # the server is built, not started: the command returns 1
-        started = False
-
-        def run(self):
-            pass
-
-    monkeypatch.setattr(Embedder, "from_pretrained", staticmethod(recording))
-    monkeypatch.setattr(serve_cli, "make_server", lambda *a, **k: NotRun())
-    assert main(["serve", "--model", str(ckpt), "--port", "0"]) == 1
-    assert len(loads) == 1 and loads[0] is not threading.main_thread() and not loads[0].is_alive()
-
-    def broken():
-        raise ValueError("no such model")
-
-    with pytest.raises(ValueError, match="no such model"):
-        serve_cli.load_on_a_passing_thread(broken)

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ..weights.resolve import DEFAULT_MODEL
 from .settings import API_KEY_ENV, ServerSettings
@@ -92,17 +91,6 @@ def settings_from_args(args) -> ServerSettings:
         tokenization_workers=args.tokenization_workers)
 
 
-def load_on_a_passing_thread(load, *args, **kwargs):
-    """`load(*args, **kwargs)` on a thread that ends with it, so that the worker is the only thread
-    of the server that ever runs torch's parallel CPU ops. torch's OpenMP (libgomp) keeps a team of
-    helper threads for each thread that ran one; once there are more helpers than cores it lets them
-    spin only briefly, so every op of the worker's forwards has to wake its helper again: after a
-    load on the main thread, a forward of one short text at concurrency 1 took 1.3-1.45x as long
-    as with no second team (measured on 2 cores). A thread's team goes when the thread ends."""
-    with ThreadPoolExecutor(1, thread_name_prefix="modernbert-embed-load") as pool:
-        return pool.submit(load, *args, **kwargs).result()
-
-
 def make_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
                 access_log: bool = False):
     """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text)."""
@@ -160,8 +148,7 @@ def run_serve(args) -> int:
     from .app import create_app
 
     try:
-        embedder = load_on_a_passing_thread(Embedder.from_pretrained, args.model, device=args.device,
-                                            dtype=args.dtype, revision=args.revision)
+        embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
         app = create_app(embedder, settings_from_args(args))
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"modernbert-embed: error: cannot load the model: {e}", file=sys.stderr)
@@ -180,6 +167,5 @@ def run_serve(args) -> int:
     return 0
 
 
-__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "load_on_a_passing_thread",
-           "SHUTDOWN_MARGIN"]
+__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "SHUTDOWN_MARGIN"]
 
