@@ -275,8 +275,9 @@ def int8_available() -> bool:
 
 
 def int8_pack(weight: torch.Tensor, geglu: bool = False):
-    """A Linear weight [out, in] (Wi too: GeGLU runs after its GEMM) quantised to int8, one symmetric scale per output feature
-    (max |w| / 127), and packed for torch's quantized CPU engine (fbgemm / oneDNN on x86)."""
+    """A Linear weight [out, in] quantised to int8, one symmetric scale per output feature
+    (max |w| / 127), and packed for torch's quantized CPU engine (fbgemm / oneDNN on x86). Wi is
+    packed whole (`geglu` is ignored): the GeGLU runs after its GEMM."""
     w = weight.detach().float().contiguous()
     scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
     with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated (still there in 2.13)
