@@ -154,6 +154,10 @@ class Engine:
         """Rows of `result` holding a NaN or an infinity (waits for the device)."""
         return (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
 
+    def budget(self, max_batch_tokens: int | None) -> int:
+        """Tokens per forward: the one given, or this engine's default for its device."""
+        return max_batch_tokens or self.max_batch_tokens
+
     # --------------------------------------------------------------------------- the batch loop
     def embed(self, ids: Sequence[Sequence[int]], *, dim: int | None = None, normalize: bool = True,
               max_batch_tokens: int | None = None, batch_size: int | None = None,
@@ -179,7 +183,7 @@ class Engine:
                              f"{out.dtype} {list(out.shape)} on {out.device}")
         if not ids:
             return out
-        plan = plan_batches([len(s) for s in ids], max_batch_tokens or self.max_batch_tokens, batch_size)
+        plan = plan_batches([len(s) for s in ids], self.budget(max_batch_tokens), batch_size)
         track = on_batch is not None and self.device.type == "cuda"
         pending: collections.deque = collections.deque()
         with self.on_device():
@@ -213,7 +217,7 @@ class Engine:
         [len_i, hidden] per input, in input order."""
         result: list[torch.Tensor | None] = [None] * len(ids)
         with self.on_device():
-            for order in plan_batches([len(s) for s in ids], max_batch_tokens or self.max_batch_tokens):
+            for order in plan_batches([len(s) for s in ids], self.budget(max_batch_tokens)):
                 batch = pack(ids, order, self.device)
                 hidden = self.model(batch).float().cpu()
                 for seq, piece in zip(batch.order, hidden.split(list(batch.lengths))):

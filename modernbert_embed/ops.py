@@ -3,9 +3,10 @@
 - Device: `resolve_device` (a CUDA index must exist).
 - dtype: float32 on the CPU; on a GPU bfloat16 where it has native bf16 (compute capability 8.0 and
   newer), float16 before that.
-- Ops, chosen once at load: plain torch on the CPU; Triton kernels on CUDA GPUs of compute
-  capability 7.5 and newer (older ones get torch). Attention follows the GPU: where the Triton
-  attention kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
+- Ops, chosen once at load: torch's on the CPU, with the Linear layers on oneDNN's packed GEMMs;
+  Triton kernels on CUDA GPUs of compute capability 7.5 and newer (older ones get torch).
+  Attention follows the GPU: where the Triton attention kernel cannot serve an architecture well
+  (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
   The policy is `ops_for_arch` (by compute capability); `compile_check --arch N` compiles
   exactly what it picks for sm_N, in each dtype of `gpu_dtypes(N)`. Within a kernel, the tiles
   follow the GPU of the tensors it is given (the launchers, via `kernels._arch`).

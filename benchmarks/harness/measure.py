@@ -225,7 +225,7 @@ def matmul_tflops(device, dtype: torch.dtype, n: int, repeats: int = 5) -> float
     b = torch.randn(n, n, device=device).to(dtype)
     gemms = [lambda: a @ b]
     if device.type == "cpu" and ops_torch.onednn_supports(dtype):
-        packed = ops_torch.cpu_pack(b.t().contiguous())  # a Linear weight [out, in]: x @ W^T = a @ b
+        packed = ops_torch.cpu_pack(b.t())  # as a Linear weight [out, in]: x @ W^T = a @ b
         gemms.append(lambda: ops_torch.cpu_linear(a, packed))
     best = float("inf")
     with torch.inference_mode():

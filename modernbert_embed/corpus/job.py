@@ -151,7 +151,7 @@ class CorpusJob:
         dev = str(emb.device)
         if emb.device.type == "cuda":
             dev += f" ({torch.cuda.get_device_name(emb.device)})"
-        budget = self.encode.max_batch_tokens or emb.engine.max_batch_tokens  # None: the engine's
+        budget = emb.engine.budget(self.encode.max_batch_tokens)
         return {"device": dev, "ops": emb.ops.name, "max_batch_tokens": budget,
                 "threads": torch.get_num_threads() if emb.device.type == "cpu" else None}
 
