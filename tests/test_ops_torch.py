@@ -10,9 +10,9 @@ from modernbert_embed import ops_torch
 from helpers import batch_of, dense_attention
 
 
-@pytest.mark.parametrize("w", [None, 8, 16])
+@pytest.mark.parametrize("w", [None, 1, 5, 8, 16])  # odd and tiny windows: blocks of w // 2
 def test_attention_paths_match_dense(w):
-    # w + 1, 3w and beyond: every path of ops_torch.attention, in one packed batch
+    # w + 1, 3w and beyond, with every remainder of a block: every path of ops_torch.attention
     lengths = [1, 2, 8, 9, 10, 17, 24, 25, 48, 49, 50, 97, 130]
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(sum(lengths), 3, 2, 16, generator=g) * 2
