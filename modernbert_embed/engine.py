@@ -155,8 +155,9 @@ class Engine:
         return (~torch.isfinite(result).all(dim=1)).nonzero().flatten().tolist()
 
     def budget(self, max_batch_tokens: int | None) -> int:
-        """Tokens per forward: the one given, or this engine's default for its device."""
-        return max_batch_tokens or self.max_batch_tokens
+        """Tokens per forward: the one given (a bad one is refused by the planner), or, for None,
+        this engine's default for its device."""
+        return self.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
 
     # --------------------------------------------------------------------------- the batch loop
     def embed(self, ids: Sequence[Sequence[int]], *, dim: int | None = None, normalize: bool = True,

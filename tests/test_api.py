@@ -77,6 +77,12 @@ def test_the_default_budget_follows_the_device(model, monkeypatch):
     assert seen == [300]
 
 
+def test_the_engine_refuses_a_zero_budget_instead_of_defaulting(model):
+    assert model.engine.budget(None) == model.engine.max_batch_tokens and model.engine.budget(64) == 64
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1, got 0"):
+        model.engine.embed(random_ids([5], seed=1), max_batch_tokens=0)
+
+
 def test_matryoshka_and_normalisation(model):
     ids = random_ids([10, 80], seed=24)
     full = model.encode_tokens(ids, normalize_embeddings=False)

@@ -537,3 +537,13 @@ def test_a_failing_forward_fails_only_its_requests(live, embedder):
     check_error_shape(r, "/embed", 500, "internal server error")
     assert "secret" not in r.text
     assert live.http.post("/embed", json={"inputs": "x"}).status_code == 200  # the worker lives on
+
+
+@pytest.mark.parametrize("given, want", [(None, 4096), (2048, 2048)])
+def test_settings_batch_budget_defaults_only_when_absent(given, want):
+    assert ServerSettings(max_batch_tokens=given).check(8192, 512, 4096).max_batch_tokens == want
+
+
+def test_settings_refuse_a_zero_batch_budget():
+    with pytest.raises(ValueError, match="max_batch_tokens must be a whole number >= 1, got 0"):
+        ServerSettings(max_batch_tokens=0).check(8192, 512, 4096)

@@ -29,7 +29,8 @@ class ServerSettings:
         """These settings with the input limit resolved (`default_input_tokens`, the checkpoint's
         max_seq_length, unless given; at most `model_limit`, its positions) and the batch budget
         (`default_batch_tokens`, the engine's, unless given), or a ValueError naming the bad one."""
-        resolved = replace(self, max_batch_tokens=self.max_batch_tokens or default_batch_tokens)
+        # None only takes the default: a 0 given is refused below, not replaced
+        resolved = replace(self, max_batch_tokens=default_batch_tokens) if self.max_batch_tokens is None else self
         for name in ("max_batch_tokens", "max_client_batch_size", "max_queued_tokens", "payload_limit"):
             value = getattr(resolved, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
