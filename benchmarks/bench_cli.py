@@ -11,7 +11,7 @@ Best of --repeats for each; the command's documents/s should be within 10% of en
     python benchmarks/bench_cli.py --model PATH --docs 20000 --device cuda
 
 Without --model it writes a random-weight checkpoint (a small ModernBERT with the real tokenizer,
-from the shared fixtures or the HF cache) to a temporary folder: the numbers measure the engine,
+kept with the tests, or from the HF cache) to a temporary folder: the numbers measure the engine,
 the embeddings mean nothing.
 """
 
@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("MODERNBERT_EMBED_FIXTURES",
-                               ROOT.parent / "shared" / "fixtures" / "modernbert-embed-base"))
+# The real config and tokenizer, kept with the tests (harness.FIXTURES; this script runs without the harness).
+FIXTURES = Path(os.environ.get("MODERNBERT_EMBED_FIXTURES", ROOT / "tests" / "data" / "modernbert-embed-base"))
 BENCH_CONFIG = {
     "model_type": "modernbert", "architectures": ["ModernBertModel"], "vocab_size": 50368,
     "hidden_size": 256, "intermediate_size": 384, "num_hidden_layers": 6, "num_attention_heads": 4,
@@ -130,7 +130,6 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         model = args.model
         if model is None:
-            sys.path.insert(0, str(ROOT))
             from modernbert_embed.weights import write_random_checkpoint
 
             model = write_random_checkpoint(tmp / "ckpt", BENCH_CONFIG, seed=0, tokenizer_json=tokenizer_json(),

@@ -25,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench_cli import tokenizer_json  # noqa: E402  (the real tokenizer, from the fixtures or the HF cache)
+from bench_cli import tokenizer_json  # noqa: E402  (the real tokenizer, kept with the tests)
 
 # The smallest ModernBERT that still has a global and a local layer: the model's time per shard is
 # small, so that the folder's bookkeeping shows.

@@ -50,16 +50,15 @@ from pathlib import Path
 
 import numpy as np
 
-# This checkout's package, whatever is installed: the server runs from it (`python -m` in ROOT),
-# and the direct reference must run the same engine.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+# The harness beside this script; modernbert_embed is the installed package (an editable install of
+# this checkout), for the server and the direct reference alike.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
 from modernbert_embed.ops import default_max_batch_tokens  # noqa: E402
 
 ROOT = h.ROOT
-FIXTURES = Path(os.environ.get("MODERNBERT_EMBED_FIXTURES", ROOT.parent / "shared" / "fixtures" /
-                               "modernbert-embed-base"))
+FIXTURES = h.FIXTURES
 # What transformers' AutoTokenizer needs beside tokenizer.json (the real checkpoint ships it).
 TOKENIZER_CONFIG = {"clean_up_tokenization_spaces": True, "cls_token": "[CLS]", "mask_token": "[MASK]",
                     "model_max_length": 8192, "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]",
@@ -190,7 +189,10 @@ class Server:
     def __init__(self, name: str, cmd: list[str], port: int, path: str, ready: str, env=None, log=None):
         self.name, self.port, self.path, self.ready = name, port, path, ready
         self.log = open(log, "w") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
+        # PYTHONSAFEPATH: `python -m` in ROOT must not put the checkout's top-level kernels/ (installed as
+        # modernbert_embed.kernels) on sys.path, where it would shadow PyPI's `kernels`, which transformers imports.
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
+                                     stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float) -> None:

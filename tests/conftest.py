@@ -7,6 +7,7 @@ set before triton is first imported: that is why it is set here, at collection t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,22 @@ import torch
 
 from modernbert_embed.weights import small_config
 
+ROOT = Path(__file__).resolve().parents[1]
+# The repository's top level holds kernels/ and weights/, installed as modernbert_embed.kernels and
+# modernbert_embed.weights. With the checkout's root on sys.path (`python -m pytest`, or a child
+# `python -m ...` started in it) they would also import as top-level packages, and `kernels` would
+# shadow PyPI's package of that name, which transformers imports. Keep the root off sys.path, here
+# and in every child process (PYTHONSAFEPATH); modernbert_embed comes from the install.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(
-    os.environ.get("MODERNBERT_EMBED_FIXTURES", ROOT.parent / "shared" / "fixtures" / "modernbert-embed-base")
-)
+# The real config, sentence-transformers files and tokenizer of modernbert-embed-base (no weights),
+# kept in the repository (tests/data/modernbert-embed-base/README.md).
+FIXTURES = Path(os.environ.get("MODERNBERT_EMBED_FIXTURES", ROOT / "tests" / "data" / "modernbert-embed-base"))
 
 # A small ModernBERT in the 4.48 schema (see weights.small_config): 2 heads of 64, window +-64,
 # 4 layers (global, local, local, global).
@@ -31,7 +40,7 @@ SMALL_CONFIG = small_config()
 def fixture_file(name: str) -> Path:
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"needs the real {name} from the shared fixtures folder ({FIXTURES}), which is absent")
+        pytest.skip(f"needs the real {name} in {FIXTURES} (MODERNBERT_EMBED_FIXTURES), which is absent")
     return path
 
 

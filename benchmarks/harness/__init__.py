@@ -23,7 +23,7 @@ from .engines import (
     padded_batches,
 )
 from .measure import (
-    GPU_BANDWIDTH_GBS, GPU_BF16_PEAK_TFLOPS, ROOT, Timing, cpu_model, cuda_missing, free_memory, git_commit,
+    FIXTURES, GPU_BANDWIDTH_GBS, GPU_BF16_PEAK_TFLOPS, ROOT, Timing, cpu_model, cuda_missing, free_memory, git_commit,
     machine_info, machine_line, matmul_tflops, mfu, nominal_bandwidth_gbs, nominal_peak_tflops,
     peak_memory_mb, reset_peak_memory, synchronize, visible_pairs,
 )
@@ -37,7 +37,7 @@ __all__ = [
     "st_folder", "write_checkpoint", "write_id_tokenizer",
     "DTYPE_NAMES", "Engine", "Ours", "OursText", "SentenceTransformers", "Transformers", "dtype_of",
     "load_transformers_model", "padded_batches",
-    "GPU_BANDWIDTH_GBS", "GPU_BF16_PEAK_TFLOPS", "ROOT", "Timing", "cpu_model", "cuda_missing", "free_memory",
+    "FIXTURES", "GPU_BANDWIDTH_GBS", "GPU_BF16_PEAK_TFLOPS", "ROOT", "Timing", "cpu_model", "cuda_missing", "free_memory",
     "git_commit", "machine_info", "machine_line", "matmul_tflops", "mfu", "nominal_bandwidth_gbs",
     "nominal_peak_tflops", "peak_memory_mb", "reset_peak_memory", "synchronize", "visible_pairs",
     "Goal", "Results", "Row", "Spec", "add_output_args", "append_markdown", "compare", "fmt_num", "fmt_pct",

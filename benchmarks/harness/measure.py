@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+# The real config and tokenizer of modernbert-embed-base (no weights), kept with the tests.
+FIXTURES = Path(os.environ.get("MODERNBERT_EMBED_FIXTURES", ROOT / "tests" / "data" / "modernbert-embed-base"))
 
 
 # ----------------------------------------------------------------------------- timing
