@@ -27,7 +27,8 @@ import torch
 
 from .batching import pack, plan_batches, upload
 from .model import ModernBert
-from .ops import Ops, default_max_batch_tokens, resolve_device, resolve_dtype, select_ops, self_check
+from .devices import default_max_batch_tokens, resolve_device, resolve_dtype
+from .ops import Ops, select_ops, self_check
 from .weights import Checkpoint, load_state_dict
 
 # With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
@@ -65,8 +66,8 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device=None, dtype=None, ops: Ops | None = None) -> "Engine":
-        """Build the model of `checkpoint` on `device` in `dtype` (see `ops.resolve_device`,
-        `ops.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
+        """Build the model of `checkpoint` on `device` in `dtype` (see `devices.resolve_device`,
+        `devices.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
         the dispatch chooses them, and on a GPU checks them first (`ops.self_check`)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
