@@ -3,8 +3,8 @@
 Each op here is measured for speed (in-place rotary, the window computed block by block, oneDNN's
 packed GEMMs with the GeGLU inside Wi's) and has the same signature and results as its plain
 version in `reference`, which is the oracle: the tests check these against it, and the load-time
-self-check never reads this module, so that tuning here cannot change what the kernels are
-checked against. Layer norm and pooling have nothing to tune: they are the reference's own.
+self-check (`load_check`) compares the kernels with the reference alone, so that tuning here cannot
+change what the kernels are checked against (this path is only what a failing kernel falls back to). Layer norm and pooling have nothing to tune: they are the reference's own.
 
 Tensors are packed: `[T, ...]` holds all tokens of all sequences of a batch, and
 `batch.cu_seqlens` (device) / `batch.lengths` (host) say where each sequence starts.
