@@ -99,7 +99,7 @@ def _options(args):
     return EmbedOptions(
         inputs=list(args.inputs), output=args.output, model=args.model, revision=args.revision,
         input_format=args.input_format, text_field=args.text_field,
-        id_field=args.id_field or "id", id_required=args.id_field is not None,
+        id_field="id" if args.id_field is None else args.id_field, id_required=args.id_field is not None,
         prompt=args.prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
         precision=args.precision, calibration=args.calibration, calibration_size=args.calibration_size,
         long=args.long, overlap=args.overlap, shard_size=args.shard_size, meta_format=args.meta_format,

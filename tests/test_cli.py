@@ -520,7 +520,10 @@ def test_refused_options(tmp_path, embed, capsys):
     inp = write_text(tmp_path / "c.txt", ["x"])
     for extra, message in [(["--overlap", "3"], "--overlap applies to --long='chunk' only"),
                            (["--calibration", "c.json"], "--calibration applies to --precision int8"),
-                           (["--truncate-dim", "999"], "--truncate-dim must be in 1..128, got 999")]:
+                           (["--truncate-dim", "999"], "--truncate-dim must be in 1..128, got 999"),
+                           # an empty name is refused, not taken for the default field
+                           (["--id-field", ""], "--id-field must name a field, got ''"),
+                           (["--text-field", ""], "--text-field must name a field, got ''")]:
         rc, _, err = embed([inp], tmp_path / "out", *extra)
         assert rc == 2 and message in err, err
     assert not (tmp_path / "out").exists()  # refused before anything is written
