@@ -77,7 +77,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(
-        served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        served_model_name=args.served_model_name,
+        api_key=os.environ.get(API_KEY_ENV) if args.api_key is None else args.api_key,  # "" is refused
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_input_tokens=args.max_input_tokens, max_queued_tokens=args.max_queued_tokens,
         payload_limit=args.payload_limit, auto_truncate=args.auto_truncate, drain_timeout=args.drain_timeout,
