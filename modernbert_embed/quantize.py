@@ -12,7 +12,7 @@ compared with ones quantised there:
   edges fall where they fall there (`CONVENTION`). Its releases before 5.7 made other int8 codes
   (they shifted by -128 before truncating toward zero, which put the codes of the lower half one
   higher, and let values outside the range wrap around): int8 vectors from those and from here do
-  not mix in one index (uint8 codes inside the range agree with them).
+  not mix in one index (their uint8 codes of values inside float32 ranges agree with these).
   Corpus folders record the convention their codes were made with; one without the record was
   written before it was recorded (`LEGACY_CONVENTION`): the same codes, except in a dimension
   with max == min, which took bucket 0 at and below the value and 255 above it.
