@@ -4,11 +4,11 @@
 ids ─► check ─► plan (sort by length, pack under a token budget) ─► pack ─► forward ─► pool ─► scatter ─► finite check
 ```
 
-`Engine.embed` runs that loop; the Embedder, chunking, the corpus command, the Ray adapter and
-the HTTP server all call it and nothing below it. It holds no state that a call changes, so any
-number of threads may call it at once, and each call's result is the one it would get alone (its
-batches are its own). On a GPU the calls share one CUDA stream: they interleave batch by batch and
-each waits as long as the work queued before it.
+`Engine.embed` runs that loop; the Embedder (and through `Embedder.encode` the Ray adapter),
+chunking, the corpus command and the HTTP server call it and nothing below it. It holds no state
+that a call changes, so any number of threads may call it at once, and each call's result is the
+one it would get alone (its batches are its own). On a GPU the calls share one CUDA stream: they
+interleave batch by batch and each waits as long as the work queued before it.
 
 Every launch happens on the engine's device (`torch.cuda.device` around the loop), whatever the
 calling thread's current device is.
@@ -160,16 +160,28 @@ class Engine:
         this engine's default for its device."""
         return self.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
 
+    def width(self, dim: int | None) -> int:
+        """Features per pooled vector: `dim` when it is a whole number in 1..hidden_size, the full
+        hidden_size for None; anything else is refused (0 is not "the default")."""
+        hidden = self.config.hidden_size
+        if dim is None:
+            return hidden
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+        if not 1 <= dim <= hidden:
+            raise ValueError(f"dim must be in 1..{hidden} (this model's hidden size), got {dim}")
+        return int(dim)
+
     # --------------------------------------------------------------------------- the batch loop
     def embed(self, ids: Sequence[Sequence[int]], *, dim: int | None = None, normalize: bool = True,
               max_batch_tokens: int | None = None, batch_size: int | None = None,
               on_batch: Callable[[int, int], None] | None = None, out: torch.Tensor | None = None,
               check_finite: bool = True) -> torch.Tensor:
         """Sentence embeddings of `ids` (checked token-id lists, see `check_ids`): float32
-        [len(ids), dim] on the device, in input order, pooled, sliced to `dim` and normalised when
-        `normalize`. Batches are planned longest first under `max_batch_tokens` tokens (None: the
-        engine's `max_batch_tokens`, by device) and at most `batch_size` sequences.
-        `on_batch(docs, tokens)` hears of each batch as it finishes, in
+        [len(ids), dim] on the device, in input order, pooled, sliced to `dim` (None: the hidden size;
+        outside 1..hidden_size: refused) and normalised when `normalize`. Batches are planned longest
+        first under `max_batch_tokens` tokens (None: the engine's `max_batch_tokens`, by device) and at
+        most `batch_size` sequences. `on_batch(docs, tokens)` hears of each batch as it finishes, in
         plan order. `out`: a float32 [len(ids), dim] tensor on the device to fill instead of a new
         one. Non-finite rows raise `NonFiniteError` naming them, unless `check_finite` is False.
 
@@ -177,7 +189,7 @@ class Engine:
         scattered into place on the device), so while the GPU runs one batch the host packs the
         next; with `on_batch` the host stays at most RUN_AHEAD batches ahead, so that the counts
         are of batches computed, not merely queued."""
-        dim = dim or self.config.hidden_size
+        dim = self.width(dim)
         if out is None:
             out = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
         elif out.shape != (len(ids), dim) or out.dtype != torch.float32 or out.device != self.device:
