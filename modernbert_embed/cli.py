@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import quantize as Q
+from . import __version__, quantize as Q
 from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
 from .weights import DEFAULT_MODEL
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modernbert-embed",
         description="Text embeddings with ModernBERT (nomic-ai/modernbert-embed-base and its family).",
         epilog="Exit status: 0 done, 1 bad input or failure, 2 refused invocation, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = sub.add_parser(
