@@ -452,22 +452,18 @@ def parse_args(argv=None):
 
 
 class Output:
-    """The results files, rewritten after every level: the JSON whole (`h.write_json`), the markdown
-    as what the file held before this run plus this run's section, so that a run cut short leaves the
-    levels it measured and nothing twice."""
+    """The results files, rewritten after every level: the JSON whole, the markdown as what the file
+    held before this run plus this run's section, so that a run cut short leaves the levels it
+    measured and nothing twice."""
 
     def __init__(self, out: Path | None, markdown: Path | None):
-        self.out, self.markdown = out, markdown
-        self.before = markdown.read_text() if markdown is not None and markdown.is_file() else ""
+        self.out = out
+        self.section = h.MarkdownSection(markdown, "bench_serve")
 
     def write(self, record: dict, text: str) -> None:
         if self.out:
             h.write_json(self.out, record)
-        if self.markdown:
-            self.markdown.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.markdown.with_suffix(self.markdown.suffix + ".tmp")
-            tmp.write_text(f"{self.before}\n### bench_serve\n\n{text}\n")
-            tmp.replace(self.markdown)
+        self.section.write(text)
 
 
 def report_text(info: dict, rows: list, direct: dict, top: int, record: dict) -> str:
