@@ -282,7 +282,9 @@ class Run:
     # each step returns its parts (run side by side) and a note
     def step_install(self, budget):
         ok, why = False, ""
-        # within the budget: pip up to 15 s, then at most two import checks of 10 s each
+        # within the budget: pip up to budget - 20 s; the import check after it leaves 8 s for the
+        # fallback's (the first import of torch on a fresh machine can take a while)
+        deadline = time.monotonic() + budget
         if self.args.install == "pip":
             cmd = [self.py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e", "."]
             try:
@@ -290,7 +292,7 @@ class Run:
                                    timeout=max(5, budget - 20))
                 (self.dest / "install.log").write_text(r.stdout + r.stderr)
                 if r.returncode == 0:
-                    ok, why = import_check(self.py, self.env)
+                    ok, why = import_check(self.py, self.env, timeout=max(5, deadline - time.monotonic() - 8))
                     if ok:
                         return "ok", False, f"pip install -e .: {why}"
                 why = why or f"pip install -e . failed (rc {r.returncode}): " + \
@@ -303,7 +305,7 @@ class Run:
             (self.dest / "install.log").write_text(why + "\n")
         self.tree = fallback_tree(ROOT)
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.tree), self.env.get("PYTHONPATH")]))
-        ok, got = import_check(self.py, self.env)
+        ok, got = import_check(self.py, self.env, timeout=max(5, deadline - time.monotonic()))
         with open(self.dest / "install.log", "a") as f:
             f.write(f"fallback: {self.tree} on PYTHONPATH: {got}\n")
         if not ok:
@@ -561,7 +563,11 @@ def highlights(dest: Path) -> str:
 
 
 def _commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no git, or no repository, on the machine
+        return "unknown"
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
