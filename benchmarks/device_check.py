@@ -294,7 +294,9 @@ class Run:
                 if r.returncode == 0:
                     ok, why = import_check(self.py, self.env, timeout=max(5, deadline - time.monotonic() - 8))
                     if ok:
-                        return "ok", False, f"pip install -e .: {why}"
+                        with open(self.dest / "install.log", "a") as f:
+                            f.write(why + "\n")
+                        return "ok", False, "pip install -e ."
                 why = why or f"pip install -e . failed (rc {r.returncode}): " + \
                     (r.stderr.strip().splitlines() or ["no output"])[-1][:200]
             except subprocess.TimeoutExpired:
@@ -310,7 +312,7 @@ class Run:
             f.write(f"fallback: {self.tree} on PYTHONPATH: {got}\n")
         if not ok:
             return f"FAIL (the fallback does not import: {got})", True, why
-        return "ok (fallback)", False, f"{why}; imported through links in {self.tree}: {got}"
+        return "ok (fallback)", False, f"{why}; imported through links (install.log)"
 
     def step_environment(self, budget):
         parts = []

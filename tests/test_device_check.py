@@ -192,6 +192,7 @@ def test_a_failed_pip_install_falls_back_and_does_not_fail_the_run(tmp_path):
     install = steps["install"]
     assert install["status"] == "ok (fallback)" and not install["failed"]
     assert "pip install -e . failed" in install["note"] and "imported through links" in install["note"]
+    assert "fallback: " in (out / "install.log").read_text()
     probe = (out / "probe.log").read_text()
     assert re.search(r"^modernbert_embed \S+ from \S*/mbe-device-check-\w+/modernbert_embed/__init__\.py$", probe,
                      re.M), probe
