@@ -348,10 +348,14 @@ def main(argv=None) -> int:
               "settings": {"dtype": args.dtype, "tokens": T, "quick": quick, "time_budget_s": args.time_budget},
               "bandwidth_gbs": {}, "ops": [], "attention": [], "profile": {}, "sweep": []}
 
-    def save():
+    section = h.MarkdownSection(args.markdown, "bench_ops_gpu")
+
+    def save(partial=True):
+        """The JSON and the markdown as they stand (after every section): a run cut short keeps them."""
         record["elapsed_s"] = round(time.perf_counter() - started, 1)
         if args.out:
             h.write_json(args.out, record)
+        section.write(markdown(record), partial=partial)
 
     with tempfile.TemporaryDirectory(prefix="mbe-ops-") as tmp:
         folder = h.write_checkpoint(Path(tmp) / "checkpoint", "small" if quick else "base", seed=0)
@@ -380,11 +384,8 @@ def main(argv=None) -> int:
             h.free_memory(device)
         if not args.no_sweep:
             record["sweep"] = sweep_rows(cfg, cases, dtype, device, deadline, quick)
-        save()
-    text = markdown(record)
-    print(text)
-    if args.markdown:
-        h.append_markdown(args.markdown, "bench_ops_gpu", text)
+        save(partial=False)
+    print(markdown(record))
     bad = [r for r in record["ops"] + record["attention"] if r["impl"] == "triton" and r["error"]]
     return 1 if bad else 0
 

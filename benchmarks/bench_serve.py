@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -442,8 +443,38 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, default=None, help="folder for the random checkpoint (reused)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
     p.add_argument("--logs", type=Path, default=None, help="folder for the servers' logs")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no level after this many seconds from the start (the servers' start counts); "
+                        "the levels left are recorded as not run. Results are written after every level, so a "
+                        "run cut short still leaves what it measured (default: no limit)")
     h.add_output_args(p)
     return p.parse_args(argv)
+
+
+class Output:
+    """The results files, rewritten after every level: the JSON whole, the markdown as what the file
+    held before this run plus this run's section, so that a run cut short leaves the levels it
+    measured and nothing twice."""
+
+    def __init__(self, out: Path | None, markdown: Path | None):
+        self.out = out
+        self.section = h.MarkdownSection(markdown, "bench_serve")
+
+    def write(self, record: dict, text: str) -> None:
+        if self.out:
+            h.write_json(self.out, record)
+        self.section.write(text)
+
+
+def report_text(info: dict, rows: list, direct: dict, top: int, record: dict) -> str:
+    text = f"bench_serve on {h.machine_line(info)}\n\n" + table(rows, direct, top) + "\n\n" + "\n".join(
+        f"- {g['goal']}: {g['value']} ({'PASS' if g['pass'] else 'FAIL'})" for g in record.get("goals", []))
+    if record.get("not_run"):
+        text += ("\n\nNot run: " + ", ".join(record["not_run"]) + f" (past the time budget of "
+                 f"{record['settings']['time_budget_s']:g} s)")
+    if not record.get("complete"):
+        text += "\n\n(partial: the run had not finished when this was written)"
+    return text
 
 
 def write_bench_checkpoint(folder: Path, config: str, seed: int = 0) -> Path:
@@ -502,14 +533,26 @@ class Direct:
                 "one_text_runs": len(self.singles)}
 
 
+def _exit_on_sigterm(signum, frame):
+    # A caller's timeout (the device check's step budget) stops the run by SIGTERM: leave through
+    # the `finally` that stops the servers (their own process groups, which that signal misses).
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tokenizers import Tokenizer
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     config = args.config or ("small" if args.quick else "base")
     levels = [int(c) for c in (args.concurrency or ("1,4" if args.quick else "1,8,32,64")).split(",")]
     workloads = (args.workloads or ("short,batch16" if args.quick else ",".join(WORKLOADS))).split(",")
     min_requests = args.min_requests or (8 if args.quick else 16)
+    started = time.monotonic()
+    deadline = started + args.time_budget if args.time_budget is not None else float("inf")
+    output = Output(args.out, args.markdown)
     with tempfile.TemporaryDirectory(prefix="mbe-serve-bench-") as tmp:
         folder = write_bench_checkpoint(args.checkpoint or Path(tmp) / "checkpoint", config)
         logs = args.logs or Path(tmp)
@@ -535,13 +578,22 @@ def main(argv=None) -> int:
             "tokens_per_level": {f"{w}@{c}": sum(n for _, n in plan[w, c][0]) for w, c in plan},
             "route": "/v1/embeddings (ours), /embeddings (Infinity); encoding_format base64",
             "server_defaults": f"ours: max_batch_tokens {default_max_batch_tokens(args.device)} (the engine's "
-                               "default on this device); infinity: batch_size 32"}}
+                               "default on this device); infinity: batch_size 32",
+            "time_budget_s": args.time_budget}, "complete": False, "not_run": []}
         print(f"bench_serve: {h.machine_line(info)}")
 
         servers: list[Server] = []
         rows: list[Row] = []
         direct = None
         paired = {}
+
+        def save(complete: bool = False) -> None:
+            summary = {**direct.summary(), "paired_one_text": paired} if direct is not None else {}
+            ordered = sorted(rows, key=lambda r: (workloads.index(r.workload), r.concurrency, r.contender != "ours"))
+            record.update(direct=summary, rows=[asdict(r) for r in ordered], goals=goals(ordered, summary),
+                          complete=complete, elapsed_s=round(time.monotonic() - started, 1))
+            output.write(record, report_text(info, ordered, summary, top, record))
+
         try:
             port = free_port()
             cmd = [sys.executable, "-m", "modernbert_embed", "serve", "--model", str(folder), "--port", str(port),
@@ -563,11 +615,16 @@ def main(argv=None) -> int:
                                       env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
                                            "HF_HUB_OFFLINE": "1"}))
             for s in servers:
-                s.wait_ready(600)
+                s.wait_ready(600)  # not cut by --time-budget: no level would run without the server
             for s in servers:  # frozen but while measured (Server.pause), also during the direct encodes
                 s.pause()
             direct = Direct(folder, args.device, args.dtype)
             for k, (w, c) in enumerate(plan):
+                if time.monotonic() >= deadline:
+                    record["not_run"] = [f"{w2}@{c2}" for w2, c2 in list(plan)[k:]]
+                    print(f"bench_serve: time budget of {args.time_budget:g} s spent; not run: "
+                          + ", ".join(record["not_run"]), flush=True)
+                    break
                 reqs, warm = plan[w, c]
                 # the direct reference, before and after the levels it is compared with
 
@@ -594,22 +651,22 @@ def main(argv=None) -> int:
                 if w == short and c == 1:
                     paired = paired_one_text(servers[0], direct, [t[0] for t, _ in reqs], args.timeout)
                     print(f"paired   c=1   {paired}", flush=True)
+                save()  # level by level: a run cut short keeps what it measured
             rows.sort(key=lambda r: (workloads.index(r.workload), r.concurrency, r.contender != "ours"))
+        except BaseException as e:  # the servers stop below; what was measured is kept, with why it ended
+            record["error"] = f"{type(e).__name__}: {e}"[:400]
+            raise
         finally:
             codes = {s.name: s.stop() for s in servers}
-        direct = {**direct.summary(), "paired_one_text": paired} if direct is not None else {}
-        record.update(direct=direct, rows=[asdict(r) for r in rows], goals=goals(rows, direct), exit_codes=codes)
-    text = f"bench_serve on {h.machine_line(info)}\n\n" + table(rows, direct, max(levels)) + "\n\n" + "\n".join(
-        f"- {g['goal']}: {g['value']} ({'PASS' if g['pass'] else 'FAIL'})" for g in record["goals"])
+            record["exit_codes"] = codes
+            save(complete="error" not in record)
+        direct = record["direct"]
+    text = report_text(info, rows, direct, top, record)
     print()
     print(text)
-    if args.out:
-        h.write_json(args.out, record)
     if args.append:
         with args.append.open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")
-    if args.markdown:
-        h.append_markdown(args.markdown, "bench_serve", text)
     failed = sum(r.failed for r in rows if r.contender == "ours")
     return 1 if failed or codes.get("ours") not in (0, None) else 0
 

@@ -240,19 +240,21 @@ def main(argv=None) -> int:
                     "lengths": [lengths, [long_len, 3]], "reference_s": round(ref_s, 2),
                     "elapsed_s": round(time.perf_counter() - started, 1), "cases": [asdict(c) for c in cases]}
 
-        for case in cases:
+        section = h.MarkdownSection(args.markdown, "parity_gpu")
+        for i, case in enumerate(cases):
             run_case(case, folder, ids_groups, ref_hidden, ref_pooled, device)
             judge(case)
             print(f"  {case.case:<24} {case.status:<5} max abs diff {h.fmt_num(case.max_diff_crossing)} / "
                   f"{h.fmt_num(case.max_diff_long_batch)}, min cos {case.min_cos}  {case.error}", flush=True)
             if args.out:
                 h.write_json(args.out, record())
+            # case by case: a run cut short leaves the cases it judged
+            section.write(f"parity_gpu on {h.machine_line(info)}\n\n{table(cases[:i + 1], long_len)}",
+                          partial=i + 1 < len(cases))
 
     text = f"parity_gpu on {h.machine_line(info)}\n\n{table(cases, long_len)}"
     print()
     print(text)
-    if args.markdown:
-        h.append_markdown(args.markdown, "parity_gpu", text)
     bad = [c for c in cases if c.status in ("FAIL", "ERROR")]
     if bad:
         print(f"parity_gpu: {len(bad)} case(s) failed: " + ", ".join(f"{c.case} ({c.status})" for c in bad))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import quantize as Q
+from . import __version__, quantize as Q
 from .cli_common import Formatter, add_max_batch_tokens, add_model_options, int_at_least
 from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modernbert-embed",
         description="Text embeddings with ModernBERT (nomic-ai/modernbert-embed-base and its family).",
         epilog="Exit status: 0 done, 1 bad input or failure, 2 refused invocation, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = sub.add_parser(

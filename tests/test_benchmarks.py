@@ -346,3 +346,18 @@ def test_cpu_profile_parts_add_up_to_the_call(bench, tmp_path, one_thread):
         assert parts["matmul"]["calls_per_call"] == 4 * layers  # Wqkv, Wo, Wi, Wo per layer
         assert parts["matmul"]["gflops"] > 0 and parts["attention"]["gflops"] > 0
         assert parts["pool"]["calls_per_call"] == 1
+
+
+def test_markdown_section_is_rewritten_not_appended(bench, tmp_path):
+    """A benchmark's table is rewritten as it grows (a run cut short leaves its latest table), after
+    what the file held before the run, and once."""
+    h = bench("harness")
+    md = tmp_path / "results.md"
+    md.write_text("# earlier\n")
+    section = h.MarkdownSection(md, "bench_x")
+    section.write("| row 1 |", partial=True)
+    assert md.read_text() == "# earlier\n\n### bench_x\n\n| row 1 |\n\n(partial: the run had not finished when this was written)\n"
+    section.write("| row 1 |\n| row 2 |")
+    assert md.read_text() == "# earlier\n\n### bench_x\n\n| row 1 |\n| row 2 |\n"
+    h.MarkdownSection(None, "nothing").write("x")  # no file asked for: nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]

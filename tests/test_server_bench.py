@@ -45,3 +45,56 @@ def test_bench_serve_quick(tmp_path):
         "c=1 short latency <= 1.2x direct encode of one text (median of paired ratios)"]
     assert "Concurrency 1, paired: 8 short texts" in r.stdout
     assert "| short | 4 | ours |" in r.stdout
+
+
+def _serve_cmd(tmp_path, *args):
+    return [sys.executable, "-P", "benchmarks/bench_serve.py", "--quick", "--out", str(tmp_path / "serve.json"),
+            "--markdown", str(tmp_path / "serve.md"), "--checkpoint", str(tmp_path / "ckpt"), *args]
+
+
+@pytest.mark.slow
+def test_bench_serve_time_budget_records_the_levels_not_run(tmp_path):
+    fixture_file("tokenizer.json")
+    (tmp_path / "serve.md").write_text("# before\n")
+    r = subprocess.run(_serve_cmd(tmp_path, "--time-budget", "0"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = json.loads((tmp_path / "serve.json").read_text())
+    assert record["rows"] == [] and record["complete"] and record["exit_codes"] == {"ours": 0}
+    assert record["not_run"] == ["short@1", "short@4", "batch16@1", "batch16@4"]
+    text = (tmp_path / "serve.md").read_text()
+    assert text.startswith("# before\n") and text.count("### bench_serve") == 1
+    assert "Not run: short@1, short@4, batch16@1, batch16@4 (past the time budget of 0 s)" in text
+
+
+@pytest.mark.slow
+def test_bench_serve_stopped_mid_run_keeps_the_levels_it_measured(tmp_path):
+    """SIGTERM (a caller's timeout) after the first level: the JSON and the markdown hold that
+    level, say the run did not complete, and the server was stopped."""
+    import signal
+    import time
+
+    fixture_file("tokenizer.json")
+    proc = subprocess.Popen(_serve_cmd(tmp_path, "--workloads", "short,batch16", "--concurrency",
+                                       "1,4,2,3"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    out = tmp_path / "serve.json"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_file() and json.loads(out.read_text())["rows"]:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "finished before it could be stopped: " + proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    record = json.loads(out.read_text())
+    assert proc.returncode != 0
+    assert 1 <= len(record["rows"]) < 8 and not record["complete"]
+    assert record["error"].startswith("SystemExit") and record["exit_codes"]["ours"] is not None
+    text = (tmp_path / "serve.md").read_text()
+    assert "| short | 1 | ours |" in text and "(partial: the run had not finished" in text

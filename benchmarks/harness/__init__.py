@@ -28,7 +28,7 @@ from .measure import (
     peak_memory_mb, reset_peak_memory, synchronize, visible_pairs,
 )
 from .report import (
-    Goal, Results, Row, Spec, add_output_args, append_markdown, compare, fmt_num, fmt_pct, markdown_table,
+    Goal, MarkdownSection, Results, Row, Spec, add_output_args, append_markdown, compare, fmt_num, fmt_pct, markdown_table,
     run_plan, run_row, write_json,
 )
 
@@ -40,6 +40,6 @@ __all__ = [
     "FIXTURES", "GPU_BANDWIDTH_GBS", "GPU_BF16_PEAK_TFLOPS", "ROOT", "Timing", "cpu_model", "cuda_missing", "free_memory",
     "git_commit", "machine_info", "machine_line", "matmul_tflops", "mfu", "nominal_bandwidth_gbs",
     "nominal_peak_tflops", "peak_memory_mb", "reset_peak_memory", "synchronize", "visible_pairs",
-    "Goal", "Results", "Row", "Spec", "add_output_args", "append_markdown", "compare", "fmt_num", "fmt_pct",
+    "Goal", "MarkdownSection", "Results", "Row", "Spec", "add_output_args", "append_markdown", "compare", "fmt_num", "fmt_pct",
     "markdown_table", "run_plan", "run_row", "write_json",
 ]

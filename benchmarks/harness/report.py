@@ -273,6 +273,26 @@ def append_markdown(path: Path, title: str, text: str) -> None:
         f.write(f"\n### {title}\n\n{text}\n")
 
 
+class MarkdownSection:
+    """This run's `### title` section of a markdown file, rewritten whole each time (what the file
+    held before the run, then the section), so that a run cut short leaves its latest table and
+    nothing twice. `path` None: writes nothing."""
+
+    def __init__(self, path: Path | None, title: str):
+        self.path, self.title = path, title
+        self.before = path.read_text() if path is not None and path.is_file() else ""
+
+    def write(self, text: str, partial: bool = False) -> None:
+        if self.path is None:
+            return
+        if partial:
+            text += "\n\n(partial: the run had not finished when this was written)"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(f"{self.before}\n### {self.title}\n\n{text}\n")
+        tmp.replace(self.path)
+
+
 class Results:
     """One run: machine, settings, corpora, peaks and rows; rewritten after every row so that a run
     cut short still leaves what it measured."""
@@ -287,6 +307,7 @@ class Results:
         self.peaks: dict[str, float | None] = {}
         self.rows: list[Row] = []
         self.out, self.append, self.markdown = out, append, markdown
+        self.section = MarkdownSection(markdown, script)
         self.started = time.perf_counter()
 
     def record(self) -> dict[str, Any]:
@@ -296,9 +317,11 @@ class Results:
             "rows": [asdict(r) for r in self.rows],
         }
 
-    def save(self) -> None:
+    def save(self, partial: bool = True) -> None:
+        """The JSON and the markdown table as they stand (after every row)."""
         if self.out:
             write_json(self.out, self.record())
+        self.section.write(self.table(), partial=partial)
 
     def table(self) -> str:
         peaks = ", ".join(f"{k} {v:.3g}" for k, v in self.peaks.items() if v)
@@ -307,12 +330,9 @@ class Results:
                 + markdown_table(self.rows, nominal=bool(self.peaks.get("nominal"))))
 
     def finish(self) -> str:
-        self.save()
-        text = self.table()
+        self.save(partial=False)
         if self.append:
             self.append.parent.mkdir(parents=True, exist_ok=True)
             with self.append.open("a") as f:
                 f.write(json.dumps(self.record(), default=str) + "\n")
-        if self.markdown:
-            append_markdown(self.markdown, self.script, text)
-        return text
+        return self.table()
