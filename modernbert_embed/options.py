@@ -100,8 +100,8 @@ class EncodeOptions:
             set_(self, "truncate_dim", _int_option("truncate_dim", self.truncate_dim, 1))
         if self.normalize_embeddings is not None:
             if not isinstance(self.normalize_embeddings, (bool, np.bool_)):
-                raise OptionTypeError("normalize_embeddings", "{normalize_embeddings} must be True, False or None, "
-                                      f"got {type(self.normalize_embeddings).__name__}")
+                raise OptionTypeError("normalize_embeddings", "{normalize_embeddings} must be True or False (or "
+                                      f"None: the model's default), got {type(self.normalize_embeddings).__name__}")
             set_(self, "normalize_embeddings", bool(self.normalize_embeddings))
         if self.precision not in quantize.PRECISIONS:
             raise OptionError("precision", f"{{precision}} {self.precision!r} is not supported; "
