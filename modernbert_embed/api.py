@@ -20,10 +20,10 @@ import torch
 
 from . import quantize
 from .chunking import embed_windows, split_long
-from .loaded import LoadedModel, require
+from .loaded import FrontEnd
 from .options import EncodeOptions
 from .tokenizer import PROMPTS, check_texts
-from .weights import DEFAULT_MODEL, EMBEDDER, Checkpoint
+from .weights import EMBEDDER
 
 PRECISIONS = quantize.PRECISIONS  # float32, float16, int8, uint8, binary, ubinary
 
@@ -38,76 +38,17 @@ def progress_bar(total: int, show: bool | None):
     return bar, lambda docs, _tokens: bar.update(docs)
 
 
-class Embedder:
-    """Text embeddings with ModernBERT: tokenise, pack by length, encode unpadded, pool."""
+class Embedder(FrontEnd):
+    """Text embeddings with ModernBERT: tokenise, pack by length, encode unpadded, pool.
 
-    def __init__(self, loaded: LoadedModel):
-        if loaded.checkpoint is not None:
-            require(loaded.checkpoint, EMBEDDER)
-        self.loaded = loaded
+    `from_pretrained(name_or_path, device=None, dtype=None, revision=None, local_files_only=None)`
+    (see `FrontEnd`): a classifier (cross-encoder) folder is refused, `CrossEncoder` runs it; a
+    masked-LM folder (`ModernBertForMaskedLM`) gives its backbone's embeddings, mean-pooled and not
+    normalised, as sentence-transformers does."""
 
-    # --------------------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None,
-                        local_files_only=None) -> "Embedder":
-        """Load from a local folder, the HF cache or the Hub. device: "cpu", "cuda" or "cuda:N"
-        (default: the current GPU when there is one); dtype: float32 (CPU default), bfloat16 (default
-        on GPUs with native bf16, compute capability 8.0+), float16 (default on older GPUs).
-        A classifier (cross-encoder) folder is refused: `CrossEncoder` runs it. A masked-LM
-        folder (`ModernBertForMaskedLM`) gives its backbone's embeddings: mean-pooled, not
-        normalised, as sentence-transformers does."""
-        checkpoint = Checkpoint.open(name_or_path, revision=revision, local_files_only=local_files_only)
-        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, device=None, dtype=None, ops=None) -> "Embedder":
-        """Load an opened `Checkpoint`. `ops` (from `ops.select_ops`) forces the op implementations,
-        for experiments and benchmarks; by default the dispatch chooses them (and checks them on a GPU)."""
-        return cls(LoadedModel.from_checkpoint(checkpoint, device=device, dtype=dtype, ops=ops, kind=EMBEDDER))
+    KIND = EMBEDDER
 
     # --------------------------------------------------------------------------- properties
-    @property
-    def engine(self):
-        return self.loaded.engine
-
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-    @property
-    def checkpoint(self):
-        return self.loaded.checkpoint
-
-    @property
-    def name(self) -> str:
-        return self.loaded.name
-
-    @property
-    def model(self):
-        return self.engine.model
-
-    @property
-    def config(self):
-        return self.engine.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.engine.dtype
-
-    @property
-    def dtype_name(self) -> str:
-        """What the model runs: "float32", "bfloat16", "float16", or "int8" for the CPU's int8-weight
-        experiment (`select_ops(..., int8_weights=True)`; `dtype` is then float32)."""
-        return self.engine.dtype_name
-
-    @property
-    def ops(self):
-        return self.engine.ops
-
     @property
     def pooling(self) -> str:
         return self.engine.pooling
@@ -133,33 +74,6 @@ class Embedder:
 
     def get_sentence_embedding_dimension(self) -> int:  # sentence-transformers' spelling
         return self.config.hidden_size
-
-    @property
-    def max_seq_length(self) -> int:
-        """Tokens per input ([CLS] and [SEP] included) beyond which text is truncated (or chunked)."""
-        return self.loaded.max_seq_length
-
-    @max_seq_length.setter
-    def max_seq_length(self, value: int) -> None:
-        self.loaded.max_seq_length = value
-
-    @property
-    def tokenize_beside_model(self) -> bool:
-        """Tokenise the next chunk of `tokenize_chunk` texts on a worker thread while the model runs
-        this one (default: on a GPU)."""
-        return self.loaded.tokenize_beside_model
-
-    @tokenize_beside_model.setter
-    def tokenize_beside_model(self, value: bool) -> None:
-        self.loaded.tokenize_beside_model = value
-
-    @property
-    def tokenize_chunk(self) -> int:
-        return self.loaded.tokenize_chunk
-
-    @tokenize_chunk.setter
-    def tokenize_chunk(self, value: int) -> None:
-        self.loaded.tokenize_chunk = value
 
     # --------------------------------------------------------------------------- text in
     def tokenize(self, texts: Sequence[str], prompt: str = "") -> tuple[list[list[int]], list[bool]]:

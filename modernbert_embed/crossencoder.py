@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from .api import progress_bar
-from .loaded import LoadedModel, require
+from .loaded import FrontEnd, LoadedModel
 from .options import EncodeOptions
-from .weights import CLASSIFIER, DEFAULT_MODEL, Checkpoint
+from .weights import CLASSIFIER
 
 
 class TruncationWarning(UserWarning):
@@ -54,47 +54,18 @@ def _is_single(x) -> bool:
     return isinstance(x, str) or (isinstance(x, (list, tuple)) and len(x) == 1 and isinstance(x[0], str))
 
 
-class CrossEncoder:
-    """Scores of text pairs (rerankers) or of single texts (classifiers) with ModernBERT."""
+class CrossEncoder(FrontEnd):
+    """Scores of text pairs (rerankers) or of single texts (classifiers) with ModernBERT.
+
+    `from_pretrained(name_or_path, device=None, dtype=None, revision=None, local_files_only=None)`
+    (see `FrontEnd`) loads a `ModernBertForSequenceClassification` folder (e.g.
+    Alibaba-NLP/gte-reranker-modernbert-base); an embedder folder is refused, `Embedder` runs it."""
+
+    KIND = CLASSIFIER
 
     def __init__(self, loaded: LoadedModel):
-        if loaded.checkpoint is not None:
-            require(loaded.checkpoint, CLASSIFIER)
-        if loaded.engine.head is None:
-            raise ValueError("a CrossEncoder needs a model with a classifier head: use Embedder")
-        self.loaded = loaded
+        super().__init__(loaded)
         self.activation_fn = loaded.activation_fn  # as sentence-transformers: an attribute one may replace
-
-    # --------------------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None,
-                        local_files_only=None) -> "CrossEncoder":
-        """Load a `ModernBertForSequenceClassification` folder (e.g.
-        Alibaba-NLP/gte-reranker-modernbert-base) from a local folder, the HF cache or the Hub;
-        device and dtype as `Embedder.from_pretrained`. An embedder folder is refused."""
-        checkpoint = Checkpoint.open(name_or_path, revision=revision, local_files_only=local_files_only)
-        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, device=None, dtype=None, ops=None) -> "CrossEncoder":
-        return cls(LoadedModel.from_checkpoint(checkpoint, device=device, dtype=dtype, ops=ops, kind=CLASSIFIER))
-
-    # --------------------------------------------------------------------------- properties
-    @property
-    def engine(self):
-        return self.loaded.engine
-
-    @property
-    def config(self):
-        return self.loaded.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.engine.device
-
-    @property
-    def dtype_name(self) -> str:
-        return self.engine.dtype_name
 
     @property
     def num_labels(self) -> int:
@@ -107,15 +78,6 @@ class CrossEncoder:
     @property
     def classifier_pooling(self) -> str:
         return self.engine.head.pooling
-
-    @property
-    def max_seq_length(self) -> int:
-        """Tokens per input ([CLS] and every [SEP] included) beyond which inputs are truncated."""
-        return self.loaded.max_seq_length
-
-    @max_seq_length.setter
-    def max_seq_length(self, value: int) -> None:
-        self.loaded.max_seq_length = value
 
     # --------------------------------------------------------------------------- text in
     def tokenize(self, inputs: Sequence) -> tuple[list[list[int]], list[bool]]:

@@ -167,6 +167,106 @@ class LoadedModel:
                 f"max_seq_length={self.max_seq_length})")
 
 
+class FrontEnd:
+    """What the Python front ends (`Embedder`, `CrossEncoder`) share: they wrap one `LoadedModel`
+    (`loaded`) of their `KIND`, load it the same way, and show its parts under the same names."""
+
+    KIND = EMBEDDER
+
+    def __init__(self, loaded: LoadedModel):
+        if loaded.checkpoint is not None:
+            require(loaded.checkpoint, self.KIND)
+        elif loaded.kind != self.KIND:
+            raise ValueError(f"a {type(self).__name__} needs a model of kind {self.KIND}, got {loaded.kind}: use "
+                             f"{FRONT_ENDS[loaded.kind]}")
+        self.loaded = loaded
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None,
+                        local_files_only=None):
+        """Load from a local folder, the HF cache or the Hub. device: "cpu", "cuda" or "cuda:N"
+        (default: the current GPU when there is one); dtype: float32 (CPU default), bfloat16 (default
+        on GPUs with native bf16, compute capability 8.0+), float16 (default on older GPUs). A
+        folder of another kind is refused, naming the class that runs it."""
+        checkpoint = Checkpoint.open(name_or_path, revision=revision, local_files_only=local_files_only)
+        return cls.from_checkpoint(checkpoint, device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, device=None, dtype=None, ops=None):
+        """Load an opened `Checkpoint`. `ops` (from `ops.select_ops`) forces the op implementations,
+        for experiments and benchmarks; by default the dispatch chooses them (and checks them on a GPU)."""
+        return cls(LoadedModel.from_checkpoint(checkpoint, device=device, dtype=dtype, ops=ops, kind=cls.KIND))
+
+    @property
+    def engine(self) -> Engine:
+        return self.loaded.engine
+
+    @property
+    def tokenizer(self) -> TextTokenizer | None:
+        return self.loaded.tokenizer
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        return self.loaded.checkpoint
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """What the model runs: "float32", "bfloat16", "float16", or "int8" for the CPU's int8-weight
+        experiment (`select_ops(..., int8_weights=True)`; `dtype` is then float32)."""
+        return self.engine.dtype_name
+
+    @property
+    def ops(self):
+        return self.engine.ops
+
+    @property
+    def max_seq_length(self) -> int:
+        """Tokens per input ([CLS] and every [SEP] included) beyond which inputs are truncated."""
+        return self.loaded.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.loaded.max_seq_length = value
+
+    @property
+    def tokenize_beside_model(self) -> bool:
+        """Tokenise the next chunk of `tokenize_chunk` inputs on a worker thread while the model
+        runs this one (default: on a GPU)."""
+        return self.loaded.tokenize_beside_model
+
+    @tokenize_beside_model.setter
+    def tokenize_beside_model(self, value: bool) -> None:
+        self.loaded.tokenize_beside_model = value
+
+    @property
+    def tokenize_chunk(self) -> int:
+        return self.loaded.tokenize_chunk
+
+    @tokenize_chunk.setter
+    def tokenize_chunk(self, value: int) -> None:
+        self.loaded.tokenize_chunk = value
+
+
 def require(checkpoint: Checkpoint, kind: str) -> None:
     """Refuse a folder that is not of `kind` (EMBEDDER or CLASSIFIER), naming the class to use."""
     if checkpoint.kind == kind:
@@ -186,4 +286,4 @@ def as_loaded(model) -> LoadedModel:
     return loaded
 
 
-__all__ = ["LoadedModel", "TOKENIZE_CHUNK", "FRONT_ENDS", "require", "as_loaded"]
+__all__ = ["LoadedModel", "FrontEnd", "TOKENIZE_CHUNK", "FRONT_ENDS", "require", "as_loaded"]

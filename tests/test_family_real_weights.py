@@ -7,14 +7,11 @@ Face cache. Skipped (with that reason) otherwise; a skip here is not evidence of
 Values: the models' cards (see the family reference in the design notes).
 """
 
-import os
-from pathlib import Path
-
 import numpy as np
-import pytest
 
-from modernbert_embed import CheckpointError, CrossEncoder, Embedder
-from modernbert_embed.weights import resolve_checkpoint
+from modernbert_embed import CrossEncoder, Embedder
+
+from helpers import real_weights
 
 RERANK_PAIRS = [
     ("what is the capital of China?", "Beijing"),
@@ -25,22 +22,6 @@ RERANK_LOGITS = [2.1383, 2.4610, -1.6775]  # fp32 (the card's transformers.js ru
 RERANK_SIGMOID = [0.8945664, 0.9213594, 0.15742092]  # sentence-transformers' CrossEncoder.predict
 GTE_TEXTS = ["what is the capital of China?", "how to implement quick sort in python?", "Beijing", "sorting algorithms"]
 GTE_COSINE_X100 = [42.8907, 71.3091, 33.6646]  # query 0 against the other three (transformers, fp32)
-
-
-def real_weights(repo: str, env: str) -> Path:
-    given = os.environ.get(env)
-    if given:
-        folder = Path(given)
-        if not (folder / "model.safetensors").is_file():
-            pytest.fail(f"{env}={given} has no model.safetensors")
-        return folder
-    try:
-        folder = resolve_checkpoint(repo, local_files_only=True)
-    except CheckpointError:
-        folder = None
-    if folder is None or not (folder / "model.safetensors").is_file():
-        pytest.skip(f"the real {repo} weights are not present (set {env} to a folder, or have them in the HF cache)")
-    return folder
 
 
 def test_gte_reranker_published_scores():
