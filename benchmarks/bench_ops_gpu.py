@@ -162,7 +162,7 @@ def attention_impls(device, dtype, tables):
 
     impls = [("triton", attention), ("triton+rope", attention_rope)]
     if device.type == "cuda" and dtype != torch.float32:
-        from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available
+        from modernbert_embed.torch_varlen import varlen_attention, varlen_available
 
         if varlen_available():
             impls.append(("torch-varlen", varlen_attention))

@@ -282,7 +282,7 @@ def _check_rope(rope, head_dim, max_seqlen, device):
 
 
 def attention(qkv, batch, window, scale, *, config=None, rope=None):
-    """Bidirectional attention within each packed sequence, as `ops_torch.attention`.
+    """Bidirectional attention within each packed sequence, as `reference.attention`.
 
     qkv: [T, 3, heads, head_dim] contiguous (rotary applied), fp32 / fp16 / bf16; `batch` gives
     `cu_seqlens` (int32, on qkv's device) and `max_seqlen`. window: None for full attention, or the

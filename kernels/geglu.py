@@ -40,7 +40,7 @@ def _geglu_kernel(
 
 def geglu(u):
     """`gelu_erf(u[..., :I]) * u[..., I:]`: [..., 2I] -> [..., I], fp32 math, output in u's dtype.
-    Same contract as `ops_torch.geglu`."""
+    Same contract as `reference.geglu`."""
     if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"u must be float32, float16 or bfloat16, got {u.dtype}")
     if u.dim() < 1 or u.shape[-1] % 2:

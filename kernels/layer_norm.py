@@ -63,7 +63,7 @@ def _layer_norm_kernel(
 
 def layer_norm(x, weight, eps, residual=None):
     """`(LN(x + residual) * weight, x + residual)` over the last dim; with residual=None the second
-    item is `x` itself. Same contract as `ops_torch.layer_norm`: biased variance, statistics in
+    item is `x` itself. Same contract as `reference.layer_norm`: biased variance, statistics in
     fp32, outputs in x's dtype."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")

@@ -61,7 +61,7 @@ def _pool_kernel(
 def pool(hidden, batch, mode="mean", dim=None, normalize=True):
     """Sentence embeddings from packed hidden states [T, H] -> [B, dim] float32.
 
-    Same contract as `ops_torch.pool`: mode "mean" averages every token of each sequence, "cls"
+    Same contract as `reference.pool`: mode "mean" averages every token of each sequence, "cls"
     takes its first token; the first `dim` features are kept, then (normalize=True) divided by
     max(||x||, 1e-12). Sums accumulate in fp32 whatever the input dtype.
     """

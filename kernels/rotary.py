@@ -58,7 +58,7 @@ def _rotary_kernel(
 
 def rotary(qkv, positions, cos, sin):
     """Rotate q and k of the packed `qkv` [T, 3, heads, head_dim] IN PLACE (fp32 math) and return
-    it. Same values as `ops_torch.rotary`; v is untouched.
+    it. Same values as `reference.rotary`; v is untouched.
     `positions` [T] must index rows of the `cos`/`sin` tables [max_positions, head_dim // 2]:
     out-of-range positions are not checked (that would cost a device sync)."""
     T, heads, head_dim = check_qkv(qkv, "it is rotated in place")

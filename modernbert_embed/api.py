@@ -21,6 +21,7 @@ import torch
 from . import quantize
 from .chunking import embed_windows, split_long
 from .loaded import FrontEnd
+from .matryoshka import slice_normalize
 from .options import EncodeOptions
 from .tokenizer import PROMPTS, check_texts
 from .weights import EMBEDDER
@@ -186,9 +187,7 @@ class Embedder(FrontEnd):
         a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).float()
         b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).float().to(a.device)
         a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return a @ b.T
+        return slice_normalize(a) @ slice_normalize(b).T
 
     # --------------------------------------------------------------------------- out
     def _to_output(self, result: torch.Tensor, opts: EncodeOptions, convert_to_tensor: bool):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .engine import NonFiniteError
+from .matryoshka import slice_normalize
 
 DEFAULT_MAX_OVERLAP = 128
 
@@ -133,7 +134,7 @@ def combine(window_embeddings, owner: Sequence[int], content_tokens: Sequence[in
     total = torch.zeros(num_docs, dtype=torch.float32, device=dev).index_add_(0, owner_t, w)
     out = sums / total[:, None]
     if normalize:
-        out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out = slice_normalize(out)
     single = counts == 1
     if single.any():  # keep one-window documents bit for bit
         first = torch.full((num_docs,), -1, dtype=torch.long, device=dev)

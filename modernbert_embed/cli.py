@@ -15,37 +15,13 @@ import argparse
 import sys
 
 from . import quantize as Q
+from .cli_common import Formatter, add_max_batch_tokens, add_model_options, int_at_least
 from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
-from .weights import DEFAULT_MODEL
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Shows an option's default where it has a meaningful one."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, True, argparse.SUPPRESS) and "%(default)" not in text \
-                and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,23 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed every document of the inputs into OUTDIR: shard-NNNNN.npy embeddings, a "
                     "row-aligned shard-NNNNN.meta.parquet (or .jsonl) of row, id, tokens and truncated, "
                     "and manifest.json. Run the same command again after a crash or kill to resume.",
-        formatter_class=_Formatter)
+        formatter_class=Formatter)
     e.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text (.txt: one document a line, blank lines included), JSON Lines (.jsonl) or "
                         "Parquet (.parquet) files")
     e.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (new, empty, or "
                    "the folder of an unfinished run of the same command)")
     g = e.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
-    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA GPUs with "
-                        "native bf16, else float16)")
-    g.add_argument("--max-batch-tokens", type=_positive, default=None, metavar="N",
-                   help="tokens per batch (default 4096 on the CPU, 16384 on a GPU); may change on a resume, "
-                        "which is recorded and "
-                        "warned about (other batches can change the last bits of the floats)")
+    add_model_options(g)
+    add_max_batch_tokens(g, "; may change on a resume, which is recorded and warned about (other batches "
+                            "can change the last bits of the floats)")
     g = e.add_argument_group("input")
     g.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "parquet"],
                    help="auto: from the file name")
@@ -130,7 +99,7 @@ def _options(args):
     return EmbedOptions(
         inputs=list(args.inputs), output=args.output, model=args.model, revision=args.revision,
         input_format=args.input_format, text_field=args.text_field,
-        id_field=args.id_field or "id", id_required=args.id_field is not None,
+        id_field="id" if args.id_field is None else args.id_field, id_required=args.id_field is not None,
         prompt=args.prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
         precision=args.precision, calibration=args.calibration, calibration_size=args.calibration_size,
         long=args.long, overlap=args.overlap, shard_size=args.shard_size, meta_format=args.meta_format,
@@ -155,12 +124,9 @@ def _verify(args, embedder=None) -> int:
     return 0
 
 
-def _serve(args, embedder=None) -> int:
-    return run_serve(args)  # loads its own model and reports its own errors (modernbert_embed.server.cli)
-
-
-# The function that runs each subcommand: (parsed arguments, a loaded Embedder or None) -> exit status.
-COMMANDS = {"embed": _embed, "verify": _verify, "serve": _serve}
+# The function that runs each subcommand but serve: (parsed arguments, a loaded Embedder or None) ->
+# exit status. `serve` loads its own model and reports its own errors (`server.cli.run_serve`).
+COMMANDS = {"embed": _embed, "verify": _verify}
 
 
 def main(argv=None, embedder=None) -> int:
@@ -169,7 +135,7 @@ def main(argv=None, embedder=None) -> int:
     and callers that hold a model already)."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        return run_serve(args)
     from .config import ConfigError
     from .corpus import CorpusError
     from .weights import CheckpointError

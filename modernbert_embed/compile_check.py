@@ -4,7 +4,7 @@ The interpreter (TRITON_INTERPRET=1) runs the kernels' arithmetic on numpy, but 
 a kernel can pass every interpreter test and still fail to compile, or compile to code that
 spills registers to local memory. This check goes the whole way on any machine. For sm_N it asks
 the dispatch what a GPU of that architecture runs (`ops.ops_for_arch(N)`, in each dtype of
-`ops.gpu_dtypes(N)`: no bf16 before sm_80, no Triton attention where torch's is chosen), calls
+`devices.gpu_dtypes(N)`: no bf16 before sm_80, no Triton attention where torch's is chosen), calls
 each chosen op as the model does with CPU tensors of the base model's shapes, catches the kernel
 launch before it reaches a driver (the launcher has picked sm_N's tiles: `_arch.target_arch`), and
 compiles that kernel with the launch's own arguments and options through TTIR, TTGIR, LLVM IR and
@@ -238,10 +238,10 @@ def torch_ops(arch: int, attention: str = "auto") -> list[str]:
 
 
 def gpu_dtype_names(arch: int) -> list[str]:
-    """The dtypes the dispatch runs on sm_<arch> (no bf16 before sm_80), by their names here."""
-    from . import ops as dispatch
+    """The dtypes the engine runs on sm_<arch> (no bf16 before sm_80), by their names here."""
+    from .devices import gpu_dtypes
 
-    return [n for n, dt in DTYPES.items() if dt in dispatch.gpu_dtypes(arch)]
+    return [n for n, dt in DTYPES.items() if dt in gpu_dtypes(arch)]
 
 
 def run(arch=90, dtypes=None, only=None, attention="auto"):

@@ -9,7 +9,7 @@ the model needs per layer (global or local, rope theta, half window) is derived 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +19,10 @@ class ConfigError(ValueError):
 
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+# Every how many layers one is global, when a config does not say (ModernBERT's: 0, 3, 6, ...).
+GLOBAL_EVERY = 3
+# Older spellings of a field in config.json, read when the field's own name is absent.
+ALIASES = {"norm_eps": ("layer_norm_eps",), "cls_token_id": ("bos_token_id",), "sep_token_id": ("eos_token_id",)}
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class ModernBertConfig:
     num_attention_heads: int = 12
     max_position_embeddings: int = 8192
     norm_eps: float = 1e-5
-    # Per layer: True for global (full) attention, False for sliding-window attention.
+    # Per layer: True for global (full) attention, False for sliding-window attention (empty: every
+    # GLOBAL_EVERY-th layer global).
     layer_is_global: tuple[bool, ...] = field(default=())
     global_rope_theta: float = 160000.0
     local_rope_theta: float = 10000.0
@@ -45,7 +50,7 @@ class ModernBertConfig:
             raise ConfigError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
         if not self.layer_is_global:
             object.__setattr__(
-                self, "layer_is_global", tuple(i % 3 == 0 for i in range(self.num_hidden_layers))
+                self, "layer_is_global", tuple(i % GLOBAL_EVERY == 0 for i in range(self.num_hidden_layers))
             )
         if len(self.layer_is_global) != self.num_hidden_layers:
             raise ConfigError(
@@ -88,9 +93,19 @@ class ModernBertConfig:
     # ------------------------------------------------------------------ reading
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModernBertConfig":
+        """Either schema of config.json; a key it does not give takes the field's default (each
+        default is written once, on its field)."""
         _refuse_unsupported(d)
-        n_layers = int(d.get("num_hidden_layers", 22))
+        defaults = {f.name: f.default for f in fields(cls)}
 
+        def value(name: str):
+            """The field `name` from its key (or an older spelling), as the type of its default."""
+            for key in (name, *ALIASES.get(name, ())):
+                if key in d:
+                    return type(defaults[name])(d[key])
+            return defaults[name]
+
+        n_layers = value("num_hidden_layers")
         if d.get("layer_types") is not None:  # 5.x schema
             kinds = list(d["layer_types"])
             bad = [k for k in kinds if k not in (FULL, SLIDING)]
@@ -98,13 +113,12 @@ class ModernBertConfig:
                 raise ConfigError(f"unknown layer type(s) {sorted(set(bad))} in layer_types")
             layer_is_global = tuple(k == FULL for k in kinds)
         else:  # 4.48 schema
-            every = int(d.get("global_attn_every_n_layers", 3))
+            every = int(d.get("global_attn_every_n_layers", GLOBAL_EVERY))
             if every < 1:
                 raise ConfigError(f"global_attn_every_n_layers must be >= 1, got {every}")
             layer_is_global = tuple(i % every == 0 for i in range(n_layers))
 
-        global_theta = float(d.get("global_rope_theta", 160000.0))
-        local_theta = float(d.get("local_rope_theta", 10000.0))
+        global_theta, local_theta = value("global_rope_theta"), value("local_rope_theta")
         rope = d.get("rope_parameters")
         if rope:  # 5.x schema: per layer type
             for kind, params in rope.items():
@@ -116,30 +130,17 @@ class ModernBertConfig:
         if d.get("rope_scaling"):
             raise ConfigError(f"rope_scaling {d['rope_scaling']!r} is not supported")
 
-        if d.get("sliding_window") is not None:
+        if d.get("sliding_window") is not None:  # 5.x: the half width
             half = int(d["sliding_window"])
-        else:
-            full_width = int(d.get("local_attention", 128))
+        else:  # 4.48: the full width
+            full_width = int(d.get("local_attention", 2 * defaults["local_window"]))
             if full_width % 2:
                 raise ConfigError(f"local_attention must be even, got {full_width}")
             half = full_width // 2
 
-        return cls(
-            vocab_size=int(d.get("vocab_size", 50368)),
-            hidden_size=int(d.get("hidden_size", 768)),
-            intermediate_size=int(d.get("intermediate_size", 1152)),
-            num_hidden_layers=n_layers,
-            num_attention_heads=int(d.get("num_attention_heads", 12)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
-            norm_eps=float(d.get("norm_eps", d.get("layer_norm_eps", 1e-5))),
-            layer_is_global=layer_is_global,
-            global_rope_theta=global_theta,
-            local_rope_theta=local_theta,
-            local_window=half,
-            cls_token_id=int(d.get("cls_token_id", d.get("bos_token_id", 50281))),
-            sep_token_id=int(d.get("sep_token_id", d.get("eos_token_id", 50282))),
-            pad_token_id=int(d.get("pad_token_id", 50283)),
-        )
+        derived = {"num_hidden_layers": n_layers, "layer_is_global": layer_is_global,
+                   "global_rope_theta": global_theta, "local_rope_theta": local_theta, "local_window": half}
+        return cls(**{name: derived[name] if name in derived else value(name) for name in defaults})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModernBertConfig":

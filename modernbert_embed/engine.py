@@ -7,8 +7,8 @@ ids ─► check ─► plan (sort by length, pack under a token budget) ─► 
 ```
 
 `Engine.embed` and `Engine.score` run that loop (one loop, `_run`; pairs `[CLS] a [SEP] b [SEP]`
-are token ids like any other); the Embedder, chunking, the corpus command, the Ray adapter and
-the HTTP server all call it and nothing below it. It holds no state that a call changes, so any
+are token ids like any other); the Embedder and the CrossEncoder (and through `Embedder.encode`
+the Ray adapter), chunking, the corpus command and the HTTP server call it and nothing below it. It holds no state that a call changes, so any
 number of threads may call it at once, and each call's result is the one it would get alone (its
 batches are its own). On a GPU the calls share one CUDA stream: they interleave batch by batch and
 each waits as long as the work queued before it.
@@ -31,7 +31,8 @@ import torch
 from .batching import Batch, pack, plan_batches, upload
 from .heads import ClassifierHead
 from .model import ModernBert
-from .ops import Ops, default_max_batch_tokens, resolve_device, resolve_dtype, select_ops, self_check
+from .devices import default_max_batch_tokens, resolve_device, resolve_dtype
+from .ops import Ops, select_ops, self_check
 from .weights import CLASSIFIER_PREFIXES, Checkpoint, load_state_dict
 
 # With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
@@ -71,8 +72,8 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device=None, dtype=None, ops: Ops | None = None) -> "Engine":
-        """Build the model of `checkpoint` on `device` in `dtype` (see `ops.resolve_device`,
-        `ops.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
+        """Build the model of `checkpoint` on `device` in `dtype` (see `devices.resolve_device`,
+        `devices.resolve_dtype`) and load its weights. `ops` forces the op implementations; by default
         the dispatch chooses them, and on a GPU checks them first (`ops.self_check`)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -172,16 +173,28 @@ class Engine:
         this engine's default for its device."""
         return self.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
 
+    def width(self, dim: int | None) -> int:
+        """Features per pooled vector: `dim` when it is a whole number in 1..hidden_size, the full
+        hidden_size for None; anything else is refused (0 is not "the default")."""
+        hidden = self.config.hidden_size
+        if dim is None:
+            return hidden
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
+        if not 1 <= dim <= hidden:
+            raise ValueError(f"dim must be in 1..{hidden} (this model's hidden size), got {dim}")
+        return int(dim)
+
     # --------------------------------------------------------------------------- the batch loop
     def embed(self, ids: Sequence[Sequence[int]], *, dim: int | None = None, normalize: bool = True,
               max_batch_tokens: int | None = None, batch_size: int | None = None,
               on_batch: Callable[[int, int], None] | None = None, out: torch.Tensor | None = None,
               check_finite: bool = True) -> torch.Tensor:
         """Sentence embeddings of `ids` (checked token-id lists, see `check_ids`): float32
-        [len(ids), dim] on the device, in input order, pooled, sliced to `dim` and normalised when
-        `normalize`. Batches are planned longest first under `max_batch_tokens` tokens (None: the
-        engine's `max_batch_tokens`, by device) and at most `batch_size` sequences.
-        `on_batch(docs, tokens)` hears of each batch as it finishes, in
+        [len(ids), dim] on the device, in input order, pooled, sliced to `dim` (None: the hidden size;
+        outside 1..hidden_size: refused) and normalised when `normalize`. Batches are planned longest
+        first under `max_batch_tokens` tokens (None: the engine's `max_batch_tokens`, by device) and at
+        most `batch_size` sequences. `on_batch(docs, tokens)` hears of each batch as it finishes, in
         plan order. `out`: a float32 [len(ids), dim] tensor on the device to fill instead of a new
         one. Non-finite rows raise `NonFiniteError` naming them, unless `check_finite` is False.
 
@@ -189,7 +202,7 @@ class Engine:
         scattered into place on the device), so while the GPU runs one batch the host packs the
         next; with `on_batch` the host stays at most RUN_AHEAD batches ahead, so that the counts
         are of batches computed, not merely queued."""
-        dim = dim or self.config.hidden_size
+        dim = self.width(dim)
 
         def pooled(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
             return self.ops.pool(hidden, batch, self.pooling, dim, normalize)

@@ -1,22 +1,21 @@
-"""Dispatch: the one place that decides the device, the dtype and which implementation of each op runs.
+"""Dispatch: the one place that decides which implementation of each op runs, on which device.
 
-- Device: `resolve_device` (a CUDA index must exist).
-- dtype: float32 on the CPU; on a GPU bfloat16 where it has native bf16 (compute capability 8.0 and
-  newer), float16 before that.
-- Ops, chosen once at load: torch's on the CPU, with the Linear layers on oneDNN's packed GEMMs;
-  Triton kernels on CUDA GPUs of compute capability 7.5 and newer (older ones get torch).
-  Attention follows the GPU: where the Triton attention kernel cannot serve an architecture well
-  (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
+- Ops, chosen once at load: the tuned torch path on the CPU (`ops_torch`: oneDNN's packed GEMMs,
+  the window block by block); Triton kernels (`kernels/`) on CUDA GPUs of compute capability 7.5
+  and newer (older ones get the torch path). Attention follows the GPU: where the Triton attention
+  kernel cannot serve an architecture well (`TRITON_ATTENTION_MIN_ARCH`), torch's runs.
   The policy is `ops_for_arch` (by compute capability); `compile_check --arch N` compiles
   exactly what it picks for sm_N, in each dtype of `gpu_dtypes(N)`. Within a kernel, the tiles
   follow the GPU of the tensors it is given (the launchers, via `kernels._arch`).
-- Batch budget: `default_max_batch_tokens` (4096 tokens per forward on the CPU, 16384 on a GPU).
-- `self_check` runs each chosen op once on tiny inputs against its torch version; an op that fails
-  to compile or disagrees is replaced by torch's, with one warning naming the ops and the GPU, so
-  that a broken kernel shows at load and not on a user's first batch.
+- `self_check` has each chosen op run against its plain torch version (`load_check`, against
+  `reference`); an op that fails to compile or disagrees is replaced by the torch path's, with one
+  warning naming the ops and the GPU, so that a broken kernel shows at load and not on a user's
+  first batch.
+- The device, the dtype and the batch budget are `devices`' (`resolve_device`, `resolve_dtype`,
+  `default_max_batch_tokens`), exported here too.
 
-Experiments (other attention implementations, to be measured) are `select_ops` arguments; a
-model built with them goes through `Embedder.from_checkpoint(..., ops=select_ops(...))`.
+Experiments (other attention implementations, the CPU's int8 weights: `int8`) are `select_ops`
+arguments; a model built with them goes through `Embedder.from_checkpoint(..., ops=select_ops(...))`.
 """
 
 from __future__ import annotations
@@ -28,17 +27,12 @@ from typing import Callable
 
 import torch
 
-from . import ops_torch
-from .batching import CPU_MAX_BATCH_TOKENS, GPU_MAX_BATCH_TOKENS
-from .kernels._arch import capability
+from . import int8, load_check, ops_torch
+from .devices import (BF16_MIN_ARCH, DTYPES, arch, default_max_batch_tokens, gpu_dtypes, gpu_name,
+                      resolve_device, resolve_dtype)
 
 BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "triton-rope", "torch-varlen", "torch-varlen-global")
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 # Compute capability (x10) from which the Triton kernels run at all, and from which the Triton
 # attention runs: for sm_75 (T4) triton compiles its dots without tensor cores, and every
 # half-precision attention tile spills (128 x 64: 12 KB per thread; even 32 x 32 spills in full
@@ -46,7 +40,6 @@ DTYPES = {
 # tensor-core dots without spills (`compile_check`).
 TRITON_MIN_ARCH = 75
 TRITON_ATTENTION_MIN_ARCH = 80
-BF16_MIN_ARCH = 80
 
 
 @dataclass(frozen=True)
@@ -74,12 +67,13 @@ class Ops:
     # An experiment on the CPU (`select_ops(..., int8_weights=True)`, not offered as a dtype: its
     # cosine to float32 missed the 0.995 bar, benchmarks/RESULTS.md): every Linear weight is
     # quantised to int8 per output feature at load and its input per call (`pack_linear` and
-    # `linear` are `ops_torch.int8_pack` / `int8_linear`); the rest of the model runs in float32.
+    # `linear` are `int8.int8_pack` / `int8_linear`); the rest of the model runs in float32.
     int8_weights: bool = False
 
 
 OP_NAMES = ("layer_norm", "rotary", "attention", "geglu", "pool")
 
+# The torch path (`ops_torch`, tuned; each op checked against its plain version in `reference`).
 TORCH_OPS = Ops(
     name="torch",
     layer_norm=ops_torch.layer_norm,
@@ -92,68 +86,6 @@ TORCH_OPS = Ops(
 # (BLAS on column-major weights where oneDNN cannot take the dtype: `ops_torch.cpu_pack`).
 CPU_OPS = replace(TORCH_OPS, rotary=ops_torch.rotary_pairs, rotary_pairs=True, pack_linear=ops_torch.cpu_pack,
                   linear=ops_torch.cpu_linear, geglu_linear=ops_torch.cpu_geglu_linear)
-
-
-# ----------------------------------------------------------------------------- device and dtype
-def resolve_device(device=None) -> torch.device:
-    """The device to load on: CUDA when present (the current GPU), else the CPU. `cuda:N` must name
-    a GPU this machine has."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device ({e})") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported (cpu, cuda or cuda:N)")
-    if device.type == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but no CUDA GPU is available")
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if not 0 <= index < count:
-        have = ", ".join(f"cuda:{i}" for i in range(count))
-        raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} CUDA "
-                         f"GPU{'s' if count != 1 else ''} ({have})")
-    return torch.device("cuda", index)
-
-
-def arch(device: torch.device) -> int | None:
-    """Compute capability x 10 of a CUDA device (90 for an H100), None for the CPU."""
-    return capability(device)
-
-
-def gpu_name(device: torch.device) -> str:
-    return f"{torch.cuda.get_device_name(device)} (sm_{arch(device)})" if device.type == "cuda" else "cpu"
-
-
-def gpu_dtypes(cc: int) -> tuple[torch.dtype, ...]:
-    """The dtypes a GPU of compute capability `cc` (x 10) runs, its default first: bfloat16 only
-    with native bf16 (8.0 and newer), else float16; float32 everywhere."""
-    if cc >= BF16_MIN_ARCH:
-        return torch.bfloat16, torch.float16, torch.float32
-    return torch.float16, torch.float32
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """float32 on the CPU; bfloat16 on GPUs with native bf16 (compute capability >= 8.0), float16
-    on older ones. A dtype given by name or as a torch dtype is checked against the device."""
-    if dtype is None:
-        return gpu_dtypes(arch(device))[0] if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        dtype = DTYPES[dtype.lower().removeprefix("torch.")]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
-    if device.type == "cuda" and dtype not in gpu_dtypes(arch(device)):
-        raise ValueError(f"bfloat16 needs a GPU of compute capability 8.0 or newer; {gpu_name(device)} "
-                         "has no native bf16: use float16 (the default there) or float32")
-    return dtype
-
-
-def default_max_batch_tokens(device: torch.device) -> int:
-    """Tokens per forward when the caller does not say: see `batching.CPU_MAX_BATCH_TOKENS`."""
-    return CPU_MAX_BATCH_TOKENS if torch.device(device).type == "cpu" else GPU_MAX_BATCH_TOKENS
 
 
 # ----------------------------------------------------------------------------- ops
@@ -189,13 +121,13 @@ def select_ops(device: torch.device | str, backend: str = "auto", attention: str
     device = torch.device(device)
     if int8_weights and device.type != "cpu":
         raise ValueError("int8 weights run on the CPU only")
-    if int8_weights and not ops_torch.int8_available():
+    if int8_weights and not int8.int8_available():
         raise ValueError("int8 weights need a torch build with a quantized CPU engine (fbgemm, oneDNN or "
                          "qnnpack); this one has none")
     ops = ops_for_arch(arch(device), backend, attention)
     if int8_weights:
-        return replace(ops, name=ops.name + "+int8", int8_weights=True, pack_linear=ops_torch.int8_pack,
-                       linear=ops_torch.int8_linear, geglu_linear=None)
+        return replace(ops, name=ops.name + "+int8", int8_weights=True, pack_linear=int8.int8_pack,
+                       linear=int8.int8_linear, geglu_linear=None)
     return ops
 
 
@@ -223,10 +155,10 @@ def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto")
     elif attention in ("triton", "triton-rope"):  # triton-rope: the same kernel, given the tables
         from .kernels.attention import attention as attn
     elif attention == "torch-varlen":
-        from .kernels.torch_varlen import varlen_attention as attn
+        from .torch_varlen import varlen_attention as attn
     else:
         from .kernels.attention import attention as local_attn
-        from .kernels.torch_varlen import varlen_attention as global_attn
+        from .torch_varlen import varlen_attention as global_attn
 
         attn = route_by_window(global_attn, local_attn)
     return replace(ops, name=ops.name + f"+attn:{attention}", attention=attn,
@@ -244,86 +176,15 @@ def route_by_window(global_attention: Callable, local_attention: Callable) -> Ca
 
 
 # ----------------------------------------------------------------------------- the load-time check
-def _check_inputs(cfg, device, dtype):
-    """Tiny inputs at the model's widths: two sequences, one longer than the window."""
-    from .batching import pack
-    from .rope import rope_tables
-
-    g = torch.Generator().manual_seed(0)
-    lengths = [cfg.local_window * 2 + 9, 3]
-    T, H, heads, d = sum(lengths), cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    batch = pack([[0] * n for n in lengths], range(len(lengths)), device)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    cos, sin = rope_tables(cfg.local_rope_theta, d, max(lengths), device)
-    return batch, rand(T, H), rand(H), rand(T, H), rand(T, 3, heads, d), rand(T, 2 * cfg.intermediate_size), (cos, sin)
-
-
-def _op_calls(ops: Ops, cfg, inputs):
-    """{op name: thunk running that op of `ops` on `inputs`} (outputs as a tuple of tensors)."""
-    batch, x, w, res, qkv, u, (cos, sin) = inputs
-    scale = cfg.head_dim ** -0.5
-    w_local = cfg.local_window
-
-    def attention():
-        if ops.fused_rotary:
-            return (ops.attention(qkv.clone(), batch, None, scale, rope=(cos, sin)),
-                    ops.attention(qkv.clone(), batch, w_local, scale, rope=(cos, sin)))
-        q = ops_torch.rotary(qkv.clone(), batch.positions, cos, sin)
-        return ops.attention(q, batch, None, scale), ops.attention(q, batch, w_local, scale)
-
-    return {
-        # with the residual add (the layers) and without (the embeddings' and the final norm)
-        "layer_norm": lambda: (*ops.layer_norm(x, w, cfg.norm_eps, res), ops.layer_norm(x, w, cfg.norm_eps)[0]),
-        "rotary": lambda: (ops.rotary(qkv.clone(), batch.positions, cos, sin),),
-        "attention": attention,
-        "geglu": lambda: (ops.geglu(u),),
-        "pool": lambda: (ops.pool(x, batch, "mean", None, True), ops.pool(x, batch, "cls", 16, False)),
-    }
-
-
-def _tolerance(dtype) -> float:
-    # far above a correct kernel's rounding (about 1e-6 fp32, 1e-2 bf16 on O(1) values), far below
-    # what a wrong one gives (O(1))
-    return 1e-3 if dtype == torch.float32 else 0.1
-
-
-def _disagreement(got, want, tolerance) -> str:
-    """Why the outputs `got` differ from torch's `want`, or "" when they agree."""
-    shapes = [tuple(t.shape) for t in got], [tuple(t.shape) for t in want]
-    if shapes[0] != shapes[1]:
-        return f"returns shapes {shapes[0]}, torch's {shapes[1]}"
-    diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(got, want) if a.numel()]
-    if all(d <= tolerance for d in diffs):  # a NaN fails
-        return ""
-    worst = next((d for d in diffs if d != d), max(diffs))  # NaN first: max() may pass over it
-    return f"disagrees with torch (max abs diff {worst:.3g})"
-
-
 def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
-    """`ops` with every op that fails or disagrees with its torch version on tiny inputs replaced
-    by the torch version, and one warning naming those ops and the device. Unchanged when all agree."""
+    """`ops` with every op that fails or disagrees with its plain torch version on tiny inputs
+    (`load_check`, against `reference`) replaced by the torch path's, and one warning naming those
+    ops and the device. Unchanged when all agree."""
     if ops.name == TORCH_OPS.name:
         return ops
-    inputs = _check_inputs(cfg, device, dtype)
-    reference = _op_calls(replace(TORCH_OPS, fused_rotary=False), cfg, inputs)
-    chosen = _op_calls(ops, cfg, inputs)
-    failed: dict[str, str] = {}
-    for name in OP_NAMES:
-        if getattr(ops, name) is getattr(TORCH_OPS, name):
-            continue  # torch's own op (e.g. the attention below sm_80): nothing to check
-        try:
-            got = chosen[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        except Exception as e:  # noqa: BLE001 - a compile error, a launch error: any failure is the finding
-            failed[name] = f"failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-            continue
-        why = _disagreement(got, reference[name](), _tolerance(dtype))
-        if why:
-            failed[name] = why
+    # the torch path's own ops (e.g. the attention below sm_80) are not kernels of ours to check
+    names = [name for name in OP_NAMES if getattr(ops, name) is not getattr(TORCH_OPS, name)]
+    failed = load_check.disagreements(ops, names, cfg, device, dtype)
     if not failed:
         return ops
     fixed: dict = {name: getattr(TORCH_OPS, name) for name in failed}
@@ -336,5 +197,8 @@ def self_check(ops: Ops, cfg, device: torch.device, dtype: torch.dtype) -> Ops:
     return replace(ops, name=ops.name + "+torch:" + ",".join(failed), **fixed)
 
 
-__all__ = ["Ops", "TORCH_OPS", "CPU_OPS", "select_ops", "ops_for_arch", "self_check", "resolve_device", "resolve_dtype",
-           "arch", "gpu_dtypes", "triton_ops", "route_by_window", "OP_NAMES", "default_max_batch_tokens"]
+__all__ = ["Ops", "TORCH_OPS", "CPU_OPS", "select_ops", "ops_for_arch", "self_check", "triton_ops", "route_by_window",
+           "OP_NAMES", "TRITON_MIN_ARCH", "TRITON_ATTENTION_MIN_ARCH",
+           # from `devices`, where they live
+           "resolve_device", "resolve_dtype", "arch", "gpu_name", "gpu_dtypes", "default_max_batch_tokens", "DTYPES",
+           "BF16_MIN_ARCH"]

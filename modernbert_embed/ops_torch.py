@@ -1,40 +1,37 @@
-"""The torch version of every op the model calls.
+"""The tuned torch path: the ops the CPU runs, and a GPU where the dispatch gives torch's.
 
-Each function here is three things at once: the CPU path, the oracle the Triton kernels are tested
-against, and the baseline they are benchmarked against. The GPU kernels in `kernels/` have the
-same signatures. Tensors are packed: `[T, ...]` holds all tokens of all sequences of a batch, and
+Each op here is measured for speed (in-place rotary, the window computed block by block, oneDNN's
+packed GEMMs with the GeGLU inside Wi's) and has the same signature and results as its plain
+version in `reference`, which is the oracle: the tests check these against it, and the load-time
+self-check (`load_check`) compares the kernels with the reference alone, so that tuning here cannot
+change what the kernels are checked against (this path is only what a failing kernel falls back to). Layer norm and pooling have nothing to tune: they are the reference's own.
+
+Tensors are packed: `[T, ...]` holds all tokens of all sequences of a batch, and
 `batch.cu_seqlens` (device) / `batch.lengths` (host) say where each sequence starts.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from .batching import CPU_MAX_BATCH_TOKENS
 
-
-# ----------------------------------------------------------------------------- layer norm
-def layer_norm(x, weight, eps, residual=None):
-    """Weight-only LayerNorm of `x + residual`.
-
-    Returns `(LN(x + residual), x + residual)`: the sum is the residual stream for the next
-    sublayer (with `residual=None` the second item is `x` itself). Statistics in fp32.
-    """
-    if residual is not None:
-        x = x + residual
-    y = F.layer_norm(x, (x.shape[-1],), weight, None, eps)
-    return y, x
+# Nothing to tune: one F.layer_norm call, one segment sum (the Matryoshka slice and the
+# normalisation are `matryoshka.slice_normalize`).
+layer_norm = reference.layer_norm
+pool = reference.pool
 
 
 # ----------------------------------------------------------------------------- rotary
 def rotary(qkv, positions, cos, sin):
-    """Rotate q and k of the packed `qkv` [T, 3, heads, head_dim] (rotate-half form), in fp32.
+    """`reference.rotary` in place: rotate q and k of the packed `qkv` [T, 3, heads, head_dim]
+    (rotate-half form) in fp32, for fp32 input without a copy of q and k.
 
-    `positions` [T] restart at 0 for every sequence; `cos`/`sin` come from `model.rope_tables`.
+    `positions` [T] restart at 0 for every sequence; `cos`/`sin` come from `rope.rope_tables`.
     Writes the rotated q and k back into `qkv` (any dtype) and returns it (v untouched).
     """
     half = qkv.shape[-1] // 2
@@ -69,7 +66,8 @@ def rotary_pairs(qkv, positions, cos, sin):
 
 # ----------------------------------------------------------------------------- attention
 def attention(qkv, batch, window, scale):
-    """Bidirectional attention within each packed sequence.
+    """`reference.attention` with the work following the window: bidirectional attention within
+    each packed sequence.
 
     qkv: [T, 3, heads, head_dim] (rotary applied). window: None for full attention, or the half
     window w (keys with |i - j| <= w, inclusive). Returns [T, heads * head_dim].
@@ -151,37 +149,9 @@ def _banded_mask(n: int, w: int, device, dtype) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- GeGLU
 def geglu(u):
-    """`gelu_erf(u[:, :I]) * u[:, I:]` for the `Wi` output u: [T, 2I] -> [T, I]."""
+    """`reference.geglu`, with one [T, I] buffer: `gelu_erf(u[:, :I]) * u[:, I:]`, [T, 2I] -> [T, I]."""
     x, gate = u.chunk(2, dim=-1)
     return F.gelu(x).mul_(gate)  # in place on gelu's fresh output: one [T, I] buffer, not two
-
-
-# ----------------------------------------------------------------------------- pooling
-def pool(hidden, batch, mode="mean", dim=None, normalize=True):
-    """Sentence embeddings from packed hidden states [T, H] -> [B, dim] fp32.
-
-    mode "mean": average over every token of the sequence ([CLS], [SEP] and prompt included);
-    "cls": the first token. Matryoshka: keep the first `dim` features, then L2-normalise
-    (`x / max(||x||, 1e-12)`). Sums accumulate in fp32.
-    """
-    B = len(batch.lengths)
-    H = hidden.shape[-1]
-    dim = H if dim is None else dim
-    if mode == "mean":
-        lengths = torch.tensor(batch.lengths, device=hidden.device)
-        seg = torch.repeat_interleave(torch.arange(B, device=hidden.device), lengths)
-        sums = torch.zeros(B, H, dtype=torch.float32, device=hidden.device)
-        sums.index_add_(0, seg, hidden.float())
-        pooled = sums / lengths[:, None].float()
-    elif mode == "cls":
-        pooled = hidden[batch.cu_seqlens[:-1].long()].float()
-    else:
-        raise ValueError(f"unknown pooling mode {mode!r}")
-    pooled = pooled[:, :dim]
-    if normalize:
-        pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return pooled
-
 
 
 # ----------------------------------------------------------------------------- linear layers
@@ -268,34 +238,3 @@ def cpu_geglu_linear(x, packed):
         inner, gate = packed
         return _onednn_mul_linear(x, gate, _onednn_linear(x, inner, gelu=True))
     return geglu(F.linear(x, packed))
-
-
-# ----------------------------------------------------------------------------- int8 weights (CPU)
-# Activations are quantised to 8 bits, not fbgemm's 7-bit "reduce_range" (which exists for CPUs
-# without VNNI, whose int8 products are added in saturating int16 pairs): on the random base-size
-# checkpoint 7 bits gave a worst cosine of 0.984 against float32 on 48 mixed documents, 8 bits 0.995.
-INT8_REDUCE_RANGE = False
-
-
-def int8_available() -> bool:
-    """Whether this torch build has a quantized CPU engine to run int8 GEMMs with."""
-    return torch.backends.quantized.engine not in ("none", None) and bool(torch.backends.quantized.supported_engines)
-
-
-def int8_pack(weight: torch.Tensor, geglu: bool = False):
-    """A Linear weight [out, in] quantised to int8, one symmetric scale per output feature
-    (max |w| / 127), and packed for torch's quantized CPU engine (fbgemm / oneDNN on x86). Wi is
-    packed whole (`geglu` is ignored): the GeGLU runs after its GEMM."""
-    w = weight.detach().float().contiguous()
-    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated (still there in 2.13)
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None)
-
-
-def int8_linear(x, packed):
-    """`x @ W^T` for an `int8_pack`ed W and float32 x [T, in] -> float32 [T, out]: x is quantised
-    per call (one scale and zero point from the range of the whole of x), the product runs in
-    int8 with int32 sums, and is scaled back to float32."""
-    return torch.ops.quantized.linear_dynamic(x, packed, INT8_REDUCE_RANGE)

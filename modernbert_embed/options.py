@@ -140,7 +140,7 @@ class EncodeOptions:
 
     def dim(self, hidden_size: int) -> int:
         """Features per output vector."""
-        return self.truncate_dim or hidden_size
+        return hidden_size if self.truncate_dim is None else self.truncate_dim
 
 
 __all__ = ["EncodeOptions", "OptionError", "OptionTypeError", "LONG_MODES", "resolve_prompt"]

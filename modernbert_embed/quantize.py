@@ -4,13 +4,18 @@ The semantics follow sentence-transformers' `quantize_embeddings`, so stored vec
 compared with ones quantised there:
 
 - int8 / uint8: every dimension's [min, max], taken from calibration embeddings, is cut into 256
-  buckets: `start = min`, `step = (max - min) / 255`, `q = floor((x - start) / step)`, then
-  clipped to 0..255 (uint8) or shifted by -128 to -128..127 (int8), so int8 == uint8 - 128
-  exactly. uint8 and binary codes equal sentence-transformers'; its int8 shifts before it
-  truncates toward zero, which puts codes of the lower half one higher than here. Values outside
-  the calibrated range land in the end buckets (sentence-transformers lets them wrap around).
-  The arithmetic is float32 in the same order, so bucket edges fall where they fall there.
-  A dimension with max == min maps to bucket 0 at and below the value, 255 above it.
+  buckets: `start = min`, `step = (max - min) / 255` (1 where max == min),
+  `q = floor((x - start) / step)`, clipped to 0..255 (uint8), then shifted by -128 to -128..127
+  (int8), so int8 == uint8 - 128 exactly. Values outside the calibrated range land in the end
+  buckets. These are the codes of sentence-transformers' `quantize_embeddings` from its release
+  5.7 on, bit for bit on the same ranges: the arithmetic is float32 in the same order, so bucket
+  edges fall where they fall there (`CONVENTION`). Its releases before 5.7 made other int8 codes
+  (they shifted by -128 before truncating toward zero, which put the codes of the lower half one
+  higher, and let values outside the range wrap around): int8 vectors from those and from here do
+  not mix in one index (their uint8 codes of values inside float32 ranges agree with these).
+  Corpus folders record the convention their codes were made with; one without the record was
+  written before it was recorded (`LEGACY_CONVENTION`): the same codes, except in a dimension
+  with max == min, which took bucket 0 at and below the value and 255 above it.
 - binary / ubinary: one bit per dimension, `x > 0`, packed big-endian 8 to a byte per row
   (`np.packbits(x > 0, axis=-1)`: 768 dims -> 96 bytes; a width that is not a multiple of 8 is
   padded with zero bits). ubinary stores the bytes as uint8; binary as int8 (`byte - 128`).
@@ -33,6 +38,11 @@ BINARY_PRECISIONS = ("binary", "ubinary")
 QUANTIZED_PRECISIONS = SCALAR_PRECISIONS + BINARY_PRECISIONS
 PRECISIONS = FLOAT_PRECISIONS + QUANTIZED_PRECISIONS
 
+# How int8/uint8 codes are made from the ranges (see above), as a corpus folder's manifest records it.
+CONVENTION = "sentence-transformers-5.7"
+LEGACY_CONVENTION = "split-constant"  # written before the convention was recorded
+CONVENTIONS = (CONVENTION, LEGACY_CONVENTION)
+
 _DTYPES = {
     "float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8,
     "binary": np.int8, "ubinary": np.uint8,
@@ -53,6 +63,12 @@ def output_dtype(precision: str) -> np.dtype:
 def output_width(precision: str, dim: int) -> int:
     """Values per row stored for `dim`-wide embeddings: dim, or ceil(dim / 8) packed bytes."""
     return -(-dim // 8) if check_precision(precision) in BINARY_PRECISIONS else dim
+
+
+def check_convention(convention) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"int8/uint8 convention {convention!r} is not known; choose one of {CONVENTIONS}")
+    return convention
 
 
 def calibration_ranges(embeddings) -> np.ndarray:
@@ -79,14 +95,18 @@ def check_ranges(ranges, dim: int | None = None) -> np.ndarray:
     return r
 
 
-def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_embeddings=None) -> np.ndarray:
+def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_embeddings=None,
+                        convention: str = CONVENTION) -> np.ndarray:
     """Quantise float embeddings [n, d] (or one [d]) to `precision`.
 
     For int8/uint8 the ranges come from `ranges` ([2, d]), else from `calibration_embeddings`,
     else from `embeddings` themselves (fine for one large batch; pass ranges to keep several
-    batches on one scale). float32/float16 just convert.
+    batches on one scale). `convention`: how codes are made from the ranges (`CONVENTION`, or
+    `LEGACY_CONVENTION` to add to a folder written before it was recorded). float32/float16 just
+    convert.
     """
     check_precision(precision)
+    check_convention(convention)
     if ranges is not None and calibration_embeddings is not None:
         raise ValueError("give either ranges or calibration_embeddings, not both")
     emb = _as_float_matrix(embeddings, "embeddings")
@@ -102,17 +122,8 @@ def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_emb
                     return np.empty((0, emb.shape[1]), dtype=_DTYPES[precision])
                 calibration_embeddings = emb
             ranges = calibration_ranges(calibration_embeddings)
-        # float32 arithmetic in sentence-transformers' order, so bucket edges fall identically
-        r = check_ranges(ranges, emb.shape[1])
-        starts, steps = r[0], (r[1] - r[0]) / np.float32(255)
-        safe = np.where(steps > 0, steps, np.float32(1))
-        codes = np.floor((emb - starts) / safe)
-        codes = np.where(steps > 0, codes, np.where(emb > starts, np.float32(255), np.float32(0)))
-        codes = np.clip(codes, 0, 255)
-        if precision == "int8":
-            out = (codes - 128).astype(np.int8)
-        else:
-            out = codes.astype(np.uint8)
+        codes = _buckets(emb, check_ranges(ranges, emb.shape[1]), convention)
+        out = (codes - 128).astype(np.int8) if precision == "int8" else codes.astype(np.uint8)
     else:
         packed = np.packbits(emb > 0, axis=-1)
         if precision == "binary":
@@ -120,6 +131,22 @@ def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_emb
         else:
             out = packed
     return out[0] if one else out
+
+
+def _steps(r: np.ndarray) -> np.ndarray:
+    """Bucket widths of float32 ranges [2, d], float32 as sentence-transformers computes them (0 for a
+    dimension with max == min)."""
+    return (r[1] - r[0]) / np.float32(255)
+
+
+def _buckets(emb: np.ndarray, r: np.ndarray, convention: str) -> np.ndarray:
+    """Bucket numbers 0..255 (float32) of float32 embeddings on ranges `r`."""
+    starts, steps = r[0], _steps(r)
+    constant = steps == 0
+    codes = np.floor((emb - starts) / np.where(constant, np.float32(1), steps))
+    if convention == LEGACY_CONVENTION:
+        codes = np.where(constant, np.where(emb > starts, np.float32(255), np.float32(0)), codes)
+    return np.clip(codes, 0, 255)
 
 
 def unpack_bits(packed, dim: int | None = None) -> np.ndarray:
@@ -131,15 +158,23 @@ def unpack_bits(packed, dim: int | None = None) -> np.ndarray:
     return bits if dim is None else bits[..., :dim]
 
 
-def dequantize(codes, precision: str, ranges) -> np.ndarray:
-    """Approximate floats back from int8/uint8 codes: the centre of each bucket."""
+def dequantize(codes, precision: str, ranges, convention: str = CONVENTION) -> np.ndarray:
+    """Approximate floats back from int8/uint8 codes made under `convention`: the centre of each
+    bucket. A dimension with max == min gives its value back (plus the code, in steps of 1, under
+    `CONVENTION`, where the codes above 0 count whole units past it)."""
     if precision not in SCALAR_PRECISIONS:
         raise ValueError(f"dequantize works for int8/uint8 codes, not {precision!r}")
+    check_convention(convention)
     c = np.asarray(codes).astype(np.float64)
-    r = check_ranges(ranges, c.shape[-1]).astype(np.float64)
+    r = check_ranges(ranges, c.shape[-1])
     if precision == "int8":
         c = c + 128
-    return (r[0] + (c + 0.5) * (r[1] - r[0]) / 255.0).astype(np.float32)
+    constant = _steps(r) == 0
+    r = r.astype(np.float64)
+    values = r[0] + (c + 0.5) * (r[1] - r[0]) / 255.0
+    if convention == CONVENTION:
+        values = np.where(constant, r[0] + c, values)
+    return values.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------- calibration files

@@ -143,6 +143,28 @@ def test_engine_reports_every_batch_in_order(model):
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dim, error, message", [
+    (0, ValueError, r"dim must be in 1\.\.128 \(this model's hidden size\), got 0"),
+    (129, ValueError, r"dim must be in 1\.\.128 \(this model's hidden size\), got 129"),
+    (-3, ValueError, r"dim must be in 1\.\.128 .*got -3"),
+    (2.0, TypeError, "dim must be an int or None, got float"),
+    (True, TypeError, "dim must be an int or None, got bool"),
+])
+def test_engine_refuses_a_dim_outside_the_model(model, dim, error, message):
+    # 0 is not "the default" (None is) and a width past the model's is not cut down to it
+    ids = random_ids([5, 9], seed=3)
+    with pytest.raises(error, match=message):
+        model.engine.embed(ids, dim=dim)
+
+
+def test_engine_dim_none_is_the_hidden_size(model):
+    ids = random_ids([5, 9], seed=3)
+    full = model.engine.embed(ids)
+    assert full.shape == (2, model.config.hidden_size)
+    assert torch.equal(model.engine.embed(ids, dim=None), full)
+    assert torch.equal(model.engine.embed(ids, dim=model.config.hidden_size), full)
+
+
 def test_prompts_and_texts(text_model):
     tok = text_model.tokenizer
     q = text_model.encode_query(["What is TSNE?"])

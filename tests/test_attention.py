@@ -1,5 +1,5 @@
 """The Triton varlen attention kernel (and torch's varlen flash attention) against the torch
-reference `ops_torch.attention`, on packed batches of mixed lengths.
+reference `reference.attention`, on packed batches of mixed lengths.
 
 Lengths sit on the boundaries that matter: 1 token, the kernel's 64/128-row blocks, the local
 window (w = 64: up to 129 keys), and a few hundred tokens. A small window (8, 16) on short
@@ -8,7 +8,7 @@ drawn with a large softmax scale so attention is peaked: a key let in or left ou
 the output visibly.
 
 Tolerances come as one `(dtype, atol, rtol)` tuple, by the rules in helpers.py: float32
-elementwise against `ops_torch.attention`; float16 / bfloat16 within 2x torch's own error against
+elementwise against `reference.attention`; float16 / bfloat16 within 2x torch's own error against
 fp32 plus `atol` as a floor, and elementwise within LOWP_SANITY of fp32 as a sanity bound.
 bfloat16 only where CUDA exists: the interpreter mishandles bf16 dots.
 """
@@ -18,10 +18,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modernbert_embed import ops_torch
+from modernbert_embed import reference
 from modernbert_embed.rope import rope_tables
 from modernbert_embed.kernels.attention import _CONFIG_FP32, attention, attention_work
-from modernbert_embed.kernels.torch_varlen import varlen_attention, varlen_available, varlen_supports_window
+from modernbert_embed.torch_varlen import varlen_attention, varlen_available, varlen_supports_window
 
 from conftest import HAS_CUDA, requires_cuda
 from helpers import DEVICE, assert_close, batch_of, check_against_torch, dense_attention
@@ -68,14 +68,14 @@ def at_token(lengths, head_dim=HEAD_DIM):
 
 
 def check_against_reference(name, fn, qkv, batch, window, atol, rtol, lengths):
-    """`fn` against ops_torch.attention: fp32 directly, fp16/bf16 by the 2x rule (see helpers.py)
+    """`fn` against reference.attention: fp32 directly, fp16/bf16 by the 2x rule (see helpers.py)
     and within LOWP_SANITY of fp32 elementwise."""
     out = fn(qkv, batch, window, SCALE)
     assert out.dtype == qkv.dtype, f"{name}: dtype {out.dtype} != {qkv.dtype}"
     where = at_token(lengths)
-    check_against_torch(name, out, lambda x: ops_torch.attention(x, batch, window, SCALE), (qkv,), atol, rtol, where)
+    check_against_torch(name, out, lambda x: reference.attention(x, batch, window, SCALE), (qkv,), atol, rtol, where)
     if qkv.dtype != torch.float32:
-        ref32 = ops_torch.attention(qkv.float(), batch, window, SCALE)
+        ref32 = reference.attention(qkv.float(), batch, window, SCALE)
         assert_close(name + " (vs fp32)", out, ref32, *LOWP_SANITY[qkv.dtype], where)
 
 
@@ -98,7 +98,7 @@ def test_triton_attention_small_window(dtype, atol, rtol, window):
 
 @pytest.mark.parametrize("window", [None, 0, 16], ids=["full", "w0", "w16"])
 def test_triton_attention_matches_explicit_mask(window):
-    # independent of ops_torch: float64, dense per-sequence scores, an explicit |i - j| <= w mask;
+    # independent of the torch ops: float64, dense per-sequence scores, an explicit |i - j| <= w mask;
     # w = 0 means each token attends to itself only, so the output is exactly its own v
     lengths = [1, 5, 70, 140]
     qkv = make_qkv(lengths, torch.float32, seed=2)
@@ -135,7 +135,7 @@ def test_window_skips_far_keys():
 
     clean = qkv.clone()
     clean[poisoned, 1:] = 0.0
-    ref = ops_torch.attention(clean, batch, w, SCALE).cpu()
+    ref = reference.attention(clean, batch, w, SCALE).cpu()
     pos = torch.cat([torch.arange(n) for n in lengths])
     seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     far = (seq != 1) | ((pos - poisoned_pos).abs() > w + block_m)
@@ -165,7 +165,7 @@ def test_triton_attention_other_head_dims(head_dim):
     batch = batch_of(lengths)
     for window in (None, 16):
         out = attention(qkv, batch, window, SCALE)
-        ref = ops_torch.attention(qkv, batch, window, SCALE)
+        ref = reference.attention(qkv, batch, window, SCALE)
         assert_close(f"head_dim={head_dim} window={window}", out, ref, 1e-5, 1e-5, at_token(lengths, head_dim))
 
 
@@ -203,7 +203,7 @@ def test_rotary_inside_attention(dtype, atol, rtol, window):
     batch = batch_of(MIXED)
     cos, sin = rope_tables(10000.0, HEAD_DIM, 512, DEVICE)
     positions = torch.cat([torch.arange(n) for n in MIXED]).to(DEVICE)
-    rotated = ops_torch.rotary(qkv.float().clone(), positions, cos, sin).to(dtype)
+    rotated = reference.rotary(qkv.float().clone(), positions, cos, sin).to(dtype)
     before = qkv.clone()
 
     def fused(qkv_, batch_, window_, scale_):

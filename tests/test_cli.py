@@ -8,6 +8,7 @@ failure and resume cases of the folder itself are in test_corpus_resume.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -119,6 +120,60 @@ def test_help(capsys):
             main(argv)
         out = capsys.readouterr().out
         assert all(w in out for w in words), out
+
+
+def _subparser(parser, name):
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _spelling(action):
+    return (action.option_strings, action.dest, action.default, action.choices, action.help, action.metavar)
+
+
+def test_the_commands_spell_the_model_options_once():
+    """embed and serve take --model, --revision, --device and --dtype (and --max-batch-tokens)
+    from the one shared module: same names, defaults, choices and help."""
+    from modernbert_embed import cli_common
+    from modernbert_embed.cli import build_parser
+
+    fresh = argparse.ArgumentParser()
+    cli_common.add_model_options(fresh)
+    cli_common.add_max_batch_tokens(fresh)
+    want = {a.dest: a for a in fresh._actions if a.option_strings and a.dest != "help"}
+    assert set(want) == {"model", "revision", "device", "dtype", "max_batch_tokens"}
+    parser = build_parser()
+    for name in ("embed", "serve"):
+        got = {a.dest: a for a in _subparser(parser, name)._actions}
+        for dest, action in want.items():
+            if dest == "max_batch_tokens":  # the same option; embed adds a note on resuming
+                assert got[dest].help.startswith(action.help)
+                assert _spelling(got[dest])[:4] == _spelling(action)[:4]
+            else:
+                assert _spelling(got[dest]) == _spelling(action), (name, dest)
+        assert got["max_batch_tokens"].type("7") == 7
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a number >= 1, got 0"):
+            got["max_batch_tokens"].type("0")
+
+
+def test_serve_parser_stands_without_the_main_command(tmp_path):
+    """server.cli builds its parser from the shared module, not from modernbert_embed.cli (no
+    import cycle): in a fresh process, building it leaves modernbert_embed.cli unimported."""
+    code = ("import argparse, sys\n"
+            "from modernbert_embed.server.cli import add_serve_parser\n"
+            "add_serve_parser(argparse.ArgumentParser().add_subparsers())\n"
+            "print(sorted(m for m in sys.modules if m == 'modernbert_embed.cli'))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_serve_is_not_a_corpus_command():
+    # main runs serve itself; the table of the commands that share main's error handling has no
+    # entry that could never run
+    from modernbert_embed.cli import COMMANDS
+
+    assert set(COMMANDS) == {"embed", "verify"}
 
 
 @pytest.mark.slow
@@ -465,7 +520,10 @@ def test_refused_options(tmp_path, embed, capsys):
     inp = write_text(tmp_path / "c.txt", ["x"])
     for extra, message in [(["--overlap", "3"], "--overlap applies to --long='chunk' only"),
                            (["--calibration", "c.json"], "--calibration applies to --precision int8"),
-                           (["--truncate-dim", "999"], "--truncate-dim must be in 1..128, got 999")]:
+                           (["--truncate-dim", "999"], "--truncate-dim must be in 1..128, got 999"),
+                           # an empty name is refused, not taken for the default field
+                           (["--id-field", ""], "--id-field must name a field, got ''"),
+                           (["--text-field", ""], "--text-field must name a field, got ''")]:
         rc, _, err = embed([inp], tmp_path / "out", *extra)
         assert rc == 2 and message in err, err
     assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -97,3 +97,30 @@ def test_flops_per_token_counts_the_window():
     extra_global = 8 * 4 * (8192 - 128) * 768
     extra_local = 14 * 4 * (129 - 128) * 768
     assert long - short == pytest.approx(extra_global + extra_local)
+
+
+def test_missing_keys_take_the_fields_defaults():
+    assert ModernBertConfig.from_dict({}) == ModernBertConfig()
+    assert ModernBertConfig.from_dict({"num_hidden_layers": 7}) == ModernBertConfig(num_hidden_layers=7)
+    cfg = ModernBertConfig.from_dict({"layer_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2})  # older names
+    assert (cfg.norm_eps, cfg.cls_token_id, cfg.sep_token_id) == (1e-6, 1, 2)
+    assert ModernBertConfig.from_dict({"norm_eps": 1e-7, "layer_norm_eps": 1e-6}).norm_eps == 1e-7
+
+
+def test_defaults_are_written_once_on_the_fields():
+    """from_dict reads its defaults from the fields: a subclass that changes them changes what a
+    config without those keys gives (a second copy of a default in from_dict would not follow)."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Other(ModernBertConfig):
+        hidden_size: int = 512
+        num_attention_heads: int = 8
+        local_window: int = 32
+        global_rope_theta: float = 1000.0
+        pad_token_id: int = 7
+
+    cfg = Other.from_dict({})
+    assert cfg == Other()
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.local_window, cfg.global_rope_theta, cfg.pad_token_id) \
+        == (512, 8, 32, 1000.0, 7)

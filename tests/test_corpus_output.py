@@ -1,8 +1,10 @@
-"""Reading an output folder: shard by shard, memory-mapped, verified in bounded memory; and folders
-of the previous format version (1), read and verified but not resumed."""
+"""Reading an output folder: shard by shard, memory-mapped, verified in bounded memory; folders
+of the previous format version (1), read and verified but not resumed; and int8 folders written
+before their codes' convention was recorded, read and resumed under the convention of then."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -11,11 +13,16 @@ import numpy as np
 import pytest
 
 from corpus_helpers import cli, make_texts, shared_checkpoint, shared_embedder, write_text
+from modernbert_embed import quantize as Q
 from modernbert_embed.corpus import CorpusError, iter_shards, read_output, verify_output
 from modernbert_embed.corpus.files import file_record, meta_bytes, npy_bytes
 from modernbert_embed.corpus.manifest import Manifest
 
 V1_FOLDER = Path(__file__).parent / "data" / "corpus-v1"  # written by the version before the journal
+# int8, written before the convention was recorded: 7 rows of make_texts(7, seed=5), shards of 3,
+# truncate_dim 8, ranges given with dimension 2 constant at 0.0 (where the conventions differ)
+LEGACY_INT8_FOLDER = Path(__file__).parent / "data" / "corpus-int8-legacy"
+LEGACY_ARGS = ("--shard-size", 3, "--truncate-dim", 8, "--precision", "int8", "--meta-format", "jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +133,72 @@ def test_a_version_1_folder_is_read_and_verified_but_not_resumed(tmp_path, capsy
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     rc, _, err = cli(capsys, "verify", folder)
     assert rc == 1 and f"{shard} is missing or does not match its checksum" in err
+
+
+def _legacy_copy(tmp_path) -> tuple[Path, Path]:
+    """A copy of the legacy int8 folder whose manifest names a copy of its input here."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(LEGACY_INT8_FOLDER, folder)
+    inp = write_text(tmp_path / "corpus.txt", make_texts(7, seed=5))
+    m = json.loads((folder / "manifest.json").read_text())
+    m["inputs"][0]["path"] = str(inp.resolve())
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder, inp
+
+
+def test_an_int8_folder_without_a_convention_is_read_as_written(tmp_path, capsys):
+    folder, _ = _legacy_copy(tmp_path)
+    res = read_output(folder)
+    assert "convention" not in res.manifest["calibration"]
+    assert res.convention == Q.LEGACY_CONVENTION
+    codes = res.embeddings
+    assert codes.dtype == np.int8 and codes.shape == (7, 8)
+    # dimension 2 was calibrated constant at 0.0: split there (-128 below, 127 above), which the
+    # sentence-transformers convention would not make of values within 1 of it
+    assert set(codes[:, 2].tolist()) == {-128, 127}
+    floats = res.dequantize()
+    assert (floats[:, 2] == 0.0).all()  # not 255.0, which code 127 means under the new convention
+    np.testing.assert_array_equal(floats, Q.dequantize(codes, "int8", res.ranges, Q.LEGACY_CONVENTION))
+    rc, out, _ = cli(capsys, "verify", folder)
+    assert rc == 0 and "embeddings [7, 8] int8" in out
+
+
+def test_a_resumed_legacy_int8_folder_keeps_its_convention(tmp_path, capsys, ckpt, model):
+    folder, inp = _legacy_copy(tmp_path)
+    old = np.load(folder / "shard-00001.npy")
+    (folder / "shard-00001.npy").unlink()
+    rc, _, err = cli(capsys, "embed", inp, "-o", folder, "--model", ckpt, *LEGACY_ARGS, embedder=model)
+    assert rc == 0, err
+    assert "shard 1 will be embedded again" in err
+    res = read_output(folder)
+    assert res.convention == Q.LEGACY_CONVENTION and "convention" not in res.manifest["calibration"]
+    floats = model.encode(make_texts(7, seed=5)[3:6], truncate_dim=8)
+    again = np.load(folder / "shard-00001.npy")
+    np.testing.assert_array_equal(again, Q.quantize_embeddings(floats, "int8", res.ranges,
+                                                               convention=Q.LEGACY_CONVENTION))
+    assert again[:, 2].tolist() == old[:, 2].tolist() == [127, -128, -128]  # split as the other shards are
+
+
+def test_a_new_int8_folder_records_the_convention(tmp_path, capsys, ckpt, model):
+    inp = write_text(tmp_path / "corpus.txt", make_texts(7, seed=5))
+    rc, _, err = cli(capsys, "embed", inp, "-o", tmp_path / "new", "--model", ckpt, *LEGACY_ARGS,
+                     "--calibration", LEGACY_INT8_FOLDER / "manifest.json", embedder=model)  # the same ranges
+    assert rc == 0, err
+    res = read_output(tmp_path / "new")
+    assert res.manifest["calibration"]["convention"] == Q.CONVENTION == res.convention
+    assert json.loads((tmp_path / "new" / "calibration.json").read_text())["convention"] == Q.CONVENTION
+    floats = model.encode(make_texts(7, seed=5), truncate_dim=8)
+    np.testing.assert_array_equal(res.embeddings, Q.quantize_embeddings(floats, "int8", res.ranges))
+    assert (res.embeddings[:, 2] == -128).all()  # within 1 of the constant: bucket 0
+    assert (res.dequantize()[:, 2] == 0.0).all()
+
+
+def test_an_unknown_convention_is_named(tmp_path):
+    folder, _ = _legacy_copy(tmp_path)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["calibration"]["convention"] = "from-the-future"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorpusError, match="int8/uint8 convention 'from-the-future' .* is unknown to this version"):
+        read_output(folder).dequantize()
+    with pytest.raises(CorpusError, match="dequantize works for int8/uint8 folders; this one holds float32"):
+        read_output(V1_FOLDER).dequantize()

@@ -97,9 +97,10 @@ def test_the_cpu_defaults_to_float32_and_takes_any_dtype():
 
 # ----------------------------------------------------------------------------- op choices
 def _kinds(chosen: ops.Ops) -> dict[str, str]:
-    """{op: "torch" or "triton"} by where each function of `chosen` comes from."""
+    """{op: "torch" or "triton"} by where each function of `chosen` comes from (the torch path's
+    layer norm and pooling are the reference's own)."""
     def kind(fn):
-        return "torch" if fn.__module__ == "modernbert_embed.ops_torch" else "triton"
+        return "torch" if fn.__module__ in ("modernbert_embed.ops_torch", "modernbert_embed.reference") else "triton"
 
     return {n: kind(getattr(chosen, n)) for n in ops.OP_NAMES}
 
@@ -345,6 +346,33 @@ def test_a_nan_in_any_output_of_an_op_is_caught(named_gpu):
     assert len(warned) == 1
     assert "the triton layer_norm op disagrees with torch (max abs diff nan)" in str(warned[0].message)
     assert checked.layer_norm is ops.TORCH_OPS.layer_norm
+
+
+def _one_off(fn):
+    """`fn` with 1 added to every output: what a mistaken change to an op would give."""
+    def op(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return tuple(t + 1 for t in out) if isinstance(out, tuple) else out + 1
+
+    return op
+
+
+def test_a_change_to_the_tuned_torch_path_cannot_move_the_oracle(named_gpu, monkeypatch):
+    """The self-check compares against `reference`, which nothing tunes. With every op of the tuned
+    torch path off by one (the `ops_torch` functions and the torch path's Ops records), correct
+    Triton ops still pass silently, and a broken one is still found, by its own error."""
+    from modernbert_embed import ops_torch
+
+    for name in (*ops.OP_NAMES, "rotary_pairs"):
+        monkeypatch.setattr(ops_torch, name, _one_off(getattr(ops_torch, name)))
+    for record in ("TORCH_OPS", "CPU_OPS"):
+        tuned = getattr(ops, record)
+        monkeypatch.setattr(ops, record, replace(tuned, **{n: _one_off(getattr(tuned, n)) for n in ops.OP_NAMES}))
+    triton_ops = ops.select_ops(DEVICE, backend="triton")
+    checked, warned = _checked(triton_ops)
+    assert checked is triton_ops and warned == [], [str(w.message) for w in warned]
+    checked, warned = _checked(replace(triton_ops, geglu=lambda u: u[..., : u.shape[-1] // 2] * 0 + 2))
+    assert len(warned) == 1 and "the triton geglu op disagrees with torch" in str(warned[0].message)
 
 
 def _embed(folder, chosen, ids):

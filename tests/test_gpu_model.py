@@ -71,7 +71,7 @@ def load(checkpoint, dtype, attention="auto", backend="auto"):
 
     if attention.startswith("torch-varlen"):
         try:
-            from modernbert_embed.kernels.torch_varlen import varlen_available, varlen_supports_window
+            from modernbert_embed.torch_varlen import varlen_available, varlen_supports_window
         except ImportError as e:
             pytest.skip(f"attention backend torch-varlen is not importable: {e}")
         if not varlen_available():

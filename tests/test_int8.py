@@ -8,17 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_ids
-from modernbert_embed import Checkpoint, Embedder, ops, ops_torch
+from modernbert_embed import Checkpoint, Embedder, int8, ops
 from modernbert_embed.model import Linear
 
-pytestmark = pytest.mark.skipif(not ops_torch.int8_available(), reason="this torch has no quantized CPU engine")
+pytestmark = pytest.mark.skipif(not int8.int8_available(), reason="this torch has no quantized CPU engine")
 
 
 def test_int8_linear_is_close_to_the_float_product():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g) * 0.05
     x = torch.randn(37, 64, generator=g)
-    got = ops_torch.int8_linear(x, ops_torch.int8_pack(w))
+    got = int8.int8_linear(x, int8.int8_pack(w))
     want = F.linear(x, w)
     assert got.dtype == torch.float32 and got.shape == want.shape
     # 8-bit weights and activations: about 1% of the output's scale, never more than a few
@@ -50,6 +50,6 @@ def test_int8_is_refused_where_it_cannot_run(monkeypatch):
         ops.select_ops(torch.device("cuda"), backend="torch", int8_weights=True)
     with pytest.raises(ValueError, match=r"dtype 'int8' is not supported \(float32, bfloat16, float16\)"):
         ops.resolve_dtype("int8", torch.device("cpu"))  # an experiment, not a dtype
-    monkeypatch.setattr(ops_torch, "int8_available", lambda: False)
+    monkeypatch.setattr(int8, "int8_available", lambda: False)
     with pytest.raises(ValueError, match="need a torch build with a quantized CPU engine"):
         ops.select_ops("cpu", int8_weights=True)

@@ -1,4 +1,4 @@
-"""Each Triton kernel against its torch reference (`ops_torch`), on deliberately awkward shapes.
+"""Each Triton kernel against its torch reference (`reference`), on deliberately awkward shapes.
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (see conftest.py), so the
 shapes stay small (hidden 128 mostly, one case each at 768 / 1023 / 1500). Tolerances come as one
@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from modernbert_embed import ops_torch
+from modernbert_embed import ops_torch, reference
 from modernbert_embed.batching import pack
 from modernbert_embed.kernels.geglu import geglu
 from modernbert_embed.kernels.layer_norm import layer_norm
@@ -54,9 +54,9 @@ def test_layer_norm(shape, with_residual, dtype, atol, rtol):
     w = randn(H, seed=3, dtype=dtype)
     y, s = layer_norm(x, w, 1e-5, res)
     assert y.dtype == s.dtype == dtype
-    check_against_torch("y", y, lambda *a: ops_torch.layer_norm(*a)[0], (x, w, 1e-5, res), atol, rtol)
+    check_against_torch("y", y, lambda *a: reference.layer_norm(*a)[0], (x, w, 1e-5, res), atol, rtol)
     if with_residual:
-        check_against_torch("s", s, lambda *a: ops_torch.layer_norm(*a)[1], (x, w, 1e-5, res), atol, rtol)
+        check_against_torch("s", s, lambda *a: reference.layer_norm(*a)[1], (x, w, 1e-5, res), atol, rtol)
     else:
         assert s is x, "without a residual the second output is x itself"
 
@@ -66,7 +66,7 @@ def test_layer_norm_constant_row_and_large_offset():
     x = torch.cat([torch.full((1, 96), 3.0, device=DEVICE), randn(4, 96, seed=4) + 1000.0])
     w = randn(96, seed=5)
     y, _ = layer_norm(x, w, 1e-5)
-    assert_close("y", y, ops_torch.layer_norm(x, w, 1e-5)[0], 1e-3, 1e-4)
+    assert_close("y", y, reference.layer_norm(x, w, 1e-5)[0], 1e-3, 1e-4)
     assert (y[0] == 0).all()
 
 
@@ -106,7 +106,7 @@ def test_rotary(T, heads, head_dim, dtype, atol, rtol):
     out = rotary(qkv, positions, cos, sin)
     assert out is qkv, "rotary works in place and returns its input"
     assert torch.equal(qkv[:, 2], before[:, 2]), "v must be untouched"
-    check_against_torch("qkv", out, ops_torch.rotary, (before, positions, cos, sin), atol, rtol)
+    check_against_torch("qkv", out, reference.rotary, (before, positions, cos, sin), atol, rtol)
 
 
 @pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
@@ -115,7 +115,7 @@ def test_rotary_packed_positions(pos_dtype):
     batch = batch_of(PACKED)
     cos, sin = rope(10000.0, 64)
     qkv = randn(batch.num_tokens, 3, 2, 64, seed=7)
-    ref = ops_torch.rotary(qkv.clone(), batch.positions, cos, sin)
+    ref = reference.rotary(qkv, batch.positions, cos, sin)
     out = rotary(qkv, batch.positions.to(pos_dtype), cos, sin)
     assert out.data_ptr() == qkv.data_ptr()
     assert_close("qkv", out, ref, *FP32[1:])
@@ -146,12 +146,12 @@ def test_geglu(shape, dtype, atol, rtol):
     u = randn(*lead, 2 * I, seed=I, scale=3.0, dtype=dtype)  # +-9: both GELU tails
     out = geglu(u)
     assert out.dtype == dtype
-    check_against_torch("geglu", out, ops_torch.geglu, (u,), atol, rtol)
+    check_against_torch("geglu", out, reference.geglu, (u,), atol, rtol)
 
 
 def test_geglu_non_contiguous_input():
     u = randn(2 * 96, 9, seed=9).T  # [9, 192] with a column-major layout
-    assert_close("geglu", geglu(u), ops_torch.geglu(u), *FP32[1:])
+    assert_close("geglu", geglu(u), reference.geglu(u), *FP32[1:])
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -188,7 +188,7 @@ def test_pool(lengths, H, dim, mode, normalize, dtype, atol, rtol):
     assert out.dtype == torch.float32 and out.shape == (len(lengths), dim or H)
     # torch pools low-precision inputs in fp32 too, so its own error is nil and the low-precision
     # bound is the absolute floor alone
-    check_against_torch("pooled", out, ops_torch.pool, (hidden, batch, mode, dim, normalize), atol, rtol)
+    check_against_torch("pooled", out, reference.pool, (hidden, batch, mode, dim, normalize), atol, rtol)
 
 
 def test_pool_zero_vector_stays_finite():
@@ -199,7 +199,7 @@ def test_pool_zero_vector_stays_finite():
     out = pool(hidden, batch, "mean", None, True)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all()
-    assert_close("pooled", out, ops_torch.pool(hidden, batch, "mean", None, True), *FP32[1:])
+    assert_close("pooled", out, reference.pool(hidden, batch, "mean", None, True), *FP32[1:])
 
 
 def test_pool_rejects_bad_inputs():

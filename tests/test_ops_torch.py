@@ -1,11 +1,12 @@
-"""The CPU's torch ops: the attention's three paths (full, band mask, window blocks) against a
-dense float64 reference with an explicit |i - j| <= w mask, the rotary of the pairs layout, and the
-Linear layers' GEMMs (oneDNN on packed weights, GeGLU inside Wi's GEMM) against `F.linear`."""
+"""The tuned torch path (`ops_torch`: the CPU's ops, and a GPU's fallback): the attention's three
+paths (full, band mask, window blocks) against a dense float64 reference with an explicit
+|i - j| <= w mask, the rotaries and GeGLU against the plain `reference`, and the Linear layers'
+GEMMs (oneDNN on packed weights, GeGLU inside Wi's GEMM) against `F.linear`."""
 
 import pytest
 import torch
 
-from modernbert_embed import ops_torch
+from modernbert_embed import ops_torch, reference
 
 from helpers import batch_of, dense_attention
 
@@ -39,7 +40,7 @@ def test_rotary_pairs_is_rotary_on_reordered_features(dtype, head_dim):
     as_pairs = qkv.clone()
     as_pairs[:, :2] = qkv[:, :2][..., pairs]
     got = ops_torch.rotary_pairs(as_pairs, positions, cos, sin)
-    want = ops_torch.rotary(qkv.clone(), positions, cos, sin)
+    want = reference.rotary(qkv, positions, cos, sin)
     assert torch.equal(got[:, 2], qkv[:, 2]), "v must not change"
     back = torch.empty_like(got)
     back[..., pairs] = got
@@ -87,7 +88,7 @@ def test_geglu_inside_wi_gemm_is_the_geglu_of_the_product(dtype, tol):
     assert isinstance(packed, tuple) and all(p.is_mkldnn for p in packed)
     got = ops_torch.cpu_geglu_linear(x, packed)
     u = torch.nn.functional.linear(x.float(), w.float())
-    want = ops_torch.geglu(u)
+    want = reference.geglu(u)
     assert got.shape == (37, 48) and got.dtype == dtype
     assert _relative(got, want) < tol
     if dtype == torch.float32:  # the test tells the two GELUs apart
@@ -101,7 +102,7 @@ def test_cpu_linear_runs_every_dtype_with_or_without_onednn(monkeypatch, dtype):
     are kept column-major and BLAS runs them: the same products either way."""
     x, w = _linear_case(dtype, 33, seed=5, out_features=2 * 40)
     want_linear = torch.nn.functional.linear(x.float(), w.float())
-    want_geglu = ops_torch.geglu(want_linear)
+    want_geglu = reference.geglu(want_linear)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for onednn in (True, False):
         if not onednn:
@@ -138,3 +139,32 @@ def test_the_cpu_model_on_packed_weights_matches_the_model_on_blas(small_checkpo
         assert (a - b).abs().max() < 1e-5
     else:
         assert (a * b).sum(1).min() > 0.999
+
+
+# ----------------------------------------------------------------------------- against the reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tuned_rotary_and_geglu_give_the_references_values(dtype):
+    """The in-place rotary and the one-buffer GeGLU compute the reference's products and sums, in
+    the same order: the same values, bit for bit."""
+    from modernbert_embed.rope import rope_tables
+
+    lengths = [1, 7, 130]
+    g = torch.Generator().manual_seed(2)
+    qkv = (torch.randn(sum(lengths), 3, 2, 64, generator=g) * 3).to(dtype)
+    positions = batch_of(lengths, "cpu").positions
+    cos, sin = rope_tables(10000.0, 64, 256)
+    want = reference.rotary(qkv, positions, cos, sin)
+    got = ops_torch.rotary(qkv.clone(), positions, cos, sin)
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    u = (torch.randn(37, 2 * 48, generator=g) * 3).to(dtype)
+    assert torch.equal(ops_torch.geglu(u), reference.geglu(u))
+
+
+@pytest.mark.parametrize("w", [None, 1, 5, 16])
+def test_tuned_attention_is_the_references(w):
+    lengths = [1, 9, 17, 48, 49, 130]
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(sum(lengths), 3, 2, 16, generator=g) * 2
+    batch = batch_of(lengths, "cpu")
+    diff = (ops_torch.attention(qkv, batch, w, 0.25) - reference.attention(qkv, batch, w, 0.25)).abs()
+    assert diff.max() <= 1e-5, f"max diff {diff.max():.3g} at token {int(diff.max(1).values.argmax())}"

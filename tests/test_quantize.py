@@ -12,19 +12,26 @@ from modernbert_embed import quantize as Q
 
 
 def st_reference(emb, precision, ranges=None):
-    """sentence-transformers' quantize_embeddings, written out (valid for in-range values)."""
+    """sentence-transformers' quantize_embeddings (its release 5.7 on), written out."""
     if precision in ("int8", "uint8"):
         if ranges is None:
             ranges = np.vstack((np.min(emb, axis=0), np.max(emb, axis=0)))
+        ranges = ranges.astype(np.float32, copy=False)
         starts = ranges[0, :]
-        steps = (ranges[1, :] - ranges[0, :]) / 255
-        if precision == "uint8":
-            return ((emb - starts) / steps).astype(np.uint8)
-        return ((emb - starts) / steps - 128).astype(np.int8)
-    packed = np.packbits(emb > 0).reshape(emb.shape[0], -1)
+        steps = (ranges[1, :] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        q = np.clip(np.floor((emb - starts) / steps), 0, 255)
+        return q.astype(np.uint8) if precision == "uint8" else (q - 128).astype(np.int8)
+    packed = np.packbits(emb > 0, axis=-1)
     if precision == "binary":
         return (packed - 128).astype(np.int8)
     return packed
+
+
+def st_before_5_7_int8(emb, ranges):
+    """int8 as sentence-transformers made it before 5.7: shift, then truncate toward zero."""
+    steps = (ranges[1] - ranges[0]) / 255
+    return ((emb - ranges[0]) / np.where(steps == 0, 1, steps) - 128).astype(np.int8)
 
 
 @pytest.fixture
@@ -34,33 +41,73 @@ def emb():
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def check_against(got, ref, precision):
+# Ranges by column: symmetric, narrow, constant at 0, constant at 0.3, lopsided, all positive.
+HARD_RANGES = np.array([[-1.0, -0.5, 0.0, 0.3, -0.2, 2.0], [1.0, 0.5, 0.0, 0.3, 0.7, 3.0]], np.float32)
+
+
+def hard_values(ranges=HARD_RANGES, seed=0) -> np.ndarray:
+    """Rows of values per column of `ranges`: every bucket edge and its float32 neighbours, the
+    range ends and just past them, far outside on both sides, and random values over the range
+    and half a span beyond it (negative and positive)."""
+    lo, hi = ranges
+    span = np.where(hi > lo, hi - lo, np.float32(1))
+    edges = lo + np.arange(256, dtype=np.float32)[:, None] * ((hi - lo) / np.float32(255))
+    rows = [edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf)),
+            np.stack([lo, hi, np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf)),
+                      lo - 100 * span, hi + 100 * span, lo - 0.3 * span, hi + 0.3 * span, lo + 1.5, lo + 300])]
+    rng = np.random.default_rng(seed)
+    rows.append(rng.uniform(lo - span / 2, hi + span / 2, size=(2000, ranges.shape[1])))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def test_matches_sentence_transformers_formula_on_hard_values():
+    x = hard_values()
+    for precision in ("int8", "uint8"):
+        got = Q.quantize_embeddings(x, precision, ranges=HARD_RANGES)
+        np.testing.assert_array_equal(got, st_reference(x, precision, HARD_RANGES))
+    # the cases where the conventions part are all in there: the lower half (truncation rounds
+    # toward zero, floor down), both range ends and beyond, and the constant columns
+    old = st_before_5_7_int8(x, HARD_RANGES)
+    got = Q.quantize_embeddings(x, "int8", ranges=HARD_RANGES)
+    inside = (x >= HARD_RANGES[0]) & (x <= HARD_RANGES[1]) & (HARD_RANGES[1] > HARD_RANGES[0])
+    assert ((old.astype(int) - got == 1) & inside & (got < 0)).any()
+    assert (old == got)[inside & (got >= 0)].all()
+    lo, hi = HARD_RANGES
+    varying, margin = hi > lo, (hi - lo) / 100  # past the ends by more than float32 rounding: clipped
+    assert (got[(x < lo) & varying] == -128).all() and (got[(x > hi + margin) & varying] == 127).all()
+    assert (old[(x > hi + margin) & varying] != 127).any()  # where truncation wrapped around
+    assert (old != got)[:, ~varying].any()  # the constant columns: steps of 1, codes past 255 wrapped there
+
+
+def check_against(got, ref):
     assert got.dtype == ref.dtype
     assert got.shape == ref.shape
-    if precision != "int8":
-        np.testing.assert_array_equal(got, ref)
-        return
-    # int8 here is exactly uint8 - 128 (floor, then shift). sentence-transformers shifts first and
-    # then truncates toward zero, which rounds the lower half up: its codes there are one higher.
-    d = ref.astype(int) - got.astype(int)
-    assert set(np.unique(d)) <= {0, 1}
-    assert (d[got >= 0] == 0).all()
+    np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
 def test_matches_sentence_transformers_formula(emb, precision):
     got = Q.quantize_embeddings(emb, precision)
-    check_against(got, st_reference(emb, precision), precision)
+    check_against(got, st_reference(emb, precision))
     if precision == "int8":
         np.testing.assert_array_equal(got, (st_reference(emb, "uint8").astype(int) - 128).astype(np.int8))
 
 
-@pytest.mark.slow  # importing sentence-transformers takes seconds; the formula above is checked fast
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
 def test_matches_sentence_transformers_itself(emb, precision):
-    st = pytest.importorskip("sentence_transformers.quantization",
-                             reason="sentence-transformers is not installed (the bench extra)")
-    check_against(Q.quantize_embeddings(emb, precision), st.quantize_embeddings(emb, precision), precision)
+    """The codes of sentence-transformers' own function, on the same ranges: hard values (bucket
+    edges, range ends, outside them, constant columns), and embeddings calibrated on themselves."""
+    st = pytest.importorskip("sentence_transformers", minversion="5.7",
+                             reason="sentence-transformers 5.7 or newer is not installed (the bench extra)")
+    x = hard_values()
+    ranges = HARD_RANGES if precision in Q.SCALAR_PRECISIONS else None
+    check_against(Q.quantize_embeddings(x, precision, ranges=ranges),
+                  st.quantize_embeddings(x, precision, ranges=ranges))
+    check_against(Q.quantize_embeddings(emb, precision), st.quantize_embeddings(emb, precision))
+    if precision in Q.SCALAR_PRECISIONS:
+        cal = emb[:20]  # a small sample: later rows fall outside its ranges
+        check_against(Q.quantize_embeddings(emb, precision, calibration_embeddings=cal),
+                      st.quantize_embeddings(emb, precision, calibration_embeddings=cal))
 
 
 def test_int8_buckets_by_hand():
@@ -131,6 +178,27 @@ def test_constant_dimension_and_dequantize(emb):
     err = np.abs(approx - x)
     assert (err[:, np.arange(768) != 3] <= step[np.arange(768) != 3] * 0.5 + 1e-6).all()
     np.testing.assert_allclose(Q.dequantize(Q.quantize_embeddings(x, "int8", ranges=r), "int8", r), approx)
+
+
+def test_constant_dimension_by_convention():
+    # a dimension calibrated as constant at 0.25 takes steps of 1 (sentence-transformers); the
+    # legacy convention split it at the value: 0 at and below, 255 above
+    r = np.array([[0.0, 0.25], [1.0, 0.25]], np.float32)
+    x = np.array([[0.5, v] for v in (0.25, 0.5, 1.75, 300.0, -1.0)], np.float32)
+    new = Q.quantize_embeddings(x, "uint8", ranges=r)
+    old = Q.quantize_embeddings(x, "uint8", ranges=r, convention=Q.LEGACY_CONVENTION)
+    assert new[:, 1].tolist() == [0, 0, 1, 255, 0]
+    assert old[:, 1].tolist() == [0, 255, 255, 255, 0]
+    assert (new[:, 0] == old[:, 0]).all() and new[0, 0] == 127  # other dimensions alike
+    np.testing.assert_array_equal(Q.quantize_embeddings(x, "int8", ranges=r, convention=Q.LEGACY_CONVENTION),
+                                  (old.astype(int) - 128).astype(np.int8))
+    # back to floats: each convention reads its own codes
+    assert Q.dequantize(new, "uint8", r)[:, 1].tolist() == [0.25, 0.25, 1.25, 255.25, 0.25]
+    assert Q.dequantize(old, "uint8", r, convention=Q.LEGACY_CONVENTION)[:, 1].tolist() == [0.25] * 5
+    with pytest.raises(ValueError, match="convention 'floor' is not known"):
+        Q.quantize_embeddings(x, "int8", ranges=r, convention="floor")
+    with pytest.raises(ValueError, match="convention 'floor' is not known"):
+        Q.dequantize(new, "uint8", r, convention="floor")
 
 
 def test_bad_inputs_are_named():

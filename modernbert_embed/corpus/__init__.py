@@ -48,7 +48,8 @@ What may change between runs into one folder:
 manifest.json: `format`, `version` (2; folders of version 1 are read and verified, not resumed),
 `complete`; `model` (name, revision, fingerprint, embedding_dim, max_seq_length, pooling, dtype);
 `options` (the identity ones); `inputs` (path, format, bytes, rows); `calibration` (int8/uint8:
-source, min, max); `embeddings` (precision, dtype, width, dim, packed_bits, normalized); `shards`
+precision, convention, source, min, max; no convention: written before it was recorded, read as
+`quantize.LEGACY_CONVENTION`); `embeddings` (precision, dtype, width, dim, packed_bits, normalized); `shards`
 (index, rows [start, end), documents, skipped [{row, where, error}], tokens, truncated,
 input_sha256, files {embeddings, meta: name, bytes, sha256}, run); `totals` once complete; `runs`
 (number, started, device, ops, max_batch_tokens, threads, on_error; once finished: seconds,

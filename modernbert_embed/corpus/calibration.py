@@ -3,8 +3,9 @@
 Ranges quantised separately per shard would put the same value in different buckets from one
 shard to the next. So the folder is calibrated once, before its first shard: from `--calibration`
 (ranges of an earlier run, or float embeddings), or else from a sample of documents spread evenly
-over the corpus. The ranges go into the manifest and calibration.json; a resume reuses them, and a
-`--calibration` that differs from them is refused.
+over the corpus. The ranges go into the manifest and calibration.json, with the convention the
+codes are made with; a resume reuses both (a folder without a recorded convention keeps the one it
+was written with), and a `--calibration` that differs from the ranges is refused.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def sample_ranges(shards: Shards, sources: list[Source], total: int, size: int, 
 
 
 def record(m: Manifest, precision: str, ranges: np.ndarray, source: dict) -> None:
-    """Write the ranges into the manifest and calibration.json, before the first shard."""
-    m.data["calibration"] = {"precision": precision, **source, "min": ranges[0].tolist(), "max": ranges[1].tolist()}
+    """Write the ranges, and the convention the codes are made with, into the manifest and
+    calibration.json, before the first shard."""
+    m.data["calibration"] = {"precision": precision, "convention": Q.CONVENTION, **source,
+                             "min": ranges[0].tolist(), "max": ranges[1].tolist()}
     Q.save_calibration(m.folder / CALIBRATION, ranges, model=m.data["model"]["name"],
-                       fingerprint=m.data["model"]["fingerprint"], **source)
+                       fingerprint=m.data["model"]["fingerprint"], convention=Q.CONVENTION, **source)
     m.save()
 
 

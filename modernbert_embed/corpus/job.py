@@ -27,7 +27,7 @@ from .. import quantize as Q
 from ..options import OptionError
 from . import calibration, files
 from .errors import CorpusError, RefusedError
-from .manifest import FORMAT_VERSION, LOCK, MANIFEST, Manifest, identity_differences, now
+from .manifest import FORMAT_VERSION, LOCK, MANIFEST, Manifest, identity_differences, now, scalar_convention
 from .options import CLI_NAMES, EmbedOptions
 from .pipeline import Shards, progress_bar
 from .sources import Rows, Source
@@ -277,6 +277,8 @@ class CorpusJob:
         t0 = time.perf_counter()
         ranges = self._calibrate(m, shards, total, ranges)
         result.calibration_seconds = time.perf_counter() - t0
+        # the folder's own convention: a resume adds codes made as the recorded ones were
+        convention = scalar_convention(m.data["calibration"]) if ranges is not None else Q.CONVENTION
 
         if todo and todo[0] * o.shard_size < rows.position:
             rows = Rows(self.sources)  # a shard to redo lies before the last one checked: read again
@@ -284,7 +286,7 @@ class CorpusJob:
         bar = progress_bar(total, already, o.progress and not o.quiet)
         t0 = time.perf_counter()
         try:
-            shards.run(m, todo, total, rows, ranges, self._run_number, result, bar, self.on_shard)
+            shards.run(m, todo, total, rows, ranges, self._run_number, result, bar, self.on_shard, convention)
         finally:
             result.seconds = time.perf_counter() - t0
             if bar is not None:

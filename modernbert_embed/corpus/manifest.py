@@ -14,6 +14,10 @@ else, and the folder is refused.
 
 Format versions: 2 (this one: the journal, run numbers, `id_required` in the options). Folders of
 version 1 (every shard in manifest.json, no journal) are read and verified, not resumed.
+
+int8/uint8 codes: the manifest's `calibration` records the `convention` they were made with
+(`quantize.CONVENTION`). A folder written before that was recorded has none: its codes are read,
+and a resume adds to them, under `quantize.LEGACY_CONVENTION` (see `scalar_convention`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from .. import quantize as Q
 from .errors import CorpusError, RefusedError
 from .files import atomic_write, fsync_dir
 
@@ -49,6 +54,18 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: {json.dumps(a)} in the folder, {json.dumps(b)} now")
     return out
+
+
+def scalar_convention(calibration: dict) -> str:
+    """How the int8/uint8 codes of a folder were made from its ranges (`calibration`, the manifest's
+    record): the recorded convention, or for a folder written before it was recorded, the one of
+    then (`quantize.LEGACY_CONVENTION`)."""
+    convention = calibration.get("convention", Q.LEGACY_CONVENTION)
+    if convention not in Q.CONVENTIONS:
+        raise CorpusError(f"int8/uint8 convention {convention!r} in the {MANIFEST} is unknown to this version "
+                          f"of modernbert-embed (it knows {', '.join(Q.CONVENTIONS)}); read the folder with the "
+                          "version that wrote it")
+    return convention
 
 
 # The model's name and revision as given are notes: its fingerprint is what must match (a local
@@ -194,5 +211,5 @@ class Manifest:
             self._journal = None
 
 
-__all__ = ["Manifest", "differences", "identity_differences", "now", "MANIFEST", "JOURNAL", "LOCK", "CALIBRATION",
+__all__ = ["Manifest", "differences", "identity_differences", "scalar_convention", "now", "MANIFEST", "JOURNAL", "LOCK", "CALIBRATION",
            "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MODEL_NOTES"]

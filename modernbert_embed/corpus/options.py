@@ -88,6 +88,9 @@ class EmbedOptions:
         except OptionError as e:
             raise RefusedError(e.render(CLI_NAMES)) from None
         self.prompt = encode.prompt
+        for flag, name in (("--text-field", self.text_field), ("--id-field", self.id_field)):
+            if name is not None and (not isinstance(name, str) or not name):
+                raise RefusedError(f"{flag} must name a field, got {name!r}")
         _whole_number("--shard-size", self.shard_size, 1)
         _whole_number("--calibration-size", self.calibration_size, 1)
         if self.on_error not in ON_ERROR:

@@ -20,7 +20,7 @@ import numpy as np
 from .. import quantize as Q
 from .errors import CorpusError
 from .files import read_meta, sha256_file
-from .manifest import MANIFEST, Manifest
+from .manifest import MANIFEST, Manifest, scalar_convention
 
 
 @dataclass
@@ -55,6 +55,21 @@ class CorpusOutput:
         """int8/uint8: the calibration ranges [2, d] the shards were quantised with."""
         cal = self.manifest.get("calibration")
         return None if cal is None else Q.check_ranges([cal["min"], cal["max"]])
+
+    @property
+    def convention(self) -> str | None:
+        """int8/uint8: how the codes were made from `ranges` (see `quantize.CONVENTIONS`; a folder
+        written before it was recorded: `quantize.LEGACY_CONVENTION`)."""
+        cal = self.manifest.get("calibration")
+        return None if cal is None else scalar_convention(cal)
+
+    def dequantize(self, codes=None) -> np.ndarray:
+        """int8/uint8: approximate float32 embeddings back from `codes` (default: all of
+        `embeddings`) with this folder's ranges and convention."""
+        precision = (self.manifest.get("embeddings") or {}).get("precision")
+        if self.ranges is None or precision not in Q.SCALAR_PRECISIONS:
+            raise CorpusError(f"dequantize works for int8/uint8 folders; this one holds {precision}")
+        return Q.dequantize(self.embeddings if codes is None else codes, precision, self.ranges, self.convention)
 
 
 def _open(folder: Path, allow_incomplete: bool) -> Manifest:

@@ -209,14 +209,16 @@ class Shards:
         return still
 
     # ---------------------------------------------------------------- writing
-    def write(self, m: Manifest, prep: Prepared, floats: np.ndarray, ranges, run: int) -> dict:
-        """Quantise and write one shard's two files, then record it in the journal. A write that
+    def write(self, m: Manifest, prep: Prepared, floats: np.ndarray, ranges, run: int,
+              convention: str = Q.CONVENTION) -> dict:
+        """Quantise (int8/uint8: on `ranges`, under `convention`) and write one shard's two files,
+        then record it in the journal. A write that
         fails (a full disk) is a CorpusError naming the file and the reason; the shards recorded
         before it stay, and a rerun resumes from there."""
         if floats.shape[0] == 0:
             codes = np.empty((0, Q.output_width(self.precision, self.dim)), dtype=Q.output_dtype(self.precision))
         else:
-            codes = Q.quantize_embeddings(floats, self.precision, ranges=ranges)
+            codes = Q.quantize_embeddings(floats, self.precision, ranges=ranges, convention=convention)
         name = f"shard-{prep.index:05d}"
         meta = {"row": prep.rows, "id": prep.ids, "tokens": prep.tokens, "truncated": prep.truncated}
         if prep.windows is not None:
@@ -245,7 +247,7 @@ class Shards:
 
     # ---------------------------------------------------------------- the three stages
     def run(self, m: Manifest, todo: list[int], total: int, rows: Rows, ranges, run: int, result,
-            bar=None, on_shard: Callable[[dict], None] | None = None) -> None:
+            bar=None, on_shard: Callable[[dict], None] | None = None, convention: str = Q.CONVENTION) -> None:
         """Embed and write the shards `todo` (see the module docstring); counts go into `result`."""
         stop = threading.Event()
         ready: queue.Queue = queue.Queue(maxsize=2)
@@ -280,7 +282,7 @@ class Shards:
                     continue  # drain: the calling thread stops sending
                 prep, floats = item
                 try:
-                    entry = self.write(m, prep, floats, ranges, run)
+                    entry = self.write(m, prep, floats, ranges, run, convention)
                     result.shards_written += 1
                     if on_shard is not None:
                         on_shard(entry)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine import Engine, NonFiniteError
+from ..matryoshka import slice_normalize
 
 log = logging.getLogger("modernbert_embed.server")
 
@@ -222,10 +223,8 @@ class Batcher:
             if not ok.all():
                 self._finish(job, error=NonFiniteError(np.flatnonzero(~ok).tolist(), self.engine.dtype_name))
                 continue
-            out = np.array(mine[:, :job.dim], dtype=np.float32)  # a copy: the request owns it
-            if job.normalize:
-                out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-            self._finish(job, result=out)
+            # float32 like `rows`, and a copy: the request owns it
+            self._finish(job, result=slice_normalize(mine, job.dim, job.normalize))
 
     def _finish(self, job: Job, result=None, error: Exception | None = None) -> None:
         with self._cond:

@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-from ..weights.resolve import DEFAULT_MODEL
+from ..cli_common import Formatter, add_max_batch_tokens, add_model_options
+from ..cli_common import int_at_least as _int_at_least
 from .settings import API_KEY_ENV, ServerSettings
 
 DEFAULTS = ServerSettings()
@@ -36,20 +37,13 @@ def _seconds(text: str) -> float:
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """Register the `serve` subcommand on the main parser's subparsers."""
-    from ..cli import _Formatter, _int_at_least  # the main command's: one parser style, one set of messages
-
     s = sub.add_parser(
-        "serve", help="serve embeddings over HTTP (OpenAI and TEI APIs)", formatter_class=_Formatter,
+        "serve", help="serve embeddings over HTTP (OpenAI and TEI APIs)", formatter_class=Formatter,
         description="Serve embeddings over HTTP: POST /v1/embeddings (OpenAI), POST /embed and /tokenize "
                     "(text-embeddings-inference), GET /info, /v1/models, /health, /ready, /metrics. "
                     "Requests are batched together into token-budget forwards by one model worker.")
     g = s.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
-    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA GPUs with "
-                        "native bf16, else float16)")
+    add_model_options(g)
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name in responses and /v1/models (default: --model)")
     g = s.add_argument_group("network")
@@ -61,8 +55,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--payload-limit", type=_int_at_least(1), default=DEFAULTS.payload_limit, metavar="BYTES",
                    help="largest request body; more is a 413")
     g = s.add_argument_group("batching and admission")
-    g.add_argument("--max-batch-tokens", type=_int_at_least(1), default=None, metavar="N",
-                   help="tokens per forward (default 4096 on the CPU, 16384 on a GPU)")
+    add_max_batch_tokens(g)
     g.add_argument("--max-client-batch-size", type=_int_at_least(1), default=DEFAULTS.max_client_batch_size,
                    metavar="N", help="inputs per request")
     g.add_argument("--max-input-tokens", type=_int_at_least(2), default=None, metavar="N",
@@ -84,7 +77,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(
-        served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        served_model_name=args.served_model_name,
+        api_key=os.environ.get(API_KEY_ENV) if args.api_key is None else args.api_key,  # "" is refused
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_input_tokens=args.max_input_tokens, max_queued_tokens=args.max_queued_tokens,
         payload_limit=args.payload_limit, auto_truncate=args.auto_truncate, drain_timeout=args.drain_timeout,

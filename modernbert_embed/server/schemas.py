@@ -179,7 +179,8 @@ def parse_openai(body: dict, limits: Limits) -> EmbedRequest:
     inputs = parse_inputs(body.get("input", MISSING), "input", limits)
     _optional(body, "model", str, "a string")
     _optional(body, "user", str, "a string")
-    fmt = _optional(body, "encoding_format", str, "a string") or "float"
+    fmt = _optional(body, "encoding_format", str, "a string")
+    fmt = "float" if fmt is None else fmt  # "" is refused below, not taken for the default
     if fmt not in ENCODING_FORMATS:
         raise ApiError("validation", f"unknown `encoding_format` {fmt!r}; choose one of {list(ENCODING_FORMATS)}",
                        "encoding_format")

@@ -35,6 +35,15 @@ class ServerSettings:
             value = getattr(resolved, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("tokenization_workers", "warmup_tokens"):  # None: the default; 0 is no default
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}")
+        if self.served_model_name == "":
+            raise ValueError("served_model_name is empty; leave it unset for the model's name")
+        if self.api_key == "":
+            raise ValueError(f"api_key is empty (--api-key or ${API_KEY_ENV}); leave both unset to serve "
+                             "without a key")
         limit = default_input_tokens if self.max_input_tokens is None else self.max_input_tokens
         if not 2 <= limit <= model_limit:
             raise ValueError(f"max_input_tokens must be in 2..{model_limit} (this model's limit), got {limit}")

@@ -46,7 +46,8 @@ class ServerState:
         self.metrics = Metrics()
         self.batcher = Batcher(self.engine, settings.max_batch_tokens, settings.max_queued_tokens, self.metrics)
         self.metrics.watch(self.batcher, self)
-        self.tokenization_workers = settings.tokenization_workers or min(4, os.cpu_count() or 1)
+        self.tokenization_workers = (min(4, os.cpu_count() or 1) if settings.tokenization_workers is None
+                                     else settings.tokenization_workers)
         self.pool = ThreadPoolExecutor(self.tokenization_workers, thread_name_prefix="modernbert-embed-tokenize")
         # untruncated, with offsets, for /tokenize: the checkpoint tokenizer's own, never reconfigured
         self.raw_tokenizer = self.tokenizer.untruncated if self.tokenizer is not None else None
@@ -70,7 +71,9 @@ class ServerState:
         """One forward's worth of inputs: the full token budget on a GPU (so that an out-of-memory
         shows before the server says it is ready), a short input on the CPU."""
         s, lim = self.settings, self.limits
-        total = s.warmup_tokens or (s.max_batch_tokens if self.engine.device.type == "cuda" else 128)
+        total = s.warmup_tokens
+        if total is None:
+            total = s.max_batch_tokens if self.engine.device.type == "cuda" else 128
         total = max(2, min(total, s.max_queued_tokens))
         n = max(2, min(lim.max_input_tokens, total))
         body = next(i for i in range(lim.vocab_size) if i not in lim.special_ids)

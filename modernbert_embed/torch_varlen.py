@@ -1,7 +1,7 @@
 """Attention through torch's own varlen flash attention (`torch.nn.attention.varlen.varlen_attn`).
 
-Same contract as `ops_torch.attention`, for comparing the Triton kernel with a vendor kernel on the
-same packed batch. CUDA only, fp16/bf16 only (flash attention has no fp32 path). The function's
+Same contract as `reference.attention`, for comparing the Triton kernel with a vendor kernel on the
+same packed batch; an attention backend of the dispatch (`ops.select_ops(attention="torch-varlen")`). CUDA only, fp16/bf16 only (flash attention has no fp32 path). The function's
 signature has changed between torch releases (`window_size` and `scale` arrived after the first
 version), so what the installed torch offers is read from its signature, and a missing piece is
 reported by name instead of silently computing something else.
