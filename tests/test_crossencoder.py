@@ -243,3 +243,13 @@ def test_a_classifier_activation_other_than_gelu(tmp_path):
     ours = CrossEncoder.from_pretrained(folder)
     ref = transformers_logits(folder, PAIRS[:3], 8192).numpy()
     np.testing.assert_allclose(ours.predict(PAIRS[:3]), ref, atol=2e-5, rtol=1e-5)  # identity for 2 labels
+
+
+def test_the_embedding_server_refuses_a_reranker(tmp_path):
+    """The server wraps the loaded model; its embedding routes do not run a classifier's backbone."""
+    pytest.importorskip("starlette", reason="the server needs starlette (server extra)")
+    from modernbert_embed.server import create_app
+
+    ce = CrossEncoder.from_pretrained(write(tmp_path, "served"))
+    with pytest.raises(CheckpointError, match="load it with modernbert_embed.CrossEncoder"):
+        create_app(ce)
