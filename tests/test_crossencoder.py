@@ -253,3 +253,18 @@ def test_the_embedding_server_refuses_a_reranker(tmp_path):
     ce = CrossEncoder.from_pretrained(write(tmp_path, "served"))
     with pytest.raises(CheckpointError, match="load it with modernbert_embed.CrossEncoder"):
         create_app(ce)
+
+
+def test_a_folder_saved_by_sentence_transformers_loads_with_its_activation(tmp_path):
+    """sentence-transformers 6 saves a cross-encoder with modules.json naming
+    `sentence_transformers.base.modules.transformer.Transformer` and the activation in
+    config_sentence_transformers.json, which wins over config.json's."""
+    import json
+
+    ref = quiet_st(write(tmp_path, "orig", seed=12, num_labels=1), activation_fn=torch.nn.Identity())
+    ref.save(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config_sentence_transformers.json").read_text())
+    assert saved.get("activation_fn") == IDENTITY
+    ours = CrossEncoder.from_pretrained(tmp_path / "saved")
+    assert isinstance(ours.activation_fn, torch.nn.Identity)
+    np.testing.assert_allclose(ours.predict(PAIRS[:3]), quiet_st(tmp_path / "saved").predict(PAIRS[:3]), atol=2e-5)

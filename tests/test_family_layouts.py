@@ -115,3 +115,43 @@ def test_folders_this_engine_does_not_run_are_refused(tmp_path):
     (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {}, "default_prompt_name": "q"}))
     with pytest.raises(CheckpointError, match="default_prompt_name 'q' is not one of the prompts"):
         Embedder.from_pretrained(folder)
+
+
+def test_a_folder_saved_by_sentence_transformers_loads(tmp_path):
+    """sentence-transformers 6 names its modules by their new paths in modules.json."""
+    folder = write_random_checkpoint(tmp_path / "orig", REAL_VOCAB, seed=35, pooling="cls",
+                                     tokenizer_json=fixture_file("tokenizer.json"))
+    ref_model, ref = sentence_transformers_encode(folder, TEXTS[:3])
+    ref_model.save(str(tmp_path / "saved"))
+    types = [m["type"] for m in json.loads((tmp_path / "saved" / "modules.json").read_text())]
+    m = Embedder.from_pretrained(tmp_path / "saved")
+    assert (m.pooling, m.normalize_embeddings) == ("cls", True), types
+    assert np.abs(m.encode(TEXTS[:3], prompt="") - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("pooling_config,expected", [
+    ({"pooling_mode": "cls"}, "cls"),
+    ({"pooling_mode": ["mean"]}, "mean"),
+    ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),
+    ({"word_embedding_dimension": 128}, "mean"),  # no mode set: sentence-transformers' mean
+    ({"pooling_mode": ["mean", "max"]}, "pooling ['mean', 'max'] is not supported"),
+    ({"pooling_mode": "lasttoken"}, "pooling ['lasttoken'] is not supported"),
+    ({"pooling_mode": "cls", "include_prompt": False}, "include_prompt=false is not supported"),
+])
+def test_pooling_configs_old_and_new(tmp_path, pooling_config, expected):
+    folder = write_random_checkpoint(tmp_path, small_config())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
+    if expected in ("cls", "mean"):
+        assert Checkpoint(folder).pooling == expected
+    else:
+        with pytest.raises(CheckpointError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            Checkpoint(folder)
+
+
+def test_a_module_this_engine_does_not_run_is_refused(tmp_path):
+    folder = write_random_checkpoint(tmp_path, small_config())
+    modules = json.loads((folder / "modules.json").read_text())
+    for kind in ("sentence_transformers.models.Dense", "sentence_transformers.base.modules.dense.Dense"):
+        (folder / "modules.json").write_text(json.dumps(modules + [{"idx": 3, "path": "3_Dense", "type": kind}]))
+        with pytest.raises(CheckpointError, match="module .*Dense' is not supported"):
+            Checkpoint(folder)

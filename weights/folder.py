@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError
 from .resolve import DEFAULT_MODEL, resolve_checkpoint
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_ST = "sentence_transformers.models."
+_ST = "sentence_transformers."
 _KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
@@ -58,7 +58,10 @@ def read_modules(folder: Path) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a list of modules")
     found: dict[str, str] = {}
     for m in modules:
-        kind = str((m or {}).get("type", "")).removeprefix(_ST)
+        # sentence-transformers' class, by name: `sentence_transformers.models.Pooling` (before 6),
+        # `sentence_transformers.base.modules.transformer.Transformer` (6 and later)
+        name = str((m or {}).get("type", ""))
+        kind = name.rpartition(".")[2] if name.startswith(_ST) else name
         if kind not in _KNOWN_MODULES:
             raise CheckpointError(f"{path}: module {m.get('type')!r} is not supported (this engine runs "
                                   f"{', '.join(_KNOWN_MODULES)})")
@@ -80,11 +83,14 @@ def read_pooling(folder: Path, sub: str | None) -> str:
     cfg = _read_json(path, "the pooling config")
     if not cfg.get("include_prompt", True):
         raise CheckpointError(f"{path}: include_prompt=false is not supported")
-    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if modes == ["pooling_mode_cls_token"]:
-        return "cls"
+    mode = cfg.get("pooling_mode")  # sentence-transformers 6: "cls", "mean", or a list of modes
+    if mode is None:  # before 6: one flag per mode; none set means mean, as sentence-transformers reads it
+        modes = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+        modes = [{"cls_token": "cls", "mean_tokens": "mean"}.get(m, m) for m in modes] or ["mean"]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    if modes in (["mean"], ["cls"]):
+        return modes[0]
     raise CheckpointError(f"{path}: pooling {modes} is not supported (mean or cls tokens only)")
 
 
@@ -162,9 +168,10 @@ def resolve_activation_fn(path: str):
     return cls()
 
 
-def read_classifier(raw: dict, cfg: ModernBertConfig, path: Path) -> ClassifierSpec:
+def read_classifier(raw: dict, cfg: ModernBertConfig, path: Path, activation_fn: str | None = None) -> ClassifierSpec:
     """The classifier head from config.json, with transformers' defaults; values this engine
-    cannot run exactly are refused by name."""
+    cannot run exactly are refused by name. `activation_fn`: the one config_sentence_transformers.json
+    names (sentence-transformers 6 saves it there), which wins over config.json's."""
     pooling = raw.get("classifier_pooling", "cls")
     if pooling not in ("cls", "mean"):
         raise CheckpointError(f"{path}: classifier_pooling {pooling!r} is not supported (cls or mean)")
@@ -182,7 +189,8 @@ def read_classifier(raw: dict, cfg: ModernBertConfig, path: Path) -> ClassifierS
     if id2label and sorted(id2label) != list(range(num_labels)):
         raise CheckpointError(f"{path}: id2label has ids {sorted(id2label)} for num_labels={num_labels}")
     st = raw.get("sentence_transformers") or {}
-    activation_fn = st.get("activation_fn") if isinstance(st, dict) else None
+    if activation_fn is None and isinstance(st, dict):
+        activation_fn = st.get("activation_fn")
     if activation_fn is not None:
         resolve_activation_fn(activation_fn)  # refused now, not at the first call
     return ClassifierSpec(
@@ -192,8 +200,8 @@ def read_classifier(raw: dict, cfg: ModernBertConfig, path: Path) -> ClassifierS
 
 
 def read_st_config(folder: Path) -> dict:
-    """config_sentence_transformers.json: prompts, default_prompt_name, similarity_fn_name ({}
-    when absent)."""
+    """config_sentence_transformers.json: prompts, default_prompt_name, similarity_fn_name, and a
+    cross-encoder's activation_fn ({} when absent)."""
     path = folder / "config_sentence_transformers.json"
     if not path.is_file():
         return {}
@@ -205,7 +213,7 @@ def read_st_config(folder: Path) -> dict:
     if default is not None and default not in prompts:
         raise CheckpointError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
     return {"prompts": dict(prompts), "default_prompt_name": default,
-            "similarity_fn_name": d.get("similarity_fn_name")}
+            "similarity_fn_name": d.get("similarity_fn_name"), "activation_fn": d.get("activation_fn")}
 
 
 def snapshot_revision(folder: Path) -> str | None:
@@ -238,13 +246,14 @@ class Checkpoint:
         raw = _read_json(config_path, "the model config")
         self.architecture, self.kind = read_architecture(raw, config_path)
         self.modules = read_modules(self.folder)
-        self.classifier = read_classifier(raw, self.config, config_path) if self.kind == CLASSIFIER else None
+        st = read_st_config(self.folder)
+        self.classifier = (read_classifier(raw, self.config, config_path, st.get("activation_fn"))
+                           if self.kind == CLASSIFIER else None)
         if self.classifier is not None and set(self.modules) - {"Transformer"}:
             raise CheckpointError(f"{self.folder}: a {self.architecture} folder lists sentence-transformers "
                                   f"modules {sorted(set(self.modules) - {'Transformer'})}; a classifier has none")
         self.pooling = read_pooling(self.folder, self.modules.get("Pooling"))
         self.normalize = "Normalize" in self.modules  # none listed (or no modules.json): not normalised
-        st = read_st_config(self.folder)
         self.prompts: dict[str, str] = st.get("prompts", {})
         self.default_prompt_name: str | None = st.get("default_prompt_name")
         self.similarity_fn_name: str | None = st.get("similarity_fn_name")
