@@ -268,3 +268,16 @@ def test_a_folder_saved_by_sentence_transformers_loads_with_its_activation(tmp_p
     ours = CrossEncoder.from_pretrained(tmp_path / "saved")
     assert isinstance(ours.activation_fn, torch.nn.Identity)
     np.testing.assert_allclose(ours.predict(PAIRS[:3]), quiet_st(tmp_path / "saved").predict(PAIRS[:3]), atol=2e-5)
+
+
+def test_the_fingerprint_of_a_classifier_covers_its_activation_and_length(tmp_path):
+    import json
+
+    from modernbert_embed import Checkpoint
+
+    folder = write(tmp_path, "fp")
+    before = Checkpoint(folder).fingerprint
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"activation_fn": IDENTITY}))
+    after_activation = Checkpoint(folder).fingerprint
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    assert len({before, after_activation, Checkpoint(folder).fingerprint}) == 3

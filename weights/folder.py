@@ -271,12 +271,15 @@ class Checkpoint:
         return cls(folder, name=os.fspath(name_or_path), revision=revision)
 
     def decisive_files(self) -> list[Path]:
-        """The files that decide the embeddings: config, tokenizer, sentence-transformers files,
-        the pooling config and the weights."""
+        """The files that decide the outputs: config, tokenizer, sentence-transformers files, the
+        pooling config (a classifier: the sentence-transformers config and the tokenizer config)
+        and the weights."""
         names = ["config.json", "tokenizer.json", "sentence_bert_config.json", "modules.json",
                  "model.safetensors.index.json"]
         if "Pooling" in self.modules:
             names.insert(4, f"{self.modules['Pooling']}/config.json")
+        if self.classifier is not None:  # the score activation and the truncation length
+            names += ["config_sentence_transformers.json", "tokenizer_config.json"]
         files = [self.folder / n for n in names if (self.folder / n).is_file()]
         return files + sorted(self.folder.glob("model*.safetensors"))
 
