@@ -1,12 +1,15 @@
-"""modernbert-embed: a from-scratch, unpadded inference engine for ModernBERT text embeddings."""
+"""modernbert-embed: a from-scratch, unpadded inference engine for ModernBERT: text embeddings,
+cross-encoders and classifiers."""
 
 from .api import Embedder
 from .config import ConfigError, ModernBertConfig
+from .crossencoder import CrossEncoder, TruncationWarning
 from .engine import Engine, NonFiniteError
+from .loaded import LoadedModel
 from .options import EncodeOptions, OptionError
 from .tokenizer import PROMPTS
 from .weights import Checkpoint, CheckpointError
 
-__all__ = ["Embedder", "Engine", "EncodeOptions", "OptionError", "NonFiniteError", "Checkpoint",
-           "ModernBertConfig", "ConfigError", "CheckpointError", "PROMPTS"]
+__all__ = ["Embedder", "CrossEncoder", "LoadedModel", "Engine", "EncodeOptions", "OptionError", "NonFiniteError",
+           "TruncationWarning", "Checkpoint", "ModernBertConfig", "ConfigError", "CheckpointError", "PROMPTS"]
 __version__ = "0.1.0"

@@ -1,14 +1,17 @@
-"""The engine core: token ids in, embeddings out. The only way to the model for every front end.
+"""The engine core: token ids in, embeddings (or a classifier's logits) out. The only way to the
+model for every front end.
 
 ```
 ids ─► check ─► plan (sort by length, pack under a token budget) ─► pack ─► forward ─► pool ─► scatter ─► finite check
+                                                                                        └─► head (classifiers: fp32 logits)
 ```
 
-`Engine.embed` runs that loop; the Embedder (and through `Embedder.encode` the Ray adapter),
-chunking, the corpus command and the HTTP server call it and nothing below it. It holds no state
-that a call changes, so any number of threads may call it at once, and each call's result is the
-one it would get alone (its batches are its own). On a GPU the calls share one CUDA stream: they
-interleave batch by batch and each waits as long as the work queued before it.
+`Engine.embed` and `Engine.score` run that loop (one loop, `_run`; pairs `[CLS] a [SEP] b [SEP]`
+are token ids like any other); the Embedder and the CrossEncoder (and through `Embedder.encode`
+the Ray adapter), chunking, the corpus command and the HTTP server call it and nothing below it. It holds no state that a call changes, so any
+number of threads may call it at once, and each call's result is the one it would get alone (its
+batches are its own). On a GPU the calls share one CUDA stream: they interleave batch by batch and
+each waits as long as the work queued before it.
 
 Every launch happens on the engine's device (`torch.cuda.device` around the loop), whatever the
 calling thread's current device is.
@@ -25,11 +28,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .batching import pack, plan_batches, upload
+from .batching import Batch, pack, plan_batches, upload
+from .heads import ClassifierHead
 from .model import ModernBert
 from .devices import default_max_batch_tokens, resolve_device, resolve_dtype
 from .ops import Ops, select_ops, self_check
-from .weights import Checkpoint, load_state_dict
+from .weights import CLASSIFIER_PREFIXES, Checkpoint, load_state_dict
 
 # With progress reporting on a GPU, how many batches the host may queue beyond the one it waits
 # for: two keep the GPU fed while the host packs the next batch.
@@ -37,22 +41,24 @@ RUN_AHEAD = 2
 
 
 class NonFiniteError(FloatingPointError):
-    """Embeddings that are NaN or infinite; `rows` are the inputs' indices in the call."""
+    """Embeddings (or logits) that are NaN or infinite; `rows` are the inputs' indices in the call."""
 
-    def __init__(self, rows: Sequence[int], dtype):
+    def __init__(self, rows: Sequence[int], dtype, what: str = "embeddings"):
         self.rows = list(rows)
         shown = f"{self.rows[:10]}{' ...' if len(self.rows) > 10 else ''}"
-        super().__init__(f"non-finite embeddings for input(s) {shown} (model dtype {dtype}; float16 can "
+        super().__init__(f"non-finite {what} for input(s) {shown} (model dtype {dtype}; float16 can "
                          "overflow where bfloat16 does not)")
 
 
 class Engine:
-    """A loaded model and its pooling: `embed` and `hidden_states` over lists of token ids."""
+    """A loaded model, its pooling and, for a classifier, its head: `embed`, `score` and
+    `hidden_states` over lists of token ids."""
 
-    def __init__(self, model: ModernBert, pooling: str = "mean"):
+    def __init__(self, model: ModernBert, pooling: str = "mean", head: ClassifierHead | None = None):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling {pooling!r} is not supported (mean or cls)")
         self.model = model
+        self.head = head
         self.config = model.config
         self.ops = model.ops
         self.pooling = pooling
@@ -93,8 +99,15 @@ class Engine:
                     ops = self_check(ops, cfg, device, dtype)
         model = ModernBert(cfg, ops, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        model.load(load_state_dict(checkpoint.folder, expected, dtype, device))
-        return cls(model, checkpoint.pooling)
+        head = ClassifierHead(cfg.hidden_size, checkpoint.classifier) if checkpoint.classifier else None
+        if head is None:
+            model.load(load_state_dict(checkpoint.folder, expected, dtype, device))
+            return cls(model, checkpoint.pooling)
+        expected.update((k, v.shape) for k, v in head.state_dict().items())
+        tensors = load_state_dict(checkpoint.folder, expected, dtype, device, heads=CLASSIFIER_PREFIXES)
+        head.load({k: tensors.pop(k) for k in list(tensors) if k.startswith(CLASSIFIER_PREFIXES)})
+        model.load(tensors)
+        return cls(model, checkpoint.pooling, head)
 
     # --------------------------------------------------------------------------- device
     def on_device(self):
@@ -190,10 +203,37 @@ class Engine:
         next; with `on_batch` the host stays at most RUN_AHEAD batches ahead, so that the counts
         are of batches computed, not merely queued."""
         dim = self.width(dim)
+
+        def pooled(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+            return self.ops.pool(hidden, batch, self.pooling, dim, normalize)
+
+        return self._run(ids, dim, pooled, "embeddings", max_batch_tokens, batch_size, on_batch, out, check_finite)
+
+    def score(self, ids: Sequence[Sequence[int]], *, max_batch_tokens: int | None = None,
+              batch_size: int | None = None, on_batch: Callable[[int, int], None] | None = None,
+              out: torch.Tensor | None = None, check_finite: bool = True) -> torch.Tensor:
+        """A classifier's logits for `ids` (checked token-id lists; a pair is `[CLS] a [SEP] b
+        [SEP]`): float32 [len(ids), num_labels] on the device, in input order, planned and packed
+        as `embed` does (same options). Pooling is the head's (`classifier_pooling`), the head
+        runs in float32. An engine without a head raises ValueError."""
+        if self.head is None:
+            raise ValueError("this model has no classifier head (it is an embedder): use embed")
+        head = self.head
+
+        def logits(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+            return head(self.ops.pool(hidden, batch, head.pooling, None, False))
+
+        return self._run(ids, head.spec.num_labels, logits, "logits", max_batch_tokens, batch_size, on_batch, out,
+                         check_finite)
+
+    def _run(self, ids, width: int, reduce: Callable[[torch.Tensor, Batch], torch.Tensor], what: str,
+             max_batch_tokens, batch_size, on_batch, out, check_finite: bool) -> torch.Tensor:
+        """The batch loop: plan, pack, forward, `reduce(hidden, batch)` -> float32 [B, width] rows,
+        scattered into `out` [len(ids), width] in input order (see `embed`)."""
         if out is None:
-            out = torch.empty(len(ids), dim, dtype=torch.float32, device=self.device)
-        elif out.shape != (len(ids), dim) or out.dtype != torch.float32 or out.device != self.device:
-            raise ValueError(f"out must be float32 [{len(ids)}, {dim}] on {self.device}, got "
+            out = torch.empty(len(ids), width, dtype=torch.float32, device=self.device)
+        elif out.shape != (len(ids), width) or out.dtype != torch.float32 or out.device != self.device:
+            raise ValueError(f"out must be float32 [{len(ids)}, {width}] on {self.device}, got "
                              f"{out.dtype} {list(out.shape)} on {out.device}")
         if not ids:
             return out
@@ -203,9 +243,8 @@ class Engine:
         with self.on_device():
             for order in plan:
                 batch = pack(ids, order, self.device)
-                hidden = self.model(batch)
-                pooled = self.ops.pool(hidden, batch, self.pooling, dim, normalize)
-                out.index_copy_(0, upload(np.asarray(order, dtype=np.int64), torch.int64, self.device), pooled)
+                rows = reduce(self.model(batch), batch)
+                out.index_copy_(0, upload(np.asarray(order, dtype=np.int64), torch.int64, self.device), rows)
                 if track:
                     event = torch.cuda.Event()
                     event.record()
@@ -222,7 +261,7 @@ class Engine:
             if check_finite:
                 bad = self.nonfinite_rows(out)
                 if bad:
-                    raise NonFiniteError(bad, self.dtype_name)
+                    raise NonFiniteError(bad, self.dtype_name, what)
         return out
 
     def hidden_states(self, ids: Sequence[Sequence[int]],

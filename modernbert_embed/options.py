@@ -11,6 +11,7 @@ everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -53,9 +54,11 @@ def _int_option(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def resolve_prompt(prompt: str | None, prompt_name: str | None) -> str:
-    """The text to prepend: `prompt` as given, or the trained prefix named by `prompt_name`."""
-    if prompt is not None and prompt_name is not None and PROMPTS.get(prompt_name) != prompt:
+def resolve_prompt(prompt: str | None, prompt_name: str | None, prompts: Mapping[str, str] | None = None) -> str:
+    """The text to prepend: `prompt` as given, or the prompt named by `prompt_name` in `prompts`
+    (default: the trained prefixes, `PROMPTS`)."""
+    prompts = PROMPTS if prompts is None else prompts
+    if prompt is not None and prompt_name is not None and prompts.get(prompt_name) != prompt:
         raise OptionError("prompt", "give either {prompt} or {prompt_name}, not both")
     if prompt_name is not None and prompt is not None:  # already resolved (dataclasses.replace)
         return prompt
@@ -65,20 +68,22 @@ def resolve_prompt(prompt: str | None, prompt_name: str | None) -> str:
         return prompt
     if prompt_name is None:
         return ""
-    if prompt_name not in PROMPTS:
-        raise OptionError("prompt_name", f"unknown {{prompt_name}} {prompt_name!r}; known: {sorted(PROMPTS)}")
-    return PROMPTS[prompt_name]
+    if prompt_name not in prompts:
+        raise OptionError("prompt_name", f"unknown {{prompt_name}} {prompt_name!r}; known: {sorted(prompts)}")
+    return prompts[prompt_name]
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
     """The options of `Embedder.encode`, checked when made. `prompt` is the resolved prefix (from
-    `prompt` or `prompt_name`); `max_batch_tokens=None` means the default budget."""
+    `prompt` or `prompt_name`, looked up in `prompts`, default `PROMPTS`); `max_batch_tokens=None`
+    means the default budget; `normalize_embeddings=None` means what the model's folder says,
+    settled by `for_model`."""
 
     prompt: str | None = None
     prompt_name: str | None = None
     truncate_dim: int | None = None
-    normalize_embeddings: bool = True
+    normalize_embeddings: bool | None = True
     precision: str = "float32"
     long: str = "truncate"
     overlap: int | None = None
@@ -86,16 +91,18 @@ class EncodeOptions:
     batch_size: int | None = None
     ranges: object = None  # [2, d] minima and maxima for int8 / uint8
     calibration_embeddings: object = None  # float embeddings to take int8 / uint8 ranges from
+    prompts: Mapping[str, str] | None = None  # the model's prompts by name (None: PROMPTS)
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "prompt", resolve_prompt(self.prompt, self.prompt_name))
+        set_(self, "prompt", resolve_prompt(self.prompt, self.prompt_name, self.prompts))
         if self.truncate_dim is not None:
             set_(self, "truncate_dim", _int_option("truncate_dim", self.truncate_dim, 1))
-        if not isinstance(self.normalize_embeddings, (bool, np.bool_)):
-            raise OptionTypeError("normalize_embeddings", "{normalize_embeddings} must be True or False, got "
-                                  f"{type(self.normalize_embeddings).__name__}")
-        set_(self, "normalize_embeddings", bool(self.normalize_embeddings))
+        if self.normalize_embeddings is not None:
+            if not isinstance(self.normalize_embeddings, (bool, np.bool_)):
+                raise OptionTypeError("normalize_embeddings", "{normalize_embeddings} must be True or False (or "
+                                      f"None: the model's default), got {type(self.normalize_embeddings).__name__}")
+            set_(self, "normalize_embeddings", bool(self.normalize_embeddings))
         if self.precision not in quantize.PRECISIONS:
             raise OptionError("precision", f"{{precision}} {self.precision!r} is not supported; "
                                            f"choose one of {quantize.PRECISIONS}")
@@ -119,8 +126,11 @@ class EncodeOptions:
             except ValueError as e:
                 raise OptionError("ranges", f"{{ranges}}: {e}") from None
 
-    def for_model(self, hidden_size: int) -> "EncodeOptions":
-        """These options, checked against a model of `hidden_size` features; returns self."""
+    def for_model(self, hidden_size: int, normalize: bool = True) -> "EncodeOptions":
+        """These options, checked against a model of `hidden_size` features, with
+        `normalize_embeddings=None` settled to `normalize` (what the model's folder says)."""
+        if self.normalize_embeddings is None:
+            return dataclasses.replace(self, normalize_embeddings=bool(normalize)).for_model(hidden_size)
         if self.truncate_dim is not None and self.truncate_dim > hidden_size:
             raise OptionError("truncate_dim", f"{{truncate_dim}} must be in 1..{hidden_size}, got {self.truncate_dim}")
         if self.ranges is not None and self.ranges.shape[1] != self.dim(hidden_size):

@@ -12,11 +12,14 @@ Both say how much and where when they fail.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
+import pytest
 import torch
 
-from modernbert_embed import Checkpoint, Embedder
+from modernbert_embed import Checkpoint, CheckpointError, Embedder
 from modernbert_embed.batching import pack
 from modernbert_embed.ops import select_ops
 
@@ -30,6 +33,27 @@ REAL_VOCAB = {**SMALL_CONFIG, "vocab_size": 50368, "pad_token_id": 50283, "cls_t
 
 
 # ----------------------------------------------------------------------------- loading, batches
+def real_weights(repo: str, env: str) -> Path:
+    """The folder of a real checkpoint: the one named by the environment variable `env`, else `repo`
+    in the Hugging Face cache; the test is skipped, saying so, when neither has its weights."""
+    from modernbert_embed.weights import resolve_checkpoint
+
+    given = os.environ.get(env)
+    if given:
+        folder = Path(given)
+        if not (folder / "model.safetensors").is_file():
+            pytest.fail(f"{env}={given} has no model.safetensors")
+        return folder
+    try:
+        folder = resolve_checkpoint(repo, local_files_only=True)
+    except CheckpointError:
+        folder = None
+    if folder is None or not (folder / "model.safetensors").is_file():
+        pytest.skip(f"the real {repo} weights are not present (set {env} to a folder, or have them in the HF cache)")
+    return folder
+
+
+
 def load_with_ops(folder, device="cpu", dtype=None, backend="auto", attention="auto") -> Embedder:
     """An Embedder whose ops are forced (the documented way for experiments: `from_checkpoint`
     with `ops=select_ops(...)`); with both "auto", the library's own choice."""

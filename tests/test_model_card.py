@@ -5,34 +5,18 @@ nomic-ai/modernbert-embed-base in the Hugging Face cache. Skipped (with that rea
 a skip here is not evidence of anything.
 """
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from modernbert_embed import CheckpointError, Embedder
-from modernbert_embed.weights import resolve_checkpoint
+import helpers
+from modernbert_embed import Embedder
 
 QUERIES = ["What is TSNE?", "Who is Laurens van der Maaten?"]
 DOCUMENT = ["TSNE is a dimensionality reduction algorithm created by Laurens van Der Maaten"]
 
 
-def real_weights() -> Path:
-    given = os.environ.get("MODERNBERT_EMBED_WEIGHTS")
-    if given:
-        folder = Path(given)
-        if not (folder / "model.safetensors").is_file():
-            pytest.fail(f"MODERNBERT_EMBED_WEIGHTS={given} has no model.safetensors")
-        return folder
-    try:
-        folder = resolve_checkpoint("nomic-ai/modernbert-embed-base", local_files_only=True)
-    except CheckpointError:
-        folder = None
-    if folder is None or not (folder / "model.safetensors").is_file():
-        pytest.skip("the real nomic-ai/modernbert-embed-base weights are not present "
-                    "(set MODERNBERT_EMBED_WEIGHTS to a folder, or have them in the HF cache)")
-    return folder
+def real_weights():
+    return helpers.real_weights("nomic-ai/modernbert-embed-base", "MODERNBERT_EMBED_WEIGHTS")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """Reading a ModernBERT safetensors checkpoint, strictly.
 
 One explicit key map: the names in the nomic checkpoint are the model's own parameter names.
-Masked-LM checkpoints of the same family prefix everything with `model.` and carry a prediction
-head (`head.*`, `decoder.*`), which an encoder ignores. Missing, unexpected and mis-shaped tensors
-are all named in one error, and nothing runs with any of them.
+Masked-LM and classifier checkpoints of the same family prefix the backbone with `model.`; a
+masked-LM one carries a prediction head (`head.*`, `decoder.*`), which an encoder ignores; a
+classifier's head (`head.*`, `classifier.*`) is kept when the caller asks for it (`heads`).
+Missing, unexpected and mis-shaped tensors are all named in one error, and nothing runs with any
+of them.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ import torch
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_PREFIXES = ("head.", "decoder.", "classifier.")
+CLASSIFIER_PREFIXES = ("head.", "classifier.")  # a sequence classifier's head, kept as named
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason and the names involved."""
 
 
-def map_key(name: str) -> str | None:
-    """Checkpoint tensor name -> model parameter name, or None for tensors an encoder ignores."""
+def map_key(name: str, heads: tuple[str, ...] = ()) -> str | None:
+    """Checkpoint tensor name -> model parameter name, or None for tensors an encoder ignores.
+    Tensors under a prefix in `heads` are kept under their own names."""
+    if name.startswith(heads):
+        return name
     if name.startswith(_IGNORED_PREFIXES):
         return None
     if name.startswith("model."):
@@ -55,9 +61,12 @@ def load_state_dict(
     expected: Mapping[str, torch.Size],
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    heads: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Read every tensor of the checkpoint in `folder`, map its name, check it against `expected`
-    (parameter name -> shape), and return them cast to `dtype` on `device`."""
+    (parameter name -> shape), and return them cast to `dtype` on `device`. Tensors under a
+    prefix in `heads` are kept (see `map_key`) and stay in float32, whatever `dtype`: a head is
+    small, and its logits are computed in float32."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
@@ -68,7 +77,7 @@ def load_state_dict(
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped
                 for name in f.keys():
-                    key = map_key(name)
+                    key = map_key(name, heads)
                     if key is None:
                         continue
                     if key not in expected:
@@ -82,7 +91,8 @@ def load_state_dict(
                     if shape != tuple(expected[key]):
                         misshaped.append(f"{name}: checkpoint {list(shape)}, model {list(expected[key])}")
                         continue
-                    out[key] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    as_dtype = torch.float32 if heads and key.startswith(heads) else dtype
+                    out[key] = f.get_tensor(name).to(device=device, dtype=as_dtype)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
     missing = sorted(set(expected) - seen)

@@ -2,18 +2,32 @@
 
 A sentence-transformers checkpoint is a folder of a transformer (config.json, the safetensors,
 tokenizer.json) and a pipeline of modules named in `modules.json`: here Transformer -> Pooling
-(-> Normalize). `Checkpoint` reads the config, where the tokenizer is, the pooling mode (from the
-Pooling module's own folder, found through `modules.json`), `max_seq_length`, and gives a
-fingerprint of the files that decide the embeddings.
+(-> Normalize). `Checkpoint` reads the config, where the tokenizer is, what the folder is (its
+`kind`: an embedder, or a classifier with its head), the pooling mode (from the Pooling module's
+own folder, found through `modules.json`), whether the embeddings are normalised (a Normalize
+module is listed), the prompts, `max_seq_length`, and gives a fingerprint of the files that decide
+the outputs.
+
+What a folder is comes from `config.architectures`, never from a guess:
+  - `ModernBertModel` (or none named): an embedder;
+  - `ModernBertForMaskedLM`: an embedder over its backbone (the prediction head is not a task
+    head), as sentence-transformers loads it;
+  - `ModernBertForSequenceClassification`: a classifier (a cross-encoder when it scores pairs),
+    whose head is read from config.json (`classifier_*`, `num_labels`, `id2label`, and
+    sentence-transformers' `activation_fn`).
+Without `modules.json` an embedder pools by mean and does not normalise, as sentence-transformers
+does.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ModernBertConfig
@@ -21,7 +35,7 @@ from .checkpoint import CheckpointError
 from .resolve import DEFAULT_MODEL, resolve_checkpoint
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_ST = "sentence_transformers.models."
+_ST = "sentence_transformers."
 _KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
@@ -44,7 +58,10 @@ def read_modules(folder: Path) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a list of modules")
     found: dict[str, str] = {}
     for m in modules:
-        kind = str((m or {}).get("type", "")).removeprefix(_ST)
+        # sentence-transformers' class, by name: `sentence_transformers.models.Pooling` (before 6),
+        # `sentence_transformers.base.modules.transformer.Transformer` (6 and later)
+        name = str((m or {}).get("type", ""))
+        kind = name.rpartition(".")[2] if name.startswith(_ST) else name
         if kind not in _KNOWN_MODULES:
             raise CheckpointError(f"{path}: module {m.get('type')!r} is not supported (this engine runs "
                                   f"{', '.join(_KNOWN_MODULES)})")
@@ -66,21 +83,137 @@ def read_pooling(folder: Path, sub: str | None) -> str:
     cfg = _read_json(path, "the pooling config")
     if not cfg.get("include_prompt", True):
         raise CheckpointError(f"{path}: include_prompt=false is not supported")
-    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if modes == ["pooling_mode_cls_token"]:
-        return "cls"
+    mode = cfg.get("pooling_mode")  # sentence-transformers 6: "cls", "mean", or a list of modes
+    if mode is None:  # before 6: one flag per mode; none set means mean, as sentence-transformers reads it
+        modes = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+        modes = [{"cls_token": "cls", "mean_tokens": "mean"}.get(m, m) for m in modes] or ["mean"]
+    else:
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    if modes in (["mean"], ["cls"]):
+        return modes[0]
     raise CheckpointError(f"{path}: pooling {modes} is not supported (mean or cls tokens only)")
 
 
 def read_max_seq_length(folder: Path, cfg: ModernBertConfig) -> int:
-    path = folder / "sentence_bert_config.json"
-    if path.is_file():
-        value = _read_json(path, "the sentence-transformers config").get("max_seq_length")
-        if value:
-            return min(int(value), cfg.max_position_embeddings)
+    """sentence_bert_config.json's `max_seq_length`, else the tokenizer's `model_max_length`
+    (tokenizer_config.json), capped at `max_position_embeddings`, as sentence-transformers does."""
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = folder / name
+        if path.is_file():
+            value = _read_json(path, f"the {name}").get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 2:
+                return int(min(value, cfg.max_position_embeddings))
     return cfg.max_position_embeddings
+
+
+# ----------------------------------------------------------------------------- what the folder is
+EMBEDDER, CLASSIFIER = "embedder", "classifier"
+_ARCHITECTURES = {
+    "ModernBertModel": EMBEDDER,
+    "ModernBertForMaskedLM": EMBEDDER,  # the backbone; the MLM head is not a task head
+    "ModernBertForSequenceClassification": CLASSIFIER,
+}
+# transformers' ACT2FN names a classifier head may use (see heads.py)
+HEAD_ACTIVATIONS = ("gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh",
+                    "sigmoid", "linear")
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """The head of a `ModernBertForSequenceClassification` folder, as transformers builds it:
+    `pooling` ("cls" or "mean") over the final-norm states, then `dense` (bias iff `bias`) ->
+    `activation` -> LayerNorm(`norm_eps`, bias iff `norm_bias`) -> classifier [num_labels].
+    `activation_fn`: sentence-transformers' score activation named in config.json (a torch.nn
+    path), or None for its default (sigmoid for one label, identity for more)."""
+
+    num_labels: int
+    pooling: str = "cls"
+    activation: str = "gelu"
+    bias: bool = False
+    norm_bias: bool = False
+    norm_eps: float = 1e-5
+    id2label: dict = field(default_factory=dict)
+    activation_fn: str | None = None
+
+
+def read_architecture(raw: dict, path: Path) -> tuple[str | None, str]:
+    """(the architecture named in config.json or None, EMBEDDER or CLASSIFIER); an architecture
+    this engine does not run is refused by name."""
+    names = raw.get("architectures") or []
+    if not isinstance(names, list):
+        raise CheckpointError(f"{path}: architectures must be a list, got {names!r}")
+    if not names:
+        return None, EMBEDDER
+    name = str(names[0])
+    if name not in _ARCHITECTURES:
+        raise CheckpointError(f"{path}: architecture {name!r} is not supported (this engine runs "
+                              f"{', '.join(_ARCHITECTURES)})")
+    return name, _ARCHITECTURES[name]
+
+
+def resolve_activation_fn(path: str):
+    """An instance of the torch.nn activation named by its dotted path (sentence-transformers'
+    `activation_fn`, e.g. "torch.nn.modules.activation.Sigmoid"); only torch.nn classes are taken."""
+    module_name, _, cls_name = str(path).rpartition(".")
+    if not module_name.startswith("torch.nn"):
+        raise CheckpointError(f"activation_fn {path!r} is not a torch.nn class; only those are loaded")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise CheckpointError(f"activation_fn {path!r} does not exist in this torch") from None
+    import torch
+
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise CheckpointError(f"activation_fn {path!r} is not a torch.nn module")
+    return cls()
+
+
+def read_classifier(raw: dict, cfg: ModernBertConfig, path: Path, activation_fn: str | None = None) -> ClassifierSpec:
+    """The classifier head from config.json, with transformers' defaults; values this engine
+    cannot run exactly are refused by name. `activation_fn`: the one config_sentence_transformers.json
+    names (sentence-transformers 6 saves it there), which wins over config.json's."""
+    pooling = raw.get("classifier_pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise CheckpointError(f"{path}: classifier_pooling {pooling!r} is not supported (cls or mean)")
+    act = raw.get("classifier_activation", "gelu")
+    if act not in HEAD_ACTIVATIONS:
+        raise CheckpointError(f"{path}: classifier_activation {act!r} is not supported ({', '.join(HEAD_ACTIVATIONS)})")
+    id2label = raw.get("id2label") or {}
+    try:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: id2label must map label ids to names, got {raw.get('id2label')!r}") from None
+    num_labels = raw.get("num_labels", len(id2label) or 2)  # transformers: 2 when neither is given
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise CheckpointError(f"{path}: num_labels must be an int >= 1, got {num_labels!r}")
+    if id2label and sorted(id2label) != list(range(num_labels)):
+        raise CheckpointError(f"{path}: id2label has ids {sorted(id2label)} for num_labels={num_labels}")
+    st = raw.get("sentence_transformers") or {}
+    if activation_fn is None and isinstance(st, dict):
+        activation_fn = st.get("activation_fn")
+    if activation_fn is not None:
+        resolve_activation_fn(activation_fn)  # refused now, not at the first call
+    return ClassifierSpec(
+        num_labels=num_labels, pooling=pooling, activation=act, bias=bool(raw.get("classifier_bias", False)),
+        norm_bias=bool(raw.get("norm_bias", False)), norm_eps=cfg.norm_eps,
+        id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)}, activation_fn=activation_fn)
+
+
+def read_st_config(folder: Path) -> dict:
+    """config_sentence_transformers.json: prompts, default_prompt_name, similarity_fn_name, and a
+    cross-encoder's activation_fn ({} when absent)."""
+    path = folder / "config_sentence_transformers.json"
+    if not path.is_file():
+        return {}
+    d = _read_json(path, "the sentence-transformers config")
+    prompts = d.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise CheckpointError(f"{path}: prompts must map names to strings")
+    default = d.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise CheckpointError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
+    return {"prompts": dict(prompts), "default_prompt_name": default,
+            "similarity_fn_name": d.get("similarity_fn_name"), "activation_fn": d.get("activation_fn")}
 
 
 def snapshot_revision(folder: Path) -> str | None:
@@ -101,14 +234,29 @@ def _sha256_file(path: Path) -> str:
 
 class Checkpoint:
     """A checkpoint folder, read: `config`, `tokenizer_path` (None without tokenizer.json),
-    `pooling`, `max_seq_length`, `revision`, and `fingerprint` (computed on first use)."""
+    `architecture`, `kind` (EMBEDDER or CLASSIFIER), for an embedder `pooling` and `normalize`,
+    for a classifier `classifier` (a `ClassifierSpec`), `prompts`, `default_prompt_name`,
+    `similarity_fn_name`, `max_seq_length`, `revision`, and `fingerprint` (computed on first use)."""
 
     def __init__(self, folder: str | os.PathLike, name: str | None = None, revision: str | None = None):
         self.folder = Path(folder)
         self.name = name or os.fspath(folder)
-        self.config = ModernBertConfig.from_file(self.folder / "config.json")
+        config_path = self.folder / "config.json"
+        self.config = ModernBertConfig.from_file(config_path)
+        raw = _read_json(config_path, "the model config")
+        self.architecture, self.kind = read_architecture(raw, config_path)
         self.modules = read_modules(self.folder)
+        st = read_st_config(self.folder)
+        self.classifier = (read_classifier(raw, self.config, config_path, st.get("activation_fn"))
+                           if self.kind == CLASSIFIER else None)
+        if self.classifier is not None and set(self.modules) - {"Transformer"}:
+            raise CheckpointError(f"{self.folder}: a {self.architecture} folder lists sentence-transformers "
+                                  f"modules {sorted(set(self.modules) - {'Transformer'})}; a classifier has none")
         self.pooling = read_pooling(self.folder, self.modules.get("Pooling"))
+        self.normalize = "Normalize" in self.modules  # none listed (or no modules.json): not normalised
+        self.prompts: dict[str, str] = st.get("prompts", {})
+        self.default_prompt_name: str | None = st.get("default_prompt_name")
+        self.similarity_fn_name: str | None = st.get("similarity_fn_name")
         self.max_seq_length = read_max_seq_length(self.folder, self.config)
         tok = self.folder / "tokenizer.json"
         self.tokenizer_path = tok if tok.is_file() else None
@@ -123,12 +271,15 @@ class Checkpoint:
         return cls(folder, name=os.fspath(name_or_path), revision=revision)
 
     def decisive_files(self) -> list[Path]:
-        """The files that decide the embeddings: config, tokenizer, sentence-transformers files,
-        the pooling config and the weights."""
+        """The files that decide the outputs: config, tokenizer, sentence-transformers files, the
+        pooling config (a classifier: the sentence-transformers config and the tokenizer config)
+        and the weights."""
         names = ["config.json", "tokenizer.json", "sentence_bert_config.json", "modules.json",
                  "model.safetensors.index.json"]
         if "Pooling" in self.modules:
             names.insert(4, f"{self.modules['Pooling']}/config.json")
+        if self.classifier is not None:  # the score activation and the truncation length
+            names += ["config_sentence_transformers.json", "tokenizer_config.json"]
         files = [self.folder / n for n in names if (self.folder / n).is_file()]
         return files + sorted(self.folder.glob("model*.safetensors"))
 
@@ -143,4 +294,5 @@ class Checkpoint:
         return hashlib.sha256(json.dumps(per, sort_keys=True).encode()).hexdigest()
 
     def __repr__(self) -> str:
-        return f"Checkpoint({self.name!r}, folder={str(self.folder)!r}, pooling={self.pooling!r})"
+        head = f"classifier={self.classifier}" if self.classifier else f"pooling={self.pooling!r}, normalize={self.normalize}"
+        return f"Checkpoint({self.name!r}, folder={str(self.folder)!r}, {self.kind}, {head})"

@@ -1,5 +1,15 @@
-"""Write a random-weight checkpoint in the real nomic layout: same file names, tensor names, shapes
-and sentence-transformers files. For tests and benchmarks on machines without the real weights.
+"""Write a random-weight checkpoint in the real layouts of the family: same file names, tensor names,
+shapes and sentence-transformers files. For tests and benchmarks on machines without the real weights.
+
+The layout follows `config.architectures`:
+  - `ModernBertModel` (nomic, gte-modernbert, the large shape, Ettin): the backbone's own names
+    and the sentence-transformers files (modules.json: Transformer -> Pooling, -> Normalize when
+    `normalize`);
+  - `ModernBertForMaskedLM`: the backbone under `model.`, the prediction head (`head.*`,
+    `decoder.bias`), no sentence-transformers files;
+  - `ModernBertForSequenceClassification` (`classifier_config`): the backbone under `model.`,
+    `head.dense.weight` (+`.bias` iff classifier_bias), `head.norm.weight`, `classifier.weight`
+    and `.bias`, no sentence-transformers files (as gte-reranker-modernbert-base).
 
 The weights are perturbed so that mistakes show: norm weights are 1 +- 0.1 rather than exactly 1,
 and the attention projections are scaled up so attention is far from uniform (a wrong window or
@@ -16,6 +26,13 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ModernBertConfig
+from .folder import read_classifier
+
+CLASSIFIER_ARCH = "ModernBertForSequenceClassification"
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True,
+                    "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                    "mask_token": "[MASK]", "model_input_names": ["input_ids", "attention_mask"]}
+MASKED_LM_ARCH = "ModernBertForMaskedLM"
 
 
 def small_config(**overrides) -> dict[str, Any]:
@@ -46,6 +63,32 @@ def small_config(**overrides) -> dict[str, Any]:
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    cfg.update(overrides)
+    return cfg
+
+
+def classifier_config(base: Mapping[str, Any], num_labels: int = 1, pooling: str = "mean",
+                      activation_fn: str | None = None, **overrides) -> dict[str, Any]:
+    """`base` (a config.json dict) as a `ModernBertForSequenceClassification`: `num_labels`
+    labels (id2label LABEL_i), `classifier_pooling`, sentence-transformers' `activation_fn` when
+    given (a torch.nn path); `overrides` add or replace keys (classifier_bias, ...)."""
+    cfg = {**base, "architectures": [CLASSIFIER_ARCH], "classifier_pooling": pooling,
+           "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+           "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}
+    if activation_fn is not None:
+        cfg["sentence_transformers"] = {"activation_fn": activation_fn}
+    cfg.update(overrides)
+    return cfg
+
+
+def ettin_config(**overrides) -> dict[str, Any]:
+    """An Ettin-encoder-shaped config (jhu-clsp/ettin-encoder-17m's width): vocab 50370 (the
+    tokenizer's 50368 ids and two more rows), both rope thetas 160000, 7999 positions; `overrides`
+    replace or add keys."""
+    cfg = small_config(vocab_size=50370, hidden_size=256, intermediate_size=384, num_hidden_layers=7,
+                       num_attention_heads=4, global_rope_theta=160000.0, local_rope_theta=160000.0,
+                       max_position_embeddings=7999, pad_token_id=50283, cls_token_id=50281, sep_token_id=50282,
+                       bos_token_id=50281, eos_token_id=50282)
     cfg.update(overrides)
     return cfg
 
@@ -88,13 +131,18 @@ def write_random_checkpoint(
     tokenizer_json: str | Path | None = None,
     max_seq_length: int | None = None,
     pooling: str = "mean",
+    normalize: bool = True,
+    st_files: bool | None = None,
 ) -> Path:
-    """Write `config.json`, `model.safetensors` (or `shards` files and an index) and the
-    sentence-transformers files into `folder`.
+    """Write `config.json`, `model.safetensors` (or `shards` files and an index) and, for an
+    embedder, the sentence-transformers files into `folder` (see the module docstring).
 
     config: a config.json dict (written as given, so either schema can be tested), a
     `ModernBertConfig`, or None for the base model's shape. prefix="model." and with_head=True
-    give the masked-LM layout. tokenizer_json is copied in when given.
+    give the masked-LM tensors (a `ModernBertForMaskedLM` config gives them by itself). pooling
+    and normalize: the Pooling module's mode and whether a Normalize module is listed. st_files:
+    write the sentence-transformers files (default: for a `ModernBertModel` only).
+    tokenizer_json is copied in when given.
     """
     from safetensors.torch import save_file
 
@@ -107,11 +155,27 @@ def write_random_checkpoint(
     else:
         cfg, raw = ModernBertConfig.from_dict(config), dict(config)
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    arch = (raw.get("architectures") or ["ModernBertModel"])[0]
+    if arch in (CLASSIFIER_ARCH, MASKED_LM_ARCH):
+        prefix, with_head = "model.", arch == MASKED_LM_ARCH or with_head
+    if st_files is None:
+        st_files = arch == "ModernBertModel"
 
     sd = {prefix + k: v for k, v in random_state_dict(cfg, seed).items()}
-    if with_head:
-        g = torch.Generator().manual_seed(seed + 1)
-        H = cfg.hidden_size
+    g = torch.Generator().manual_seed(seed + 1)
+    H = cfg.hidden_size
+    if arch == CLASSIFIER_ARCH:
+        # O(1) logits that differ between inputs: the head must be computed exactly to match
+        spec = read_classifier(raw, cfg, folder / "config.json")
+        sd["head.dense.weight"] = torch.randn(H, H, generator=g) / H**0.5
+        if spec.bias:
+            sd["head.dense.bias"] = torch.randn(H, generator=g) * 0.5
+        sd["head.norm.weight"] = 1.0 + (torch.rand(H, generator=g) - 0.5) * 0.2
+        if spec.norm_bias:
+            sd["head.norm.bias"] = torch.randn(H, generator=g) * 0.1
+        sd["classifier.weight"] = torch.randn(spec.num_labels, H, generator=g) / H**0.5
+        sd["classifier.bias"] = torch.randn(spec.num_labels, generator=g) * 0.5
+    elif with_head:
         sd["head.dense.weight"] = torch.randn(H, H, generator=g) * 0.02
         sd["head.norm.weight"] = torch.ones(H)
         sd["decoder.bias"] = torch.zeros(cfg.vocab_size)
@@ -130,12 +194,22 @@ def write_random_checkpoint(
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    # The sentence-transformers pipeline: Transformer -> Pooling -> Normalize.
+    if tokenizer_json is not None:
+        shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+        # as the Hub's ModernBERT folders: transformers' loader needs the special tokens named, and
+        # without sentence_bert_config.json `model_max_length` is the length sentence-transformers
+        # (and this engine) truncate to
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {**TOKENIZER_CONFIG, "model_max_length": max_seq_length or cfg.max_position_embeddings}, indent=2))
+    if not st_files:
+        return folder
+    # The sentence-transformers pipeline: Transformer -> Pooling (-> Normalize).
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     msl = max_seq_length or cfg.max_position_embeddings
     (folder / "sentence_bert_config.json").write_text(
@@ -157,6 +231,4 @@ def write_random_checkpoint(
             indent=2,
         )
     )
-    if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
     return folder

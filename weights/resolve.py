@@ -15,6 +15,7 @@ HUB_FILES = [
     "model*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.json",
+    "tokenizer_config.json",  # model_max_length, where sentence_bert_config.json does not say
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "modules.json",

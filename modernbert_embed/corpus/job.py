@@ -245,7 +245,7 @@ class CorpusJob:
         load_seconds = time.perf_counter() - t_load
         inputs = [{**s.info(), "rows": c} for s, c in zip(self.sources, counts)]
         dim = self.encode.dim(emb.config.hidden_size)
-        shards = Shards(self.sources, self.out, embedder=emb, shard_size=o.shard_size, on_error=o.on_error,
+        shards = Shards(self.sources, self.out, model=emb.loaded, shard_size=o.shard_size, on_error=o.on_error,
                         prompt=self.encode.prompt, long=o.long, overlap=o.overlap,
                         max_seq_length=self._max_seq_length, dim=dim, normalize=o.normalize,
                         max_batch_tokens=self.encode.max_batch_tokens, precision=o.precision,

@@ -28,6 +28,7 @@ import torch
 from .. import quantize as Q
 from ..chunking import combine, split_long
 from ..engine import NonFiniteError
+from ..loaded import LoadedModel
 from . import files
 from .errors import CorpusError, RefusedError, RowError
 from .manifest import Manifest
@@ -79,12 +80,12 @@ class Prepared:
 class Shards:
     """The shards of one job: how to read, embed and write them (see the module docstring)."""
 
-    def __init__(self, sources: list[Source], out: Path, *, embedder, shard_size: int, on_error: str,
+    def __init__(self, sources: list[Source], out: Path, *, model: LoadedModel, shard_size: int, on_error: str,
                  prompt: str, long: str, overlap: int | None, max_seq_length: int, dim: int, normalize: bool,
                  max_batch_tokens: int, precision: str, meta_format: str):
         self.sources, self.out = sources, out
-        self.engine, self.tokenizer = embedder.engine, embedder.tokenizer
-        self.tokenize_ahead = embedder.tokenize_beside_model
+        self.model, self.engine, self.tokenizer = model, model.engine, model.text_tokenizer()
+        self.tokenize_beside_model = model.tokenize_beside_model
         self.shard_size, self.on_error = shard_size, on_error
         self.prompt, self.long, self.overlap, self.max_seq_length = prompt, long, overlap, max_seq_length
         self.dim, self.normalize, self.max_batch_tokens = dim, normalize, max_batch_tokens
@@ -127,7 +128,7 @@ class Shards:
                 _digest_update(h, raw)
                 self._parse_into(prep, texts, r, src, local, raw)
             prep.digest = h.hexdigest()
-            if self.tokenize_ahead:
+            if self.tokenize_beside_model:
                 self.tokenize(prep, texts)
             else:
                 prep.texts = texts
@@ -155,7 +156,7 @@ class Shards:
             prep.windows, prep.seqs = w, w.ids
             prep.tokens, prep.truncated = list(w.doc_tokens), [False] * len(texts)
         else:
-            ids, truncated = self.tokenizer.encode(texts, self.prompt, self.max_seq_length) if texts else ([], [])
+            ids, truncated = self.model.tokenize(texts, self.prompt, self.max_seq_length) if texts else ([], [])
             prep.seqs, prep.tokens, prep.truncated = ids, [len(s) for s in ids], list(truncated)
         prep.texts = None
 

@@ -10,7 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import __version__
+from ..loaded import as_loaded, require
 from ..tokenizer import PROMPTS
+from ..weights import EMBEDDER
 from . import schemas
 from .batcher import Batcher
 from .metrics import Metrics
@@ -25,15 +27,17 @@ TOKEN_IDS_NOTE = "token-id inputs are this model's ids WITHOUT [CLS]/[SEP]; the 
 class ServerState:
     """What the routes share: the model, the worker, the limits, the flags."""
 
-    def __init__(self, embedder, settings: ServerSettings):
-        self.embedder = embedder
-        self.engine = embedder.engine
-        self.tokenizer = embedder.tokenizer
+    def __init__(self, model, settings: ServerSettings):
+        self.model = model = as_loaded(model)  # the loaded model (an Embedder's, or given as such)
+        if model.checkpoint is not None:
+            require(model.checkpoint, EMBEDDER)  # the embedding routes need an embedder
+        self.engine = model.engine
+        self.tokenizer = model.tokenizer
         cfg = self.engine.config
         self.settings = settings = settings.check(cfg.max_position_embeddings,
-                                                  min(embedder.max_seq_length, cfg.max_position_embeddings),
+                                                  min(model.max_seq_length, cfg.max_position_embeddings),
                                                   self.engine.max_batch_tokens)
-        self.model_name = settings.served_model_name or embedder.name or "modernbert-embed"
+        self.model_name = settings.served_model_name or model.name or "modernbert-embed"
         specials = tuple(sorted({cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id}))
         self.limits = schemas.Limits(
             hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, cls_id=cfg.cls_token_id,
@@ -77,7 +81,7 @@ class ServerState:
 
     async def warm_up(self) -> None:
         try:
-            loop, ckpt = asyncio.get_running_loop(), self.embedder.checkpoint
+            loop, ckpt = asyncio.get_running_loop(), self.model.checkpoint
             if ckpt is not None:  # hash the weights once, off the event loop, before /info needs it
                 await loop.run_in_executor(self.pool, lambda: ckpt.fingerprint)
             if self.tokenizer is not None:  # make the tokenizer of this length before the first request
@@ -95,11 +99,11 @@ class ServerState:
 
     def info(self) -> dict:
         s, lim, cfg = self.settings, self.limits, self.engine.config
-        ckpt = self.embedder.checkpoint
+        ckpt = self.model.checkpoint
         # modernbert-embed was trained with Matryoshka at 768 and 256 dimensions; any 1..hidden is accepted
         trained = sorted({lim.hidden_size, 256} & set(range(1, lim.hidden_size + 1)), reverse=True)
         return {
-            "model_id": self.embedder.name, "model_sha": ckpt.revision if ckpt else None,
+            "model_id": self.model.name, "model_sha": ckpt.revision if ckpt else None,
             "model_fingerprint": ckpt.fingerprint if ckpt else None, "served_model_name": self.model_name,
             "model_dtype": self.engine.dtype_name, "device": str(self.engine.device),
             "ops": self.engine.ops.name, "model_type": {"embedding": {"pooling": self.engine.pooling}},
