@@ -60,6 +60,17 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         f"(default: ${API_KEY_ENV} when set)")
     g.add_argument("--payload-limit", type=_int_at_least(1), default=DEFAULTS.payload_limit, metavar="BYTES",
                    help="largest request body; more is a 413")
+    g.add_argument("--max-concurrent-requests", type=_int_at_least(1), default=DEFAULTS.max_concurrent_requests,
+                   metavar="N", help="requests handled at once (every route but /health, /ready and /metrics); "
+                                     "more are a 429 with Retry-After")
+    g.add_argument("--max-bytes-in-flight", type=_int_at_least(1), default=DEFAULTS.max_bytes_in_flight,
+                   metavar="BYTES", help="request and response bodies held at once, server-wide; a request "
+                                         "past it is a 429 with Retry-After")
+    g.add_argument("--read-timeout", type=_seconds, default=DEFAULTS.read_timeout, metavar="SECONDS",
+                   help="how long a client may take to send a request's headers, and then its body; a "
+                        "connection slower than that is closed (headers) or answered 408 (body)")
+    g.add_argument("--keep-alive-timeout", type=_seconds, default=DEFAULTS.keep_alive_timeout, metavar="SECONDS",
+                   help="how long an idle connection stays open between requests")
     g = s.add_argument_group("batching and admission")
     g.add_argument("--max-batch-tokens", type=_int_at_least(1), default=None, metavar="N",
                    help="tokens per forward (default 4096 on the CPU, 16384 on a GPU)")
@@ -87,14 +98,70 @@ def settings_from_args(args) -> ServerSettings:
         served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_input_tokens=args.max_input_tokens, max_queued_tokens=args.max_queued_tokens,
-        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate, drain_timeout=args.drain_timeout,
-        tokenization_workers=args.tokenization_workers)
+        payload_limit=args.payload_limit, max_concurrent_requests=args.max_concurrent_requests,
+        max_bytes_in_flight=args.max_bytes_in_flight, read_timeout=args.read_timeout,
+        keep_alive_timeout=args.keep_alive_timeout, auto_truncate=args.auto_truncate,
+        drain_timeout=args.drain_timeout, tokenization_workers=args.tokenization_workers)
 
 
 def make_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
                 access_log: bool = False):
-    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text)."""
+    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text),
+    with the app's timeouts: headers within `read_timeout` seconds of the connection (or of the
+    first byte after an answer), else the connection is closed; idle connections closed after
+    `keep_alive_timeout`; incomplete headers at most 16 KiB (h11's bound)."""
     import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    settings = app.state.settings
+    read_timeout = settings.read_timeout
+
+    class TimedH11(H11Protocol):
+        """uvicorn's h11 protocol with a deadline for a request's headers (uvicorn has none: a
+        client sending a header a minute would hold its connection for ever)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.headers_deadline = None
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self.headers_deadline is None and not self.transport.is_closing():
+                self.headers_deadline = self.loop.call_later(read_timeout, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self.headers_deadline is not None:
+                self.headers_deadline.cancel()
+                self.headers_deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._between_requests():  # part of a request's headers: they get read_timeout
+                self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # the headers are in: the body's deadline is the app's
+                self._disarm()
+
+        def _headers_too_slow(self) -> None:
+            self.headers_deadline = None
+            if self._between_requests() and not self.transport.is_closing():
+                logging.getLogger("modernbert_embed.server").info(
+                    "closed a connection from %s: no complete request headers within %g s",
+                    "%s:%d" % self.client if self.client else "?", read_timeout)
+                self.transport.close()
 
     class DrainingServer(uvicorn.Server):
         def __init__(self, config):
@@ -126,7 +193,9 @@ def make_server(app, host: str, port: int, drain_timeout: float, log_level: str 
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout))
+                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout), http=TimedH11,
+                            timeout_keep_alive=settings.keep_alive_timeout,
+                            h11_max_incomplete_event_size=16 * 1024)
     return DrainingServer(config)
 
 
