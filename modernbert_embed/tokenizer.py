@@ -15,7 +15,7 @@ are exactly those of the whole text (`cut`):
 
 1. a short cut, `max_length x 16 + 64` characters: taken when its first `max_length` tokens lie in
    pre-tokens (the byte-level "words": a run of letters, of digits, of punctuation, of spaces) that
-   end before the one at 64 characters from the cut. The pre-tokens of a prefix are those of the
+   end before the one at 32 to 64 characters from the cut. The pre-tokens of a prefix are those of the
    whole text except at its end (the split looks at most one character ahead; NFC and added tokens
    reach at most 24 characters here), so the tokens kept are the same;
 2. else the sure cut, `max_length x T + 64` characters, where T is the longest vocabulary entry (512
@@ -123,7 +123,10 @@ class TextTokenizer:
         enc = self.untruncated.encode(first, add_special_tokens=False)
         if keep < 1 or len(enc.ids) > keep:
             last_kept = enc.word_ids[keep - 1] if keep >= 1 else -1
-            edge = enc.char_to_word(short - CUT_MARGIN)
+            # the pre-token at CUT_MARGIN characters from the cut (the first character after it
+            # that has one: a combining mark composed by NFC has none)
+            edge = next((w for w in map(enc.char_to_word, range(short - CUT_MARGIN, short - CUT_MARGIN // 2))
+                         if w is not None), None)
             if last_kept is not None and edge is not None and last_kept < edge:
                 return first
         return text[:sure]

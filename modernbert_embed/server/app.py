@@ -40,7 +40,7 @@ from starlette.routing import Route
 from ..engine import NonFiniteError
 from . import schemas
 from .batcher import Closed, Overloaded
-from .errors import ApiError, error_response, internal_error, quote
+from .errors import ApiError, clip, error_response, internal_error, quote
 from .metrics import CONTENT_TYPE_LATEST
 from .settings import ServerSettings
 from .state import PUBLIC_PATHS, ServerState
@@ -73,8 +73,8 @@ async def read_body(request: Request, state: ServerState) -> bytes:
     close = {"Connection": "close"}
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise ApiError("payload_too_large", f"the request body ({quote(int(declared))} bytes) is over the "
+        if len(declared) > 18 or int(declared) > limit:
+            raise ApiError("payload_too_large", f"the request body ({clip(declared, 20)} bytes) is over the "
                                                 f"limit of {limit} bytes")
         state.hold_bytes(held, int(declared))
     loop = asyncio.get_running_loop()
@@ -295,8 +295,8 @@ async def metrics(request: Request) -> Response:
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "validation")
-    path = quote(request.url.path)[1:-1] if len(request.url.path) > 100 else request.url.path
-    what = {404: f"no route {path}", 405: f"{quote(request.method)[1:-1]} is not allowed on {path}"}
+    path = clip(request.url.path)
+    what = {404: f"no route {path}", 405: f"{clip(request.method)} is not allowed on {path}"}
     return error_response(ApiError(kind, what.get(exc.status_code, str(exc.detail))), request.url.path)
 
 
@@ -310,7 +310,7 @@ async def _client_left(request: Request, exc: Exception) -> Response:
     """The client closed the connection mid-request: one log line, and 499 (nginx's "client closed
     request") for the metrics; nobody reads it."""
     log.info("client %s left during %s %s", _client(request.scope), request.method,
-             quote(request.url.path)[1:-1])
+             clip(request.url.path))
     return Response(status_code=499)
 
 
@@ -402,9 +402,9 @@ class ServerApp:
                 await self.starlette(scope, receive, send_status)
         except (ClientGone, ClientDisconnect):  # nobody to answer: nginx's "client closed request"
             status["code"] = status["code"] or 499
-            log.info("client %s left during %s %s", _client(scope), scope.get("method"), quote(path)[1:-1])
+            log.info("client %s left during %s %s", _client(scope), scope.get("method"), clip(path))
         except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), quote(path)[1:-1])
+            log.exception("unhandled error on %s %s", scope.get("method"), clip(path))
             if not status["code"]:  # else the response is under way: nothing more can be said
                 await error_response(internal_error(), path)(scope, receive, send_status)
         finally:

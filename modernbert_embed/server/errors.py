@@ -47,12 +47,14 @@ QUOTE_LIMIT = 100
 MESSAGE_LIMIT = 1000
 
 
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` cut to `limit` characters, marked as cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... (cut; {len(text)} characters)"
+
+
 def quote(value, limit: int = QUOTE_LIMIT) -> str:
     """`repr(value)` for an error message, cut to `limit` characters and marked as cut."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... (cut; {len(text)} characters)"
+    return clip(repr(value), limit)
 
 
 class ApiError(Exception):
@@ -62,8 +64,7 @@ class ApiError(Exception):
     def __init__(self, kind: str, message: str, param: str | None = None, headers: dict | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
-        if len(message) > MESSAGE_LIMIT:
-            message = f"{message[:MESSAGE_LIMIT]}... (cut; {len(message)} characters)"
+        message = clip(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.kind, self.message, self.param = kind, message, param
         self.headers = dict(headers or {})
@@ -96,4 +97,4 @@ def internal_error() -> ApiError:
 
 
 __all__ = ["ApiError", "KINDS", "error_body", "error_response", "internal_error", "is_openai_path",
-           "INTERNAL_MESSAGE", "quote"]
+           "INTERNAL_MESSAGE", "clip", "quote"]
