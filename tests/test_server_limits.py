@@ -41,7 +41,8 @@ class Recorder:
         self.tok, self.hold_over = tok, hold_over
         self.lengths: list[int] = []
         self.gate = threading.Event()
-        self.gate.set()
+        if hold_over is None:
+            self.gate.set()
         self.held = threading.Semaphore(0)
 
     def __getattr__(self, name):
