@@ -342,3 +342,28 @@ def test_a_slow_body_does_not_hold_the_drain(embedder):
         assert took < 2.0, f"the drain waited {took:.1f} s for a slow body"
         scraped = s.state.metrics.render().decode()
         assert 'modernbert_embed_requests_total{route="/embed",status="503"} 1.0' in scraped, scraped
+
+
+def test_a_small_request_is_not_queued_behind_large_ones(embedder):
+    """Two large requests (a forward each) and then a one-word request queue behind the forward in
+    progress: the one-word request gets the next forward, and the large ones the two after."""
+    big = {"inputs": ["the quick brown fox " * 20] * 16}  # 16 x 64 tokens: one forward of 1024
+    with running(embedder, **LIMITS, max_batch_tokens=1024) as s:
+        with spied(s) as spy:
+            async def main():
+                async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                    first = await spy.hold(http)
+                    large = []
+                    for _ in range(2):
+                        large.append(asyncio.ensure_future(_post(http, "/embed", big)))
+                        while s.state.batcher.queued_requests < len(large):
+                            await asyncio.sleep(0.005)
+                    small = asyncio.ensure_future(_post(http, "/embed", {"inputs": "word"}))
+                    while s.state.batcher.queued_requests < 3:
+                        await asyncio.sleep(0.005)
+                    spy.gate.set()
+                    return await first, await asyncio.gather(*large), await small
+
+            first, large, small = asyncio.run(main())
+    assert first[0] == small[0] == 200 and [r[0] for r in large] == [200, 200]
+    assert [len(call) for call in spy.calls] == [1, 1, 16, 16]  # held, the one word, then the large ones
