@@ -49,7 +49,9 @@ class ServerState:
         # two lanes of threads beside the model: small requests never queue behind large ones (whose
         # parsing, tokenising and answers take their own lane's threads, and no more of them at once)
         self.pool = ThreadPoolExecutor(self.tokenization_workers, thread_name_prefix="modernbert-embed-tokenize")
-        self.large_pool = ThreadPoolExecutor(self.tokenization_workers,
+        # half the threads: a large batch is tokenised on every core by the Rust tokenizer itself,
+        # and each thread can hold one large text's tokenising at once (up to ~250 MB for 2 MB)
+        self.large_pool = ThreadPoolExecutor(max(1, self.tokenization_workers // 2),
                                              thread_name_prefix="modernbert-embed-tokenize-large")
         self.bytes_in_flight = 0  # request and response bodies held by the requests being handled
         self.created = int(time.time())
