@@ -207,6 +207,8 @@ def test_max_concurrent_requests_on_every_route(embedder):
             assert "2 requests in flight, limit 2" in r.text
         assert [r.status_code for r in public] == [200, 200, 200]  # never refused: probes and scrapes
         assert s.http.post("/embed", json={"inputs": "x"}).status_code == 200  # room again
+        info = s.http.get("/info").json()
+        assert info["max_concurrent_requests"] == 2 and info["max_bytes_in_flight"] == 128 * 1024 * 1024
 
 
 def test_bytes_in_flight_are_bounded_server_wide(embedder):

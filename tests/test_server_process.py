@@ -163,6 +163,12 @@ def test_refused_invocations(ckpt, tmp_path, capsys):
     assert rc == 2 and "cannot load the model" in err, err
     rc, err = run("--model", ckpt, "--max-batch-tokens", 0)
     assert rc == 2 and "expected a number >= 1" in err, err
+    rc, err = run("--model", ckpt, "--max-concurrent-requests", 0)
+    assert rc == 2 and "expected a number >= 1" in err, err
+    rc, err = run("--model", ckpt, "--max-bytes-in-flight", 1000, "--port", 0)  # under the 2 MB payload limit
+    assert rc == 2 and "max_bytes_in_flight (1000) must hold at least one body of payload_limit (2000000)" in err, err
+    rc, err = run("--model", ckpt, "--read-timeout", 0, "--port", 0)
+    assert rc == 2 and "read_timeout must be > 0 seconds, got 0.0" in err, err
 
 
 @pytest.mark.slow
