@@ -17,7 +17,7 @@ route's shape ever leaves the server.
 
 Limits, each a refusal in the route's shape: a body over `payload_limit` is a 413 (as soon as it is
 known); more than `max_concurrent_requests` requests at once, or more than `max_bytes_in_flight`
-bytes of bodies held server-wide, a 429 with Retry-After; a body not sent within `read_timeout`, a
+bytes of request and response bodies held server-wide, a 429 with Retry-After; a body not sent within `read_timeout`, a
 408 (headers not sent within it: the connection is closed, `cli.make_server`). A client that leaves
 before its answer is counted as status 499 and logged in one line. No route redirects (`POST
 /embed/` is a 404: a redirect would send the client to whatever its `Host` header said).
@@ -43,14 +43,13 @@ from .batcher import Closed, Overloaded
 from .errors import ApiError, clip, error_response, internal_error, quote
 from .metrics import CONTENT_TYPE_LATEST
 from .settings import ServerSettings
-from .state import PUBLIC_PATHS, ServerState
+from .state import LARGE_BODY, PUBLIC_PATHS, ServerState
 
 log = logging.getLogger("modernbert_embed.server")
 
 ROUTES = ("/v1/embeddings", "/embeddings", "/embed", "/tokenize", "/info", "/v1/models") + PUBLIC_PATHS
-# Bodies of more bytes than this are parsed, and responses with more values than this are
-# serialised, on a worker thread rather than on the event loop.
-BIG_BODY = 1 << 16
+# Bodies of more bytes than LARGE_BODY are parsed, and responses with more values than this are
+# serialised, on a worker thread (of the large lane) rather than on the event loop.
 BIG_RESPONSE = 1 << 16
 # While the server drains, a body that sends nothing for this long is cut off (503).
 BODY_POLL = 0.5
@@ -68,8 +67,8 @@ async def read_body(request: Request, state: ServerState) -> bytes:
     than `read_timeout`, a 503 when the server drains while the body stalls, `ClientGone` when the
     client leaves."""
     limit, held = state.settings.payload_limit, request.scope[HELD]
-    # a slow client's connection is closed after its refusal (what it sends after a 413 or a 429 is
-    # read and dropped, so that the client sees the answer, until `read_timeout`)
+    # a 408 or a 503 here closes the connection (its client is slow: the rest is not waited for);
+    # after a 413 or a 429 the rest of the body is read and dropped, so that the client reads the answer
     close = {"Connection": "close"}
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
@@ -168,7 +167,7 @@ async def _encode(request: Request, route: str, field: str, parse, shape) -> Res
     loop = asyncio.get_running_loop()
     body = await read_body(request, state)
     lane = state.lane(len(body))  # a large request's work takes the large lane's threads
-    if len(body) > BIG_BODY:  # parsing a large body would hold up every other request
+    if len(body) > LARGE_BODY:  # parsing a large body would hold up every other request
         req = await loop.run_in_executor(lane, lambda: parse(schemas.parse_json(body), state.limits))
     else:
         req = parse(schemas.parse_json(body), state.limits)
@@ -242,7 +241,7 @@ async def tokenize(request: Request) -> Response:
     body = await read_body(request, state)
     lane = state.lane(len(body))
     loop = asyncio.get_running_loop()
-    if len(body) > BIG_BODY:
+    if len(body) > LARGE_BODY:
         parsed = await loop.run_in_executor(lane, schemas.parse_json, body)
     else:
         parsed = schemas.parse_json(body)
