@@ -15,15 +15,19 @@ are exactly those of the whole text (`cut`):
 
 1. a short cut, `max_length x 16 + 64` characters: taken when its first `max_length` tokens lie in
    pre-tokens (the byte-level "words": a run of letters, of digits, of punctuation, of spaces) that
-   end before the one at 32 to 64 characters from the cut. The pre-tokens of a prefix are those of the
-   whole text except at its end (the split looks at most one character ahead; NFC and added tokens
-   reach at most 24 characters here), so the tokens kept are the same;
+   end before the one 32 to 64 characters from the cut. The pre-tokens of a prefix are those of
+   the whole text except near its end (the split looks one character ahead; an added token is at
+   most 24 characters; NFC composes a character with the marks that follow it), so the tokens kept
+   are the same;
 2. else the sure cut, `max_length x T + 64` characters, where T is the longest vocabulary entry (512
    for ModernBERT's tokenizer, a run of spaces): a byte-level token covers at most as many
-   characters as its entry has bytes, so the prefix holds more than `max_length` tokens. The one
-   case where it can differ from the whole text is a single pre-token running across the cut (a
-   word of more than `max_length x (T - 16)` characters without a space or punctuation): the tokens
-   of the first part of that word are then those of its cut.
+   characters as its entry has bytes, so the prefix holds more than `max_length` tokens.
+
+The exceptions, where the tokens kept may differ from the whole text's: a single pre-token that
+holds kept tokens and runs across the sure cut (a "word" of more than `max_length x T` characters
+without a space or punctuation; its first part is tokenised as cut), and a run of more than 32
+combining marks across the short cut's edge (NFC may reorder it). Tested on ordinary text, runs
+of spaces, emoji, marks, digits, added tokens and long words (tests/test_server_limits.py).
 
 Only byte-level BPE tokenizers are cut (each byte is in the vocabulary); any other is tokenised whole.
 """
