@@ -104,32 +104,41 @@ def settings_from_args(args) -> ServerSettings:
         drain_timeout=args.drain_timeout, tokenization_workers=args.tokenization_workers)
 
 
-def make_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
-                access_log: bool = False):
-    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text),
-    with the app's timeouts: headers within `read_timeout` seconds of the connection (or of the
-    first byte after an answer), else the connection is closed; idle connections closed after
-    `keep_alive_timeout`; incomplete headers at most 16 KiB (h11's bound)."""
-    import uvicorn
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+# The most bytes of request headers a connection may send (h11's own bound, kept with httptools too).
+MAX_HEADER_BYTES = 16 * 1024
 
-    settings = app.state.settings
-    read_timeout = settings.read_timeout
 
-    class TimedH11(H11Protocol):
-        """uvicorn's h11 protocol with a deadline for a request's headers (uvicorn has none: a
-        client sending a header a minute would hold its connection for ever)."""
+def timed_protocol(read_timeout: float, http: str | None = None):
+    """uvicorn's HTTP protocol (httptools when installed, as uvicorn's "auto" picks, else h11; or
+    `http`) with what uvicorn lacks: a request's headers must arrive within `read_timeout` seconds
+    of its first byte (or of the connection), and be at most MAX_HEADER_BYTES, else the connection
+    is closed; so must the rest of a body refused before it was read. (A client sending a header a
+    minute would otherwise hold its connection for ever.)"""
+    if http is None:
+        try:
+            import httptools  # noqa: F401
 
+            http = "httptools"
+        except ImportError:
+            http = "h11"
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class TimedProtocol(Base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.headers_deadline = None
+            self.header_bytes = 0
 
-        def _between_requests(self) -> bool:
+        def _waiting(self) -> bool:
+            """No request being read: waiting for headers, or for the rest of a refused body."""
             return self.cycle is None or self.cycle.response_complete
 
         def _arm(self) -> None:
             if self.headers_deadline is None and not self.transport.is_closing():
-                self.headers_deadline = self.loop.call_later(read_timeout, self._headers_too_slow)
+                self.headers_deadline = self.loop.call_later(read_timeout, self._too_slow)
 
         def _disarm(self) -> None:
             if self.headers_deadline is not None:
@@ -145,23 +154,42 @@ def make_server(app, host: str, port: int, drain_timeout: float, log_level: str 
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self._between_requests():  # part of a request's headers: they get read_timeout
-                self._arm()
-
-        def handle_events(self) -> None:
             cycle = self.cycle
-            super().handle_events()
-            if self.cycle is not cycle:  # the headers are in: the body's deadline is the app's
+            if cycle is None or (cycle.response_complete and not cycle.more_body):
+                self.header_bytes += len(data)  # headers (and maybe more) of a new request
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are in: its body's deadline is the app's
                 self._disarm()
+                self.header_bytes = 0
+            elif self._waiting():
+                if self.header_bytes > MAX_HEADER_BYTES:
+                    self._close(f"request headers over {MAX_HEADER_BYTES} bytes")
+                else:
+                    self._arm()
 
-        def _headers_too_slow(self) -> None:
+        def _too_slow(self) -> None:
             self.headers_deadline = None
-            if self._between_requests() and not self.transport.is_closing():
+            if self._waiting():
+                self._close(f"no complete request within {read_timeout:g} s")
+
+        def _close(self, why: str) -> None:
+            if not self.transport.is_closing():
                 logging.getLogger("modernbert_embed.server").info(
-                    "closed a connection from %s: no complete request headers within %g s",
-                    "%s:%d" % self.client if self.client else "?", read_timeout)
+                    "closed a connection from %s: %s", "%s:%d" % self.client if self.client else "?", why)
                 self.transport.close()
+
+    TimedProtocol.__name__ = f"Timed{Base.__name__}"
+    return TimedProtocol
+
+
+def make_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
+                access_log: bool = False, http: str | None = None):
+    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text),
+    with the app's timeouts (`timed_protocol`; idle connections closed after `keep_alive_timeout`).
+    `http`: "h11" or "httptools" (default: httptools when installed)."""
+    import uvicorn
+
+    settings = app.state.settings
 
     class DrainingServer(uvicorn.Server):
         def __init__(self, config):
@@ -193,9 +221,10 @@ def make_server(app, host: str, port: int, drain_timeout: float, log_level: str 
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout), http=TimedH11,
+                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout),
+                            http=timed_protocol(settings.read_timeout, http),
                             timeout_keep_alive=settings.keep_alive_timeout,
-                            h11_max_incomplete_event_size=16 * 1024)
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return DrainingServer(config)
 
 
@@ -236,5 +265,6 @@ def run_serve(args) -> int:
     return 0
 
 
-__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "SHUTDOWN_MARGIN"]
+__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "timed_protocol", "SHUTDOWN_MARGIN",
+           "MAX_HEADER_BYTES"]
 
