@@ -265,9 +265,10 @@ def test_no_redirect_on_a_trailing_slash(embedder):
 
 def test_errors_quote_a_large_value_cut(embedder):
     with running(embedder, **LIMITS) as s:
-        for route, body, name in (("/v1/embeddings", {"input": "x", "encoding_format": "f" * 200_000}, "encoding_format"),
-                                  ("/embed", {"inputs": "x", "prompt_name": "p" * 200_000}, "prompt_name"),
-                                  ("/embed", {"inputs": "x", "truncation_direction": "l" * 200_000}, "truncation")):
+        for route, body, name in (
+                ("/v1/embeddings", {"input": "x", "encoding_format": "f" * 200_000}, "encoding_format"),
+                ("/embed", {"inputs": "x", "prompt_name": "p" * 200_000}, "prompt_name"),
+                ("/embed", {"inputs": "x", "truncation_direction": "l" * 200_000}, "truncation")):
             r = s.http.post(route, json=body)
             assert r.status_code in (400, 422) and len(r.content) < 1000, (route, len(r.content))
             assert "(cut; 200002 characters)" in r.text and name in r.text

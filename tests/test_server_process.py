@@ -233,7 +233,8 @@ def attack(url: str, seconds: float, probe_every: float = 0.25, only=None) -> di
     def too_big():
         with httpx.Client(base_url=url, timeout=120) as http:
             while not stop.is_set():
-                note("16 MiB body", http.post("/embed", content=b'{"inputs": "' + b"a" * (16 << 20) + b'"}').status_code)
+                r = http.post("/embed", content=b'{"inputs": "' + b"a" * (16 << 20) + b'"}')
+                note("16 MiB body", r.status_code)
                 time.sleep(0.5)
 
     def echo():

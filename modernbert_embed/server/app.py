@@ -40,7 +40,7 @@ from starlette.routing import Route
 from ..engine import NonFiniteError
 from . import schemas
 from .batcher import Closed, Overloaded
-from .errors import ApiError, clip, error_response, internal_error, quote
+from .errors import ApiError, clip, error_response, internal_error
 from .metrics import CONTENT_TYPE_LATEST
 from .settings import ServerSettings
 from .state import LARGE_BODY, PUBLIC_PATHS, ServerState

@@ -190,7 +190,8 @@ def parse_openai(body: dict, limits: Limits) -> EmbedRequest:
     prompt_name = _optional(body, "prompt_name", str, "a string")
     if input_type is not None:
         if input_type not in INPUT_TYPES:
-            raise ApiError("validation", f"unknown `input_type` {quote(input_type)}; choose one of {sorted(INPUT_TYPES)}",
+            raise ApiError("validation", f"unknown `input_type` {quote(input_type)}; choose one of "
+                                         f"{sorted(INPUT_TYPES)}",
                            "input_type")
         if prompt_name is not None and prompt_name != INPUT_TYPES[input_type]:
             raise ApiError("validation", "give either `input_type` or `prompt_name`, not both", "input_type")
