@@ -9,10 +9,34 @@ Thread safety: a Rust tokenizer is never reconfigured once in use (changing its 
 another thread is inside `encode_batch` raises "Already borrowed"). `TextTokenizer` keeps one
 tokenizer per truncation length, each made on first use from the same JSON and never changed
 afterwards, so any number of threads may encode at once with any lengths.
+
+The cut before tokenising: a text is tokenised in full before it is truncated, so a megabyte string
+would cost a megabyte of tokens (hundreds of MB, seconds) to keep `max_length` of them. With a
+truncation length, `encode` first cuts each (prompted) text to a prefix whose tokens, truncated,
+are exactly those of the whole text (`cut`):
+
+1. a short cut, `max_length x 16 + 64` characters: taken when its first `max_length` tokens lie in
+   pre-tokens (the byte-level "words": a run of letters, of digits, of punctuation, of spaces) that
+   end before the one 32 to 64 characters from the cut. The pre-tokens of a prefix are those of
+   the whole text except near its end (the split looks one character ahead; an added token is at
+   most 24 characters; NFC composes a character with the marks that follow it), so the tokens kept
+   are the same;
+2. else the sure cut, `max_length x T + 64` characters, where T is the longest vocabulary entry (512
+   for ModernBERT's tokenizer, a run of spaces): a byte-level token covers at most as many
+   characters as its entry has bytes, so the prefix holds more than `max_length` tokens.
+
+The exceptions, where the tokens kept may differ from the whole text's: a single pre-token that
+holds kept tokens and runs across the sure cut (a "word" of more than `max_length x T` characters
+without a space or punctuation; its first part is tokenised as cut), and a run of more than 32
+combining marks across the short cut's edge (NFC may reorder it). Tested on ordinary text, runs
+of spaces, emoji, marks, digits, added tokens and long words (tests/test_server_limits.py).
+
+Only byte-level BPE tokenizers are cut (each byte is in the vocabulary); any other is tokenised whole.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +48,12 @@ PROMPTS = {
     "classification": "classification: ",
     "clustering": "clustering: ",
 }
+
+
+# The short cut's characters per token (most text is 3-6), and the characters kept back from the
+# end of a cut prefix, where its pre-tokens may differ from the whole text's.
+CUT_CHARS_PER_TOKEN = 16
+CUT_MARGIN = 64
 
 
 def check_texts(texts: Sequence) -> list[str]:
@@ -71,6 +101,12 @@ class TextTokenizer:
         specials = tok.encode("", add_special_tokens=True).ids
         # (first, last) special token ids a text is wrapped in, when it is one before and one after
         self.specials = tuple(specials) if len(specials) == 2 else None
+        self._added = tok.num_special_tokens_to_add(False)  # [CLS] and [SEP]
+        # the most characters one token can cover: the longest vocabulary entry (byte-level BPE
+        # spells one byte per symbol, and a character is at least one byte); None: not cut
+        spec = json.loads(self._json)
+        byte_level = spec.get("model", {}).get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+        self.max_token_chars = max(map(len, tok.get_vocab(with_added_tokens=True))) if byte_level else None
 
     def _for_length(self, max_length: int | None):
         """The tokenizer truncating at `max_length` (None: none), made once and never changed."""
@@ -87,13 +123,41 @@ class TextTokenizer:
                     self._by_length[max_length] = tok
         return tok
 
+    def cut_bound(self, max_length: int) -> int | None:
+        """The sure cut: characters that always hold more than `max_length` tokens (None: no cut)."""
+        return None if self.max_token_chars is None else max_length * self.max_token_chars + CUT_MARGIN
+
+    def cut(self, text: str, max_length: int, special_tokens: bool = True) -> str:
+        """The prefix of `text` to tokenise when only its first `max_length` tokens (counting
+        [CLS] and [SEP] when `special_tokens`) are kept: the text itself when short (see the
+        module's text for why the tokens kept are the same)."""
+        sure = self.cut_bound(max_length)
+        short = max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN
+        if sure is None or len(text) <= short:
+            return text
+        keep = max_length - (self._added if special_tokens else 0)
+        first = text[:short]
+        enc = self.untruncated.encode(first, add_special_tokens=False)
+        if keep < 1 or len(enc.ids) > keep:
+            last_kept = enc.word_ids[keep - 1] if keep >= 1 else -1
+            # the pre-token at CUT_MARGIN characters from the cut (the first character after it
+            # that has one: a combining mark composed by NFC has none)
+            edge = next((w for w in map(enc.char_to_word, range(short - CUT_MARGIN, short - CUT_MARGIN // 2))
+                         if w is not None), None)
+            if last_kept is not None and edge is not None and last_kept < edge:
+                return first
+        return text[:sure]
+
     def encode(self, texts: Sequence[str], prompt: str = "", max_length: int | None = None
                ) -> tuple[list[list[int]], list[bool]]:
         """Token ids per text ([CLS] ... [SEP], truncated to `max_length` when given) and whether
-        each one was truncated."""
+        each one was truncated. With `max_length`, a long text is cut before it is tokenised
+        (`cut`), with the same tokens."""
         texts = check_texts(texts)
         if prompt:
             texts = [prompt + t for t in texts]
+        if max_length is not None:
+            texts = [self.cut(t, max_length) for t in texts]
         tok = self._for_length(max_length)
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: the
         # same ids and truncation, about 20% faster
@@ -104,12 +168,21 @@ class TextTokenizer:
     def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None
                      ) -> tuple[list[list[int]], list[bool]]:
         """Token ids per pair (`[CLS] a [SEP] b [SEP]`, truncated longest first to `max_length`
-        when given) and whether each one was truncated."""
+        when given) and whether each one was truncated. With `max_length`, each side is cut before
+        it is tokenised (`cut`): neither side can keep more than its first `max_length` tokens."""
         pairs = check_pairs(pairs)
+        if max_length is not None:
+            pairs = [(self.cut(a, max_length), self.cut(b, max_length)) for a, b in pairs]
         tok = self._for_length(max_length)
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         encodings = encode(pairs, add_special_tokens=True)
         return [e.ids for e in encodings], [len(e.overflowing) > 0 for e in encodings]
+
+    def encode_offsets(self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> list:
+        """Encodings with character offsets, truncated to `max_length` tokens (cut first, as in
+        `encode`): what `/tokenize` shows."""
+        texts = [self.cut(t, max_length, add_special_tokens) for t in check_texts(texts)]
+        return self._for_length(max_length).encode_batch(texts, add_special_tokens=add_special_tokens)
 
     @property
     def untruncated(self):

@@ -88,9 +88,10 @@ class Live:
 
 
 @contextlib.contextmanager
-def running(embedder, **settings):
+def running(embedder, http=None, **settings):
+    """A server on loopback with these settings; `http`: uvicorn's protocol (default: its choice)."""
     app = create_app(embedder, ServerSettings(**settings))
-    server = make_server(app, "127.0.0.1", 0, drain_timeout=5, log_level="warning")
+    server = make_server(app, "127.0.0.1", 0, drain_timeout=5, log_level="warning", http=http)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ and exits 0 within the drain timeout. Also its refusals of bad options."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -162,6 +163,12 @@ def test_refused_invocations(ckpt, tmp_path, capsys):
     assert rc == 2 and "cannot load the model" in err, err
     rc, err = run("--model", ckpt, "--max-batch-tokens", 0)
     assert rc == 2 and "expected a number >= 1" in err, err
+    rc, err = run("--model", ckpt, "--max-concurrent-requests", 0)
+    assert rc == 2 and "expected a number >= 1" in err, err
+    rc, err = run("--model", ckpt, "--max-bytes-in-flight", 1000, "--port", 0)  # under the 2 MB payload limit
+    assert rc == 2 and "max_bytes_in_flight (1000) must hold at least one body of payload_limit (2000000)" in err, err
+    rc, err = run("--model", ckpt, "--read-timeout", 0, "--port", 0)
+    assert rc == 2 and "read_timeout must be > 0 seconds, got 0.0" in err, err
 
 
 @pytest.mark.slow
@@ -177,3 +184,168 @@ def test_the_command_line_works_without_the_serve_extra(ckpt):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pip install 'modernbert-embed[serve]'" in r.stderr, r.stderr
 
+
+
+# ----------------------------------------------------------------------------- under attack
+def memory_kb(pid: int) -> dict:
+    """VmRSS (now) and VmHWM (the peak since the start) of a process, in kB."""
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+
+
+def attack(url: str, seconds: float, probe_every: float = 0.25, only=None) -> dict:
+    """The attacks of a loopback probe at once, for `seconds`, against a server with the default
+    limits: 6 clients posting 2 MB one-word texts to /embed (tokenised whole: no cut applies under
+    an 8192-token limit), a 16 MiB body, 40 clients posting 1 MB to /tokenize and never reading,
+    clients leaving mid-body, 200 slowloris connections, 1 MB values to be echoed. Meanwhile a
+    one-word request every `probe_every` s; returns its latencies and the attackers' statuses."""
+    import socket
+
+    host, port = url.rsplit("//", 1)[1].split(":")
+    port = int(port)
+    stop = threading.Event()
+    statuses: dict[str, list] = {}
+    sockets: list = []
+
+    def note(kind, status):
+        statuses.setdefault(kind, []).append(status)
+
+    def raw(payload: bytes, keep: bool):
+        s = socket.create_connection((host, port), timeout=30)
+        s.sendall(payload)
+        if keep:
+            sockets.append(s)
+        else:
+            s.close()
+
+    def request(path: str, body: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    word = ("a" * 1_999_900)
+    text = " ".join(WORDS) + " "
+
+    def big_text():
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while not stop.is_set():
+                note("2 MB text", http.post("/embed", json={"inputs": word}).status_code)
+
+    def too_big():
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while not stop.is_set():
+                r = http.post("/embed", content=b'{"inputs": "' + b"a" * (16 << 20) + b'"}')
+                note("16 MiB body", r.status_code)
+                time.sleep(0.5)
+
+    def echo():
+        with httpx.Client(base_url=url, timeout=120) as http:
+            while not stop.is_set():
+                r = http.post("/v1/embeddings", json={"input": "x", "encoding_format": "f" * 1_000_000})
+                note("1 MB echo", (r.status_code, len(r.content)))
+
+    def leave_mid_body():
+        while not stop.is_set():
+            raw(request("/embed", b'{"inputs": "' + b"b" * 500_000 + b'"}')[:300_000], keep=False)
+            note("left mid-body", 1)
+            time.sleep(0.05)
+
+    def unread_tokenize():
+        body = json.dumps({"inputs": text * (1_000_000 // len(text))}).encode()
+        for _ in range(40):
+            raw(request("/tokenize", body), keep=True)
+        note("unread /tokenize", 40)
+
+    def slowloris():
+        conns = []
+        for _ in range(200):
+            s = socket.create_connection((host, port), timeout=30)
+            s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\n")
+            conns.append(s)
+        closed = set()
+        while not stop.is_set():
+            for i, s in enumerate(conns):
+                if i not in closed:
+                    try:
+                        s.sendall(b"X-a: b\r\n")
+                    except OSError:
+                        closed.add(i)
+            stop.wait(1.0)
+        note("slowloris closed by the server", len(closed))
+        for s in conns:
+            s.close()
+
+    kinds = [big_text] * 6 + [too_big, echo, leave_mid_body, unread_tokenize, slowloris]
+    threads = [threading.Thread(target=f) for f in kinds if only is None or f.__name__ in only]
+    for t in threads:
+        t.start()
+    latencies = []  # (seconds to the answer, of which in the model worker's queue and forward)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            r = http.post("/embed", json={"inputs": "word"})
+            took = time.monotonic() - t0
+            assert r.status_code == 200, r.text
+            model = (float(r.headers["x-queue-time"]) + float(r.headers["x-inference-time"])) / 1000
+            latencies.append((took, model))
+            time.sleep(probe_every)
+    stop.set()
+    for t in threads:
+        t.join(180)
+    for s in sockets:
+        s.close()
+    return {"latencies": latencies, "statuses": statuses}
+
+
+@pytest.fixture(scope="module")
+def ckpt_8192(tmp_path_factory):
+    from modernbert_embed.weights import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("serve-8192"), REAL_VOCAB, seed=5,
+                                   tokenizer_json=fixture_file("tokenizer.json"), max_seq_length=8192)
+
+
+def attack_peak_bound_mb() -> float:
+    """The most a server may grow under `attack` above what it held when ready, in MB: each thread
+    of the large lane tokenising one 2 MB text (about 250 MB at most, measured: 170-250 MB for 2 MB
+    of one word, of words, of emoji) and parsing a 2 MB body (~30 MB), plus the bytes in flight
+    (128 MiB), plus 100 MB for the rest (the small lane's 64 kB bodies, allocator slack)."""
+    workers = min(4, os.cpu_count() or 1)
+    return max(1, workers // 2) * 280 + 128 + 100
+
+
+@pytest.mark.slow
+def test_under_attack_memory_is_bounded_and_one_word_requests_are_not_held(ckpt_8192):
+    proc, lines = start(ckpt_8192, "--read-timeout", 5)
+    try:
+        url = wait_url(proc, lines)
+        wait_ready(url)
+        ready = memory_kb(proc.pid)
+        result = attack(url, seconds=30)
+        after = memory_kb(proc.pid)
+        assert httpx.post(url + "/embed", json={"inputs": "still serving"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    lat = sorted(took for took, _ in result["latencies"])
+    outside = sorted(took - model for took, model in result["latencies"])  # reading, parsing, tokenising
+    st = result["statuses"]
+    peak_mb = (after["VmHWM"] - ready["VmRSS"]) / 1024
+    print(f"\nready {ready['VmRSS'] / 1024:.0f} MB, peak {after['VmHWM'] / 1024:.0f} MB (+{peak_mb:.0f} MB, bound "
+          f"{attack_peak_bound_mb():.0f}); one-word latency p50 {lat[len(lat) // 2]:.3f} s, max {lat[-1]:.3f} s, "
+          f"outside the model worker max {outside[-1]:.3f} s, over {len(lat)} probes")
+    print({k: (sorted(set(v), key=str) if k != "1 MB echo" else v[:1], len(v)) for k, v in st.items()})
+    assert peak_mb < attack_peak_bound_mb(), f"the server grew by {peak_mb:.0f} MB under attack"
+    # tokenising and the rest never hold a one-word request; the model worker's forward of an
+    # 8192-token input in progress (0.45 s on an idle 2-core machine) can, on a loaded one
+    assert outside[-1] < 1.0, f"a one-word request spent {outside[-1]:.2f} s outside the model worker"
+    assert lat[len(lat) // 2] < 1.0, f"one-word requests took {lat[len(lat) // 2]:.2f} s (median) under attack"
+    assert set(st["16 MiB body"]) == {413}
+    assert all(status in (200, 429) for status in st["2 MB text"]) and 200 in st["2 MB text"]
+    assert all(status == 400 and size < 1000 for status, size in st["1 MB echo"])
+    assert st["slowloris closed by the server"] == [200]
+    out = "".join(lines)
+    assert "Traceback" not in out and 'status="500"' not in out

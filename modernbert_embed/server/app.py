@@ -6,11 +6,21 @@ Starlette (with uvicorn), not FastAPI: every request body is checked by our own 
 error shapes and status codes, and FastAPI's pydantic layer would answer bad input with its own
 `{"detail": [...]}` 422 that neither contract has, and add a second validation pass per request.
 
-A handler parses and checks the body, tokenises beside the model (a small thread pool: the Rust
-tokenizer releases the GIL), hands the token ids to the one worker (`batcher.py`) and awaits its
-rows, watching for the client going away meanwhile. The outer `ServerApp` wraps every HTTP request:
-the API key, the request metrics, the count of requests in flight (for draining), and a last
-catch-all so that nothing but a JSON error in the route's shape ever leaves the server.
+A handler reads the body (within the payload limit, the read timeout and the server's bytes in
+flight), parses and checks it, tokenises beside the model (a small thread pool: the Rust tokenizer
+releases the GIL; a second pool for large bodies, so that a one-word request never queues behind
+megabytes), hands the token ids to the one worker (`batcher.py`) and awaits its rows, watching for
+the client going away meanwhile. The outer `ServerApp` wraps every HTTP request: the API key, the
+limit of requests handled at once, the request metrics, the count of requests in flight (for
+draining), the bytes they hold, and a last catch-all so that nothing but a JSON error in the
+route's shape ever leaves the server.
+
+Limits, each a refusal in the route's shape: a body over `payload_limit` is a 413 (as soon as it is
+known); more than `max_concurrent_requests` requests at once, or more than `max_bytes_in_flight`
+bytes of request and response bodies held server-wide, a 429 with Retry-After; a body not sent within `read_timeout`, a
+408 (headers not sent within it: the connection is closed, `cli.make_server`). A client that leaves
+before its answer is counted as status 499 and logged in one line. No route redirects (`POST
+/embed/` is a 404: a redirect would send the client to whatever its `Host` header said).
 """
 
 from __future__ import annotations
@@ -23,40 +33,90 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import NonFiniteError
 from . import schemas
 from .batcher import Closed, Overloaded
-from .errors import ApiError, error_response, internal_error
+from .errors import ApiError, clip, error_response, internal_error
 from .metrics import CONTENT_TYPE_LATEST
 from .settings import ServerSettings
-from .state import PUBLIC_PATHS, ServerState
+from .state import LARGE_BODY, PUBLIC_PATHS, ServerState
 
 log = logging.getLogger("modernbert_embed.server")
 
 ROUTES = ("/v1/embeddings", "/embeddings", "/embed", "/tokenize", "/info", "/v1/models") + PUBLIC_PATHS
-# Bodies of more bytes than this are parsed, and responses with more values than this are
-# serialised, on a worker thread rather than on the event loop.
-BIG_BODY = 1 << 20
+# Bodies of more bytes than LARGE_BODY are parsed, and responses with more values than this are
+# serialised, on a worker thread (of the large lane) rather than on the event loop.
 BIG_RESPONSE = 1 << 16
+# While the server drains, a body that sends nothing for this long is cut off (503).
+BODY_POLL = 0.5
+HELD = "modernbert_embed.held"  # the scope key of a request's bytes in flight
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read."""
 
 
 # ----------------------------------------------------------------------------- request helpers
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 as soon as it is known to pass `limit` bytes."""
+async def read_body(request: Request, state: ServerState) -> bytes:
+    """The body, counted in the server's bytes in flight as it arrives; a 413 as soon as it is known
+    to pass `payload_limit`, a 429 when the server holds too many bytes, a 408 when it takes longer
+    than `read_timeout`, a 503 when the server drains while the body stalls, `ClientGone` when the
+    client leaves."""
+    limit, held = state.settings.payload_limit, request.scope[HELD]
+    # a 408 or a 503 here closes the connection (its client is slow: the rest is not waited for);
+    # after a 413 or a 429 the rest of the body is read and dropped, so that the client reads the answer
+    close = {"Connection": "close"}
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError("payload_too_large", f"the request body ({declared} bytes) is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError("payload_too_large", f"the request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    if declared is not None and declared.isdigit():
+        if len(declared) > 18 or int(declared) > limit:
+            raise ApiError("payload_too_large", f"the request body ({clip(declared, 20)} bytes) is over the "
+                                                f"limit of {limit} bytes")
+        state.hold_bytes(held, int(declared))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.read_timeout
+    chunks, size, pending = [], 0, None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(request.receive())
+            left = deadline - loop.time()
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(left, BODY_POLL)))
+            if not done:
+                if state.draining:
+                    raise ApiError("draining", "the server is shutting down; retry on another replica",
+                                   headers={"Retry-After": "1", **close})
+                if left <= BODY_POLL:
+                    raise ApiError("request_timeout", f"the request body took longer than "
+                                                      f"{state.settings.read_timeout:g} s to arrive", headers=close)
+                continue
+            message, pending = pending.result(), None
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("payload_too_large", f"the request body is over the limit of {limit} bytes")
+            if size > held[0]:
+                state.hold_bytes(held, size - held[0])
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+def _hold_answer(state: ServerState, request: Request, out: bytes) -> None:
+    """Count an answer's bytes in flight (a client that does not read holds them), or refuse it."""
+    limit = state.settings.max_bytes_in_flight
+    if len(out) > limit:
+        raise ApiError("request_too_large", f"the answer would be {len(out)} bytes, more than the server holds "
+                                            f"at once ({limit}); ask for fewer inputs, fewer dimensions or base64")
+    state.hold_bytes(request.scope[HELD], len(out))
 
 
 async def _client_gone(receive) -> None:
@@ -105,11 +165,13 @@ async def _encode(request: Request, route: str, field: str, parse, shape) -> Res
         raise ApiError("not_ready", "the model is warming up; retry shortly", headers={"Retry-After": "1"})
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
-    body = await read_body(request, state.settings.payload_limit)
-    if len(body) > BIG_BODY:  # parsing a large body would hold up every other request
-        req = await loop.run_in_executor(state.pool, lambda: parse(schemas.parse_json(body), state.limits))
+    body = await read_body(request, state)
+    lane = state.lane(len(body))  # a large request's work takes the large lane's threads
+    if len(body) > LARGE_BODY:  # parsing a large body would hold up every other request
+        req = await loop.run_in_executor(lane, lambda: parse(schemas.parse_json(body), state.limits))
     else:
         req = parse(schemas.parse_json(body), state.limits)
+    del body
     try:
         state.batcher.check_room()
     except Overloaded as e:
@@ -122,7 +184,7 @@ async def _encode(request: Request, route: str, field: str, parse, shape) -> Res
         m.tokenize_seconds.observe(time.perf_counter() - t0)
         return ids, truncated
 
-    ids, truncated = await loop.run_in_executor(state.pool, tokenise)
+    ids, truncated = await loop.run_in_executor(lane, tokenise)
     tokens = sum(len(s) for s in ids)
     if tokens > state.settings.max_queued_tokens:
         raise ApiError("request_too_large", f"the request has {tokens} tokens, more than the server queues at "
@@ -149,9 +211,10 @@ async def _encode(request: Request, route: str, field: str, parse, shape) -> Res
                "x-queue-time": _ms(job.started - job.enqueued), "x-inference-time": _ms(job.finished - job.started),
                "x-total-time": _ms(time.perf_counter() - started)}
     if rows.size > BIG_RESPONSE:
-        out = await loop.run_in_executor(state.pool, shape, req, rows, tokens, state)
+        out = await loop.run_in_executor(lane, shape, req, rows, tokens, state)
     else:
         out = shape(req, rows, tokens, state)
+    _hold_answer(state, request, out)
     return Response(out, media_type="application/json", headers=headers)
 
 
@@ -168,19 +231,33 @@ async def tei_embed(request: Request) -> Response:
 
 
 async def tokenize(request: Request) -> Response:
+    """TEI's `/tokenize`, with the embedding routes' limits: at most `max_input_tokens` tokens per
+    text (the tokens the model would see; a long text is cut before it is tokenised), and the answer
+    written one text at a time, so that it is never held whole (a client that does not read holds
+    one text's JSON and the socket's buffer)."""
     state: ServerState = request.app.state.server
-    body = schemas.parse_json(await read_body(request, state.settings.payload_limit))
-    texts, add_special, prompt = schemas.parse_tokenize(body, state.limits)
-    if state.raw_tokenizer is None:
+    if state.tokenizer is None:
         raise ApiError("validation", "this model has no tokenizer", "inputs")
+    body = await read_body(request, state)
+    lane = state.lane(len(body))
     loop = asyncio.get_running_loop()
-    try:
-        out = await loop.run_in_executor(state.pool, schemas.tokenize_body, state.raw_tokenizer, texts, prompt,
-                                         add_special)
-    except Exception:
-        schemas.check_encodable(texts, "inputs")
-        raise
-    return Response(out, media_type="application/json")
+    if len(body) > LARGE_BODY:
+        parsed = await loop.run_in_executor(lane, schemas.parse_json, body)
+    else:
+        parsed = schemas.parse_json(body)
+    del body
+    texts, add_special, prompt = schemas.parse_tokenize(parsed, state.limits)
+    await loop.run_in_executor(lane, schemas.check_encodable, texts, "inputs")
+    max_length = state.limits.max_input_tokens
+
+    async def pieces():
+        for i, text in enumerate(texts):
+            piece = await loop.run_in_executor(lane, schemas.tokenize_piece, state.tokenizer, text, prompt,
+                                               add_special, max_length)
+            yield (b"[" if i == 0 else b",") + piece
+        yield b"]"
+
+    return StreamingResponse(pieces(), media_type="application/json")
 
 
 async def info(request: Request) -> Response:
@@ -217,7 +294,8 @@ async def metrics(request: Request) -> Response:
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "validation")
-    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    path = clip(request.url.path)
+    what = {404: f"no route {path}", 405: f"{clip(request.method)} is not allowed on {path}"}
     return error_response(ApiError(kind, what.get(exc.status_code, str(exc.detail))), request.url.path)
 
 
@@ -225,6 +303,14 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
     if exc.kind not in ("internal", "backend"):  # refusals, not failures
         request.app.state.server.metrics.rejections.labels(reason=exc.kind).inc()
     return error_response(exc, request.url.path)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    """The client closed the connection mid-request: one log line, and 499 (nginx's "client closed
+    request") for the metrics; nobody reads it."""
+    log.info("client %s left during %s %s", _client(request.scope), request.method,
+             clip(request.url.path))
+    return Response(status_code=499)
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
@@ -251,6 +337,7 @@ class ServerApp:
                 warm.cancel()
                 state.batcher.close(timeout=1.0)
                 state.pool.shutdown(wait=False, cancel_futures=True)
+                state.large_pool.shutdown(wait=False, cancel_futures=True)
 
         routes = [
             Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
@@ -265,7 +352,9 @@ class ServerApp:
         ]
         self.starlette = Starlette(routes=routes, lifespan=lifespan,
                                    exception_handlers={HTTPException: _http_exception, ApiError: _api_error,
+                                                       ClientGone: _client_left, ClientDisconnect: _client_left,
                                                        Exception: _unhandled})
+        self.starlette.router.redirect_slashes = False  # `/embed/` is a 404, never a redirect to `Host`
         self.starlette.state.server = state
         key = settings.api_key if settings and settings.api_key else None
         self._key = key.encode() if key else None
@@ -293,25 +382,41 @@ class ServerApp:
                 status["code"] = message["status"]
             await send(message)
 
+        held = scope[HELD] = [0]  # this request's bytes in flight (read_body, _hold_answer)
         if work:
             state.in_flight += 1
         try:
-            if self._authorised(scope):
-                await self.starlette(scope, receive, send_status)
-            else:
+            if not self._authorised(scope):
                 state.metrics.rejections.labels(reason="unauthorized").inc()
                 err = ApiError("unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
                                headers={"WWW-Authenticate": "Bearer"})
                 await error_response(err, path)(scope, receive, send_status)
+            elif work and state.in_flight > state.settings.max_concurrent_requests:
+                state.metrics.rejections.labels(reason="overloaded").inc()
+                err = ApiError("overloaded", f"the server is overloaded ({state.in_flight - 1} requests in flight, "
+                                             f"limit {state.settings.max_concurrent_requests}); retry in 1 s",
+                               headers={"Retry-After": "1"})
+                await error_response(err, path)(scope, receive, send_status)
+            else:
+                await self.starlette(scope, receive, send_status)
+        except (ClientGone, ClientDisconnect):  # nobody to answer: nginx's "client closed request"
+            status["code"] = status["code"] or 499
+            log.info("client %s left during %s %s", _client(scope), scope.get("method"), clip(path))
         except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            log.exception("unhandled error on %s %s", scope.get("method"), clip(path))
             if not status["code"]:  # else the response is under way: nothing more can be said
                 await error_response(internal_error(), path)(scope, receive, send_status)
         finally:
             if work:
                 state.in_flight -= 1
+            state.release_bytes(held)
             state.metrics.requests.labels(route, str(status["code"] or 500)).inc()
             state.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 def create_app(embedder, settings: ServerSettings | None = None) -> ServerApp:

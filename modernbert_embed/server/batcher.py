@@ -6,7 +6,8 @@ handlers (event loop) ── submit(ids) ──► queue (bounded by tokens) ─
         └──────────── future resolved with the request's own rows ◄─────────┘
 ```
 
-Whenever the worker is free it takes every queued request, first come first served, up to
+Whenever the worker is free it takes the queued requests, small ones first (so that a query never
+waits behind a queue of long documents; `_take`), then first come first served, up to
 `max_batch_tokens` tokens (at least one request, however large), and runs ONE `Engine.embed` over
 all their inputs: the engine sorts them by length and packs them under the same budget, so 64
 clients with one short text each become one forward, not 64. There is no wait timer: at low load a
@@ -38,6 +39,8 @@ from ..engine import Engine, NonFiniteError
 from ..matryoshka import slice_normalize
 
 log = logging.getLogger("modernbert_embed.server")
+# Requests of at most this many tokens go first (a query, a sentence): see `Batcher._take`.
+SMALL_REQUEST_TOKENS = 256
 
 
 class Overloaded(Exception):
@@ -83,6 +86,7 @@ class Batcher:
         self._queued_tokens = 0
         self._running_tokens = 0
         self._closed = False
+        self._owed = False  # the next forward starts with the oldest request (see `_take`)
         self._rate = 0.0  # tokens/s of recent forwards (an exponential average)
         self.forwards = 0  # Engine.embed calls made
         self._thread = threading.Thread(target=self._run, name="modernbert-embed-worker", daemon=True)
@@ -165,7 +169,11 @@ class Batcher:
 
     # --------------------------------------------------------------------------- worker side
     def _take(self) -> list[Job] | None:
-        """Every queued request, oldest first, up to the token budget (at least one); None when closed."""
+        """The queued requests for one forward, up to the token budget (at least one); None when
+        closed. Small requests (at most SMALL_REQUEST_TOKENS) first, then the rest oldest first;
+        after a forward that passed over an older request, the next one is oldest first, so that
+        a large request waits for at most one forward more than in order, and a small one for the
+        forward in progress and at most one other."""
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -173,11 +181,24 @@ class Batcher:
                 return None
             jobs: list[Job] = []
             tokens = 0
+            if self._owed:  # the last forward passed over an older request: oldest first now
+                self._owed = False
+            else:  # small requests first, so that they never wait behind a queue of large ones
+                rest: collections.deque[Job] = collections.deque()
+                for job in self._queue:
+                    if job.tokens <= SMALL_REQUEST_TOKENS and tokens + job.tokens <= self.max_batch_tokens:
+                        job.state = "running"
+                        jobs.append(job)
+                        tokens += job.tokens
+                    else:
+                        rest.append(job)
+                self._queue = rest
             while self._queue and (not jobs or tokens + self._queue[0].tokens <= self.max_batch_tokens):
                 job = self._queue.popleft()
                 job.state = "running"
                 jobs.append(job)
                 tokens += job.tokens
+            self._owed = bool(self._queue) and self._queue[0].enqueued < jobs[-1].enqueued
             self._queued_tokens -= tokens
             self._running_tokens = tokens
             return jobs

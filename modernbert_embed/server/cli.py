@@ -54,6 +54,17 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         f"(default: ${API_KEY_ENV} when set)")
     g.add_argument("--payload-limit", type=_int_at_least(1), default=DEFAULTS.payload_limit, metavar="BYTES",
                    help="largest request body; more is a 413")
+    g.add_argument("--max-concurrent-requests", type=_int_at_least(1), default=DEFAULTS.max_concurrent_requests,
+                   metavar="N", help="requests handled at once (every route but /health, /ready and /metrics); "
+                                     "more are a 429 with Retry-After")
+    g.add_argument("--max-bytes-in-flight", type=_int_at_least(1), default=DEFAULTS.max_bytes_in_flight,
+                   metavar="BYTES", help="request and response bodies held at once, server-wide; a request "
+                                         "past it is a 429 with Retry-After")
+    g.add_argument("--read-timeout", type=_seconds, default=DEFAULTS.read_timeout, metavar="SECONDS",
+                   help="how long a client may take to send a request's headers, and then its body; a "
+                        "connection slower than that is closed (headers) or answered 408 (body)")
+    g.add_argument("--keep-alive-timeout", type=_seconds, default=DEFAULTS.keep_alive_timeout, metavar="SECONDS",
+                   help="how long an idle connection stays open between requests")
     g = s.add_argument_group("batching and admission")
     add_max_batch_tokens(g)
     g.add_argument("--max-client-batch-size", type=_int_at_least(1), default=DEFAULTS.max_client_batch_size,
@@ -81,14 +92,98 @@ def settings_from_args(args) -> ServerSettings:
         api_key=os.environ.get(API_KEY_ENV) if args.api_key is None else args.api_key,  # "" is refused
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_input_tokens=args.max_input_tokens, max_queued_tokens=args.max_queued_tokens,
-        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate, drain_timeout=args.drain_timeout,
-        tokenization_workers=args.tokenization_workers)
+        payload_limit=args.payload_limit, max_concurrent_requests=args.max_concurrent_requests,
+        max_bytes_in_flight=args.max_bytes_in_flight, read_timeout=args.read_timeout,
+        keep_alive_timeout=args.keep_alive_timeout, auto_truncate=args.auto_truncate,
+        drain_timeout=args.drain_timeout, tokenization_workers=args.tokenization_workers)
+
+
+# The most bytes of request headers a connection may send (h11's own bound, kept with httptools too).
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def timed_protocol(read_timeout: float, http: str | None = None):
+    """uvicorn's HTTP protocol (httptools when installed, as uvicorn's "auto" picks, else h11; or
+    `http`) with what uvicorn lacks: a request's headers must arrive within `read_timeout` seconds
+    of its first byte (or of the connection), and be at most MAX_HEADER_BYTES, else the connection
+    is closed; so must the rest of a body refused before it was read. (A client sending a header a
+    minute would otherwise hold its connection for ever.)"""
+    if http is None:
+        try:
+            import httptools  # noqa: F401
+
+            http = "httptools"
+        except ImportError:
+            http = "h11"
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class TimedProtocol(Base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.headers_deadline = None
+            self.header_bytes = 0
+
+        def _waiting(self) -> bool:
+            """No request being read: waiting for headers, or for the rest of a refused body."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self.headers_deadline is None and not self.transport.is_closing():
+                self.headers_deadline = self.loop.call_later(read_timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.headers_deadline is not None:
+                self.headers_deadline.cancel()
+                self.headers_deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            if cycle is None or (cycle.response_complete and not cycle.more_body):
+                self.header_bytes += len(data)  # headers (and maybe more) of a new request
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers are in: its body's deadline is the app's
+                self._disarm()
+                self.header_bytes = 0
+            elif self._waiting():
+                if self.header_bytes > MAX_HEADER_BYTES:
+                    self._close(f"request headers over {MAX_HEADER_BYTES} bytes")
+                else:
+                    self._arm()
+
+        def _too_slow(self) -> None:
+            self.headers_deadline = None
+            if self._waiting():
+                self._close(f"no complete request within {read_timeout:g} s")
+
+        def _close(self, why: str) -> None:
+            if not self.transport.is_closing():
+                logging.getLogger("modernbert_embed.server").info(
+                    "closed a connection from %s: %s", "%s:%d" % self.client if self.client else "?", why)
+                self.transport.close()
+
+    TimedProtocol.__name__ = f"Timed{Base.__name__}"
+    return TimedProtocol
 
 
 def make_server(app, host: str, port: int, drain_timeout: float, log_level: str = "info",
-                access_log: bool = False):
-    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text)."""
+                access_log: bool = False, http: str | None = None):
+    """A uvicorn server for `app` (a `ServerApp`) that drains on SIGTERM (see the module's text),
+    with the app's timeouts (`timed_protocol`; idle connections closed after `keep_alive_timeout`).
+    `http`: "h11" or "httptools" (default: httptools when installed)."""
     import uvicorn
+
+    settings = app.state.settings
 
     class DrainingServer(uvicorn.Server):
         def __init__(self, config):
@@ -120,7 +215,10 @@ def make_server(app, host: str, port: int, drain_timeout: float, log_level: str 
             return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout))
+                            lifespan="on", timeout_graceful_shutdown=max(0.1, drain_timeout),
+                            http=timed_protocol(settings.read_timeout, http),
+                            timeout_keep_alive=settings.keep_alive_timeout,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return DrainingServer(config)
 
 
@@ -161,5 +259,6 @@ def run_serve(args) -> int:
     return 0
 
 
-__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "SHUTDOWN_MARGIN"]
+__all__ = ["add_serve_parser", "run_serve", "make_server", "settings_from_args", "timed_protocol", "SHUTDOWN_MARGIN",
+           "MAX_HEADER_BYTES"]
 

@@ -29,10 +29,10 @@ KINDS = {
     "request_too_large": (400, "invalid_request_error", 422, "validation"),
     "tokenizer": (400, "invalid_request_error", 422, "tokenizer"),
     "payload_too_large": (413, "invalid_request_error", 413, "payload_too_large"),
+    "request_timeout": (408, "invalid_request_error", 408, "validation"),
     "unauthorized": (401, "authentication_error", 401, "unauthorized"),
     "not_found": (404, "invalid_request_error", 404, "not_found"),
     "method_not_allowed": (405, "invalid_request_error", 405, "method_not_allowed"),
-    "unsupported_media_type": (415, "invalid_request_error", 415, "validation"),
     "overloaded": (429, "rate_limit_error", 429, "overloaded"),
     "draining": (503, "service_unavailable_error", 503, "unhealthy"),
     "not_ready": (503, "service_unavailable_error", 503, "unhealthy"),
@@ -41,6 +41,20 @@ KINDS = {
 }
 
 INTERNAL_MESSAGE = "internal server error; the server's log has the details"
+# What an error quotes of a client's value, and the longest message, in characters: a refusal
+# never echoes a large value back whole.
+QUOTE_LIMIT = 100
+MESSAGE_LIMIT = 1000
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` cut to `limit` characters, marked as cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... (cut; {len(text)} characters)"
+
+
+def quote(value, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters and marked as cut."""
+    return clip(repr(value), limit)
 
 
 class ApiError(Exception):
@@ -50,6 +64,7 @@ class ApiError(Exception):
     def __init__(self, kind: str, message: str, param: str | None = None, headers: dict | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
+        message = clip(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.kind, self.message, self.param = kind, message, param
         self.headers = dict(headers or {})
@@ -82,4 +97,4 @@ def internal_error() -> ApiError:
 
 
 __all__ = ["ApiError", "KINDS", "error_body", "error_response", "internal_error", "is_openai_path",
-           "INTERNAL_MESSAGE"]
+           "INTERNAL_MESSAGE", "clip", "quote"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..options import EncodeOptions, OptionError
 from ..tokenizer import PROMPTS, TextTokenizer
-from .errors import ApiError
+from .errors import ApiError, quote
 
 MISSING = object()
 
@@ -157,6 +157,9 @@ def _optional(body: dict, field: str, kind: type, what: str):
 
 def _options(prompt_name, dimensions, normalize, limits: Limits, names: dict) -> EncodeOptions:
     """The options checked once by the engine's own rules, messages in the route's spelling."""
+    if isinstance(prompt_name, str) and prompt_name not in PROMPTS:  # said here: the value quoted, cut
+        raise ApiError("validation", f"unknown `prompt_name` {quote(prompt_name)}; known: {sorted(PROMPTS)}",
+                       "prompt_name")
     try:
         return EncodeOptions(prompt_name=prompt_name, truncate_dim=dimensions,
                              normalize_embeddings=normalize).for_model(limits.hidden_size)
@@ -182,13 +185,14 @@ def parse_openai(body: dict, limits: Limits) -> EmbedRequest:
     fmt = _optional(body, "encoding_format", str, "a string")
     fmt = "float" if fmt is None else fmt  # "" is refused below, not taken for the default
     if fmt not in ENCODING_FORMATS:
-        raise ApiError("validation", f"unknown `encoding_format` {fmt!r}; choose one of {list(ENCODING_FORMATS)}",
+        raise ApiError("validation", f"unknown `encoding_format` {quote(fmt)}; choose one of {list(ENCODING_FORMATS)}",
                        "encoding_format")
     input_type = _optional(body, "input_type", str, "a string")
     prompt_name = _optional(body, "prompt_name", str, "a string")
     if input_type is not None:
         if input_type not in INPUT_TYPES:
-            raise ApiError("validation", f"unknown `input_type` {input_type!r}; choose one of {sorted(INPUT_TYPES)}",
+            raise ApiError("validation", f"unknown `input_type` {quote(input_type)}; choose one of "
+                                         f"{sorted(INPUT_TYPES)}",
                            "input_type")
         if prompt_name is not None and prompt_name != INPUT_TYPES[input_type]:
             raise ApiError("validation", "give either `input_type` or `prompt_name`, not both", "input_type")
@@ -208,7 +212,7 @@ def parse_tei(body: dict, limits: Limits) -> EmbedRequest:
     truncate = _optional(body, "truncate", bool, "true or false")
     direction = _optional(body, "truncation_direction", str, "a string")
     if direction is not None and direction.lower() != "right":
-        raise ApiError("validation", f"`truncation_direction` {direction!r} is not supported; this server "
+        raise ApiError("validation", f"`truncation_direction` {quote(direction)} is not supported; this server "
                                      "keeps the start of a text (right)", "truncation_direction")
     prompt_name = _optional(body, "prompt_name", str, "a string")
     opts = _options(prompt_name, body.get("dimensions"), normalize, limits,
@@ -240,6 +244,18 @@ def check_encodable(texts: Sequence[str], field: str, indices: Sequence[int] | N
             i = indices[k] if indices is not None else k
             raise ApiError("tokenizer", f"`{field}[{i}]` is not valid Unicode text ({e.reason} at character "
                                         f"{e.start})", field) from None
+
+
+# An over-long text's tokens are counted for its error message only up to this many characters per
+# token of the limit (a count would otherwise tokenise a megabyte string whole).
+COUNT_CHARS_PER_TOKEN = 64
+
+
+def _count_tokens(tokenizer: TextTokenizer, text: str, prompt: str, limit: int) -> int | None:
+    """The tokens of `prompt + text`, [CLS] and [SEP] included; None when too long to count."""
+    if len(prompt) + len(text) > COUNT_CHARS_PER_TOKEN * limit:
+        return None
+    return len(tokenizer.encode([text], prompt, None)[0][0])
 
 
 def to_token_ids(req: EmbedRequest, tokenizer: TextTokenizer | None, limits: Limits, field: str
@@ -275,9 +291,10 @@ def to_token_ids(req: EmbedRequest, tokenizer: TextTokenizer | None, limits: Lim
     if truncated and not req.truncate:
         i = truncated[0]
         x = req.inputs[i]
-        n = len(x) + 2 if not isinstance(x, str) else len(tokenizer.encode([x], req.prompt, None)[0][0])
+        n = len(x) + 2 if not isinstance(x, str) else _count_tokens(tokenizer, x, req.prompt, limit)
         where = field if len(req.inputs) == 1 else f"{field}[{i}]"
-        raise ApiError("input_too_long", f"`{where}` has {n} tokens ([CLS] and [SEP] included); the limit is "
+        has = f"has {n} tokens" if n is not None else f"has more than {limit} tokens"
+        raise ApiError("input_too_long", f"`{where}` {has} ([CLS] and [SEP] included); the limit is "
                                          f"{limit}. Send shorter input or set truncate=true", field)
     return ids, truncated
 
@@ -302,18 +319,16 @@ def tei_body(rows: np.ndarray) -> bytes:
     return json.dumps(rows.tolist()).encode()
 
 
-def tokenize_body(tokenizer, texts: list[str], prompt: str, add_special: bool) -> bytes:
-    """TEI's `/tokenize` answer: per text, per token {id, text, special, start, stop}; offsets
-    are characters of the prompted text. `tokenizer` is a `tokenizers.Tokenizer` that does not
-    truncate."""
-    full = [prompt + t for t in texts]
-    out = []
-    for text, enc in zip(full, tokenizer.encode_batch(full, add_special_tokens=add_special)):
-        out.append([{"id": i, "text": text[a:b] if b > a else tok, "special": bool(special),
-                     "start": a, "stop": b}
-                    for i, tok, (a, b), special in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)])
-    return json.dumps(out).encode()
+def tokenize_piece(tokenizer: TextTokenizer, text: str, prompt: str, add_special: bool, max_length: int) -> bytes:
+    """TEI's `/tokenize` answer for one text, as JSON: per token {id, text, special, start, stop};
+    offsets are characters of the prompted text. At most `max_length` tokens (the text is cut
+    first, as for embedding): the tokens the model would see."""
+    full = prompt + text
+    enc = tokenizer.encode_offsets([full], max_length, add_special)[0]
+    return json.dumps([{"id": i, "text": full[a:b] if b > a else tok, "special": bool(special), "start": a, "stop": b}
+                       for i, tok, (a, b), special in zip(enc.ids, enc.tokens, enc.offsets,
+                                                          enc.special_tokens_mask)]).encode()
 
 
 __all__ = ["EmbedRequest", "Limits", "parse_json", "parse_openai", "parse_tei", "parse_tokenize",
-           "to_token_ids", "openai_body", "tei_body", "tokenize_body", "b64_float32", "INPUT_TYPES"]
+           "to_token_ids", "openai_body", "tei_body", "tokenize_piece", "b64_float32", "INPUT_TYPES"]
