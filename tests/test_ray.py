@@ -113,7 +113,10 @@ def test_scorer_without_a_cluster(reranker_dir, tagger_dir, ckpt):
     import torch
 
     from modernbert_embed import CheckpointError, CrossEncoder
-    from modernbert_embed.ray import RayEmbedder, RayScorer
+    from modernbert_embed.corpus import SCORE_VALUES
+    from modernbert_embed.ray import SCORE_VALUES as RAY_SCORE_VALUES, RayEmbedder, RayScorer
+
+    assert RAY_SCORE_VALUES == SCORE_VALUES  # one meaning of scores= and --scores
 
     ce = CrossEncoder.from_pretrained(reranker_dir, device="cpu")
     pairs = PAIRS[:9]
