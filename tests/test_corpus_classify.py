@@ -348,6 +348,12 @@ def test_an_embedder_without_normalize_is_written_unnormalised_by_default(tmp_pa
     assert rc == 0 and "nothing to do" in out, err
     rc, _, err = run(model, plain_dir, [inp], tmp_path / "out", "--shard-size", 4, "--normalize")
     assert rc == 2 and "options.normalize: false in the folder, true now" in err
+    # a folder written normalised (the command's default before it followed the model's folder) says how to go on
+    rc, _, err = run(model, plain_dir, [inp], tmp_path / "unit")
+    assert rc == 2 and "options.normalize: true in the folder, false now" in err
+    assert "it lists no Normalize module; pass --normalize to go on as the folder was written" in err
+    rc, out, err = run(model, plain_dir, [inp], tmp_path / "unit", "--normalize")
+    assert rc == 0 and "nothing to do" in out, err
 
 
 def test_a_folder_with_normalize_stays_normalised_and_no_normalize_still_works(tmp_path, run, tmp_path_factory):

@@ -221,7 +221,14 @@ class CorpusJob:
             self._refuse([f"model.kind: the folder holds {held.get(kind, kind)}, but {model['name']} is "
                           f"{'a classifier' if self.kind == CLASSIFIER else 'an embedder'}"])
         recorded = {**m.data, "model": {"kind": kind, **m.data["model"]}}  # written before kind was recorded
-        self._refuse(identity_differences(recorded, model, self.opts.identity(self.encode, self.kind), inputs))
+        diffs = identity_differences(recorded, model, self.opts.identity(self.encode, self.kind), inputs)
+        if self.opts.normalize is None and any(d.startswith("options.normalize:") for d in diffs):
+            # e.g. a folder embedded when normalising was the command's default, whatever the model's folder said
+            said = "lists a Normalize module" if self.encode.normalize_embeddings else "lists no Normalize module"
+            flag = "--no-normalize" if self.encode.normalize_embeddings else "--normalize"
+            diffs.append(f"(normalize follows the model's folder when not given, and it {said}; pass {flag} "
+                         "to go on as the folder was written)")
+        self._refuse(diffs)
         return m
 
     def _intact_shards(self, m: Manifest, shards: Shards, total: int) -> dict[int, dict]:
