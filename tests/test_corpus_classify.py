@@ -138,7 +138,10 @@ def test_a_cross_encoder_scores_pairs_of_a_jsonl_file(tmp_path, run, reranker, r
     assert raw.manifest["scores"]["values"] == "logits" and raw.manifest["scores"]["activation"] is None
 
 
-def test_a_three_label_classifier_scores_single_texts_of_a_parquet_file(tmp_path, run, tagger, tagger_dir):
+def test_a_three_label_classifier_scores_single_texts_of_a_parquet_file(tmp_path, run, tagger, tagger_dir,
+                                                                          monkeypatch):
+    # the GPU path, where the reader thread tokenises the next shard while the model runs
+    monkeypatch.setattr(tagger.loaded, "tokenize_beside_model", True)
     texts = make_texts(19, seed=41)
     inp = write_parquet(tmp_path / "c.parquet", {"id": list(range(19)), "body": texts})
     rc, out, err = run(tagger, tagger_dir, [inp], tmp_path / "out", "--text-field", "body", "--shard-size", 6)
@@ -163,7 +166,8 @@ def test_a_three_label_classifier_scores_single_texts_of_a_parquet_file(tmp_path
     assert soft.manifest["scores"]["softmax"] is True
 
 
-def test_pairs_from_parquet_and_a_classifier_given_as_a_loaded_model(tmp_path, tagger):
+def test_pairs_from_parquet_and_a_classifier_given_as_a_loaded_model(tmp_path, tagger, monkeypatch):
+    monkeypatch.setattr(tagger.loaded, "tokenize_beside_model", True)  # pairs tokenised on the reader thread
     pairs = make_pairs(9, seed=42)
     inp = write_parquet(tmp_path / "p.parquet", {"a": [q for q, _ in pairs], "b": [d for _, d in pairs]})
     opts = EmbedOptions([str(inp)], str(tmp_path / "out"), text_field="a", text_pair_field="b", shard_size=4,
