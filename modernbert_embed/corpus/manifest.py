@@ -217,5 +217,5 @@ class Manifest:
             self._journal = None
 
 
-__all__ = ["Manifest", "differences", "identity_differences", "scalar_convention", "recorded_kind", "now", "MANIFEST", "JOURNAL", "LOCK", "CALIBRATION",
-           "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MODEL_NOTES"]
+__all__ = ["Manifest", "differences", "identity_differences", "scalar_convention", "recorded_kind", "now",
+           "MANIFEST", "JOURNAL", "LOCK", "CALIBRATION", "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MODEL_NOTES"]
