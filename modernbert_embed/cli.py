@@ -1,6 +1,7 @@
 """The `modernbert-embed` command (also `python -m modernbert_embed`).
 
-    modernbert-embed embed INPUT... -o OUTDIR [options]   embed a corpus into a folder of shards
+    modernbert-embed embed INPUT... -o OUTDIR [options]   embed a corpus into a folder of shards (or,
+                                                           with a classifier, score it: scores and labels)
     modernbert-embed verify OUTDIR                         check a finished folder (files, checksums, counts)
     modernbert-embed serve [--model ...] [--port 8080]     an HTTP server: OpenAI and TEI embedding APIs
 
@@ -16,6 +17,7 @@ import sys
 
 from . import __version__, quantize as Q
 from .cli_common import Formatter, add_max_batch_tokens, add_model_options, int_at_least
+from .corpus.options import SCORE_VALUES
 from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
 
@@ -33,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     e = sub.add_parser(
-        "embed", help="embed a corpus into a folder of shards (resumable)",
+        "embed", help="embed a corpus into a folder of shards (resumable); a classifier scores it",
         description="Embed every document of the inputs into OUTDIR: shard-NNNNN.npy embeddings, a "
                     "row-aligned shard-NNNNN.meta.parquet (or .jsonl) of row, id, tokens and truncated, "
-                    "and manifest.json. Run the same command again after a crash or kill to resume.",
+                    "and manifest.json. With a classifier or cross-encoder (a "
+                    "ModernBertForSequenceClassification folder), each shard holds float32 scores "
+                    "(shard-NNNNN.scores.npy, [n] for one label, else [n, labels]) and the int32 label id "
+                    "of each document (shard-NNNNN.labels.npy) instead. Run the same command again after a "
+                    "crash or kill to resume.",
         formatter_class=Formatter)
     e.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text (.txt: one document a line, blank lines included), JSON Lines (.jsonl) or "
@@ -50,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_argument_group("input")
     g.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl", "parquet"],
                    help="auto: from the file name")
-    g.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    g.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (with "
+                   "--text-pair-field: the first text of each pair)")
+    g.add_argument("--text-pair-field", default=None, metavar="FIELD",
+                   help="classifiers (cross-encoders): the JSONL field / Parquet column holding the second "
+                        "text of each pair, scored as [CLS] text [SEP] text_pair [SEP] (e.g. --text-field "
+                        "query --text-pair-field document); without it each row is one text")
     g.add_argument("--id-field", default=None, metavar="FIELD",
                    help="field / column holding each document's id; given, every row must have it "
                         "(default: 'id' where present)")
@@ -58,14 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a row that cannot be embedded (invalid UTF-8 or JSON, missing or non-string text, "
                         "an embedding that stays NaN or infinite when embedded alone): stop with its file and "
                         "line, or skip it and list it in the manifest")
-    g = e.add_argument_group("embedding")
+    g = e.add_argument_group("embedding (embedders only)")
     p = g.add_mutually_exclusive_group()
-    p.add_argument("--prompt-name", choices=sorted(PROMPTS), default=None,
-                   help="prefix the model was trained with; use search_document for a retrieval corpus")
+    p.add_argument("--prompt-name", default=None, metavar="NAME",
+                   help="a prompt of the model's folder (config_sentence_transformers.json) or one the model "
+                        f"was trained with ({', '.join(sorted(PROMPTS))}); use search_document for a retrieval "
+                        "corpus (default: the folder's default_prompt_name, if any)")
     p.add_argument("--prompt", default=None, metavar="STR", help="a prefix of your own, prepended as given")
     g.add_argument("--truncate-dim", type=_positive, default=None, metavar="N",
                    help="keep the first N dimensions (Matryoshka), then normalise")
-    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+    n = g.add_mutually_exclusive_group()
+    n.add_argument("--normalize", dest="normalize", action="store_const", const=True, default=None,
+                   help="store unit-length embeddings (default: as the model's folder says: normalised when it "
+                        "lists a Normalize module)")
+    n.add_argument("--no-normalize", dest="normalize", action="store_const", const=False,
                    help="store unnormalised embeddings")
     g.add_argument("--long", default="truncate", choices=["truncate", "chunk"],
                    help="documents over max_seq_length: truncate (counted and flagged) or chunk "
@@ -73,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap", type=_non_negative, default=None, metavar="TOKENS",
                    help="tokens shared by consecutive windows with --long chunk (default: 128, or a "
                         "quarter of a window when smaller)")
+    g = e.add_argument_group("scores (classifiers and cross-encoders only)")
+    g.add_argument("--scores", default=None, choices=list(SCORE_VALUES),
+                   help="activated: the folder's score activation on the logits, as CrossEncoder.predict "
+                        "(sigmoid for one label, identity for more, unless the folder names another); logits: "
+                        "the raw logits; softmax: the activation, then a softmax over the labels (default: "
+                        "activated). The label id is decided on the logits either way")
     g = e.add_argument_group("output")
     g.add_argument("--precision", default="float32", choices=list(Q.PRECISIONS),
                    help="int8/uint8: per-dimension ranges from a calibration sample, stored in the manifest; "
@@ -99,8 +122,9 @@ def _options(args):
 
     return EmbedOptions(
         inputs=list(args.inputs), output=args.output, model=args.model, revision=args.revision,
-        input_format=args.input_format, text_field=args.text_field,
+        input_format=args.input_format, text_field=args.text_field, text_pair_field=args.text_pair_field,
         id_field="id" if args.id_field is None else args.id_field, id_required=args.id_field is not None,
+        scores=args.scores,
         prompt=args.prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
         precision=args.precision, calibration=args.calibration, calibration_size=args.calibration_size,
         long=args.long, overlap=args.overlap, shard_size=args.shard_size, meta_format=args.meta_format,
@@ -109,31 +133,33 @@ def _options(args):
     )
 
 
-def _embed(args, embedder=None) -> int:
+def _embed(args, model=None) -> int:
     from .corpus import CorpusJob
 
-    result = CorpusJob(_options(args), embedder=embedder).run()
+    result = CorpusJob(_options(args), model=model).run()
     if not args.quiet:
         print(result.summary(), flush=True)
     return 0
 
 
-def _verify(args, embedder=None) -> int:
+def _verify(args, model=None) -> int:
     from .corpus import verify_output
 
     print(verify_output(args.output), flush=True)
     return 0
 
 
-# The function that runs each subcommand but serve: (parsed arguments, a loaded Embedder or None) ->
+# The function that runs each subcommand but serve: (parsed arguments, a loaded model or None) ->
 # exit status. `serve` loads its own model and reports its own errors (`server.cli.run_serve`).
 COMMANDS = {"embed": _embed, "verify": _verify}
 
 
-def main(argv=None, embedder=None) -> int:
-    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status. `embedder`:
-    an already loaded Embedder for the commands that embed, instead of loading `--model` (tests,
-    and callers that hold a model already)."""
+def main(argv=None, embedder=None, model=None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status. `model`: an
+    already loaded model (a `LoadedModel`, an `Embedder` or a `CrossEncoder`) for the commands that
+    embed, instead of loading `--model` (tests, and callers that hold a model already); `embedder`:
+    the same, by its former name."""
+    model = model if model is not None else embedder
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
@@ -142,7 +168,7 @@ def main(argv=None, embedder=None) -> int:
     from .weights import CheckpointError
 
     try:
-        return COMMANDS[args.command](args, embedder)
+        return COMMANDS[args.command](args, model)
     except CorpusError as e:
         print(f"modernbert-embed: error: {e}", file=sys.stderr)
         return e.exit_code

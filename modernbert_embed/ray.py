@@ -1,4 +1,5 @@
-"""Ray Data adapter: embed a Dataset's text column with one Embedder per actor.
+"""Ray Data adapter: embed a Dataset's text column (or score it with a classifier) with one loaded
+model per actor.
 
 ```python
 import ray
@@ -12,8 +13,27 @@ ds.write_parquet("s3://bucket/embeddings/")  # embedding: fixed_size_list<float>
 `embed_dataset` is `Dataset.map_batches(RayEmbedder, ...)` with an actor pool
 (`ActorPoolStrategy`): each actor loads the model once and embeds batch after batch; where the
 cluster has GPUs every actor takes one (and there is one actor per GPU by default). `RayEmbedder`
-can also be handed to `map_batches` directly. `ray` itself is needed only by `embed_dataset`;
-the actors need just this package and pyarrow (install the `ray` extra).
+can also be handed to `map_batches` directly. `ray` itself is needed only by `embed_dataset` and
+`score_dataset`; the actors need just this package and pyarrow (install the `ray` extra).
+
+The defaults follow the model's folder: `normalize_embeddings=None` normalises when it lists a
+Normalize module, `prompt_name` looks among its prompts (config_sentence_transformers.json) as
+well as the built-in ones, and with neither prompt given its `default_prompt_name` is used.
+
+A classifier or cross-encoder (a `ModernBertForSequenceClassification` folder) scores instead:
+
+```python
+from modernbert_embed.ray import score_dataset
+
+ds = score_dataset(ds, "Alibaba-NLP/gte-reranker-modernbert-base", text_column="query",
+                   text_pair_column="document")  # scores: float32, label: int32
+```
+
+`score_dataset` / `RayScorer` add the scores (a float32 column for one label, else a fixed-size
+list of num_labels float32) and the label id (int32) of each row, as the corpus command writes them
+(`corpus.scoring`: the folder's activation by default, as `CrossEncoder.predict`; `scores="logits"`
+or `"softmax"` on request; the label decided on the logits). Each class refuses a folder of the
+other kind, naming the one to use.
 """
 
 from __future__ import annotations
@@ -26,9 +46,12 @@ import numpy as np
 
 from . import quantize as Q
 from .options import EncodeOptions, OptionError
-from .weights import DEFAULT_MODEL
+from .weights import CLASSIFIER, DEFAULT_MODEL, EMBEDDER, CheckpointError
 
 _ENCODE_OPTIONS = {f.name for f in dataclasses.fields(EncodeOptions)}
+SCORE_VALUES = ("activated", "logits", "softmax")  # as the corpus command's --scores
+# The Ray class that runs each kind of folder, for the error that names it.
+RAY_FRONT_ENDS = {EMBEDDER: "RayEmbedder (embed_dataset)", CLASSIFIER: "RayScorer (score_dataset)"}
 
 
 def _check_distributed(opts: EncodeOptions) -> EncodeOptions:
@@ -39,6 +62,21 @@ def _check_distributed(opts: EncodeOptions) -> EncodeOptions:
                                     "{ranges}=[minima, maxima] (e.g. quantize.load_calibration(path)[0]); "
                                     "calibrating each batch on itself would put batches on different scales")
     return opts
+
+
+def _open(model, kind: str, device, dtype, revision, local_files_only):
+    """The `LoadedModel` of `model`, which must be of `kind`: a folder of the other kind is refused
+    (CheckpointError) before its weights are loaded, naming the Ray class that runs it."""
+    from .loaded import LoadedModel
+    from .weights import Checkpoint
+
+    checkpoint = Checkpoint.open(model, revision=revision, local_files_only=local_files_only)
+    if checkpoint.kind != kind:
+        what = ("a classifier (cross-encoder): it gives scores, not embeddings" if checkpoint.kind == CLASSIFIER
+                else "an embedder: it has no classifier head to score with")
+        raise CheckpointError(f"{checkpoint.name or model} is {what}; use modernbert_embed.ray."
+                              f"{RAY_FRONT_ENDS[checkpoint.kind]}")
+    return LoadedModel.from_checkpoint(checkpoint, device=device, dtype=dtype, kind=kind)
 
 
 def _import(name: str):
@@ -54,14 +92,16 @@ class RayEmbedder:
 
     Batches may be pyarrow Tables (recommended, `batch_format="pyarrow"`: the embedding becomes a
     fixed-size list column, float32 for float32 output), pandas DataFrames (a column of numpy
-    vectors) or dicts of numpy arrays (a 2-D array). Options are those of `Embedder.encode`.
+    vectors) or dicts of numpy arrays (a 2-D array). Options are those of `Embedder.encode`, with
+    its defaults (`normalize_embeddings=None`: what the folder says; the folder's prompts).
     int8/uint8 need fixed `ranges` ([2, d], e.g. from `quantize.load_calibration`), so that every
-    batch, on every actor, is quantised on the same scale.
+    batch, on every actor, is quantised on the same scale. A classifier folder is refused
+    (`RayScorer` runs it).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, text_column: str = "text", output_column: str = "embedding",
                  prompt_name: str | None = None, prompt: str | None = None, truncate_dim: int | None = None,
-                 normalize_embeddings: bool = True, precision: str = "float32", ranges=None,
+                 normalize_embeddings: bool | None = None, precision: str = "float32", ranges=None,
                  long: str = "truncate", overlap: int | None = None, max_batch_tokens: int | None = None,
                  device: str | None = None, dtype: str | None = None, revision: str | None = None,
                  local_files_only: bool | None = None, keep_columns: bool = True):
@@ -71,10 +111,14 @@ class RayEmbedder:
             prompt_name=prompt_name, prompt=prompt, truncate_dim=truncate_dim,
             normalize_embeddings=normalize_embeddings, precision=precision, long=long, overlap=overlap,
             max_batch_tokens=max_batch_tokens, ranges=ranges)
-        _check_distributed(EncodeOptions(**self.options))  # a bad option fails here, not on the first batch
-        self.embedder = Embedder.from_pretrained(model, device=device, dtype=dtype, revision=revision,
-                                                 local_files_only=local_files_only)
-        self.opts = EncodeOptions(**self.options).for_model(self.embedder.embedding_dim)
+        _check_distributed(_model_free(self.options))  # a bad option fails here, not on the first batch
+        self.loaded = _open(model, EMBEDDER, device, dtype, revision, local_files_only)
+        self.embedder = Embedder(self.loaded)  # encode: the options, chunking and precisions of the API
+        checked = dict(self.options)  # as encode reads them: no prompt given, the folder's default one
+        if prompt is None and prompt_name is None:
+            checked["prompt_name"] = self.loaded.default_prompt_name
+        self.opts = EncodeOptions(prompts=self.loaded.prompts, **checked).for_model(
+            self.loaded.config.hidden_size, self.loaded.normalize)
         self.text_column, self.output_column = text_column, output_column
         self.keep_columns = keep_columns
 
@@ -117,6 +161,116 @@ class RayEmbedder:
         raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
 
 
+def _model_free(options: dict) -> EncodeOptions:
+    """The options as far as they can be checked before the model is loaded: a `prompt_name` is
+    looked up among the folder's prompts once it is."""
+    if options.get("prompt") is not None and options.get("prompt_name") is not None:
+        raise OptionError("prompt", "give either {prompt} or {prompt_name}, not both")
+    return EncodeOptions(**{k: v for k, v in options.items() if k in _ENCODE_OPTIONS and k != "prompt_name"})
+
+
+class RayScorer:
+    """A callable class for `Dataset.map_batches` with a classifier or cross-encoder folder: adds
+    `output_column` with the scores of each row (float32; a fixed-size list of num_labels float32
+    for two labels or more) and `label_column` with its label id (int32).
+
+    Each row is the text of `text_column`, or with `text_pair_column` the pair (text, text_pair),
+    scored `[CLS] text [SEP] text_pair [SEP]` and truncated longest first to max_seq_length.
+    `scores`: "activated" (the folder's activation, as `CrossEncoder.predict`), "logits" or
+    "softmax" (see `corpus.scoring`); the label is decided on the logits (argmax, or logit >= 0 for
+    one label). Batches as `RayEmbedder`'s. An embedder folder is refused (`RayEmbedder` runs it).
+    """
+
+    def __init__(self, model: str, *, text_column: str = "text", text_pair_column: str | None = None,
+                 scores: str = "activated", output_column: str = "scores", label_column: str = "label",
+                 max_batch_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
+                 revision: str | None = None, local_files_only: bool | None = None, keep_columns: bool = True):
+        from .corpus.scoring import Scoring
+
+        _check_score_options(text_column, text_pair_column, scores, output_column, label_column)
+        self.opts = EncodeOptions(max_batch_tokens=max_batch_tokens)
+        self.loaded = _open(model, CLASSIFIER, device, dtype, revision, local_files_only)
+        n = self.loaded.engine.head.spec.num_labels
+        if scores == "softmax" and n == 1:
+            raise ValueError(f"scores='softmax' needs two labels or more; {model} has one (a softmax over one "
+                             "label is always 1): use 'activated' or 'logits'")
+        self.scoring = Scoring(self.loaded, scores)
+        self.text_column, self.text_pair_column = text_column, text_pair_column
+        self.output_column, self.label_column = output_column, label_column
+        self.keep_columns = keep_columns
+
+    def _texts(self, column: str, values) -> list[str]:
+        values = list(values)
+        for i, t in enumerate(values):
+            if not isinstance(t, str):
+                what = "null" if t is None else f"a {type(t).__name__}"
+                raise TypeError(f"column {column!r}, row {i} of this batch is {what}, not a string")
+        return values
+
+    def score(self, texts, text_pairs=None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [n] or [n, num_labels], labels int32 [n]) of texts, or of pairs."""
+        import torch
+
+        texts = self._texts(self.text_column, texts)
+        pairs = None if text_pairs is None else list(zip(texts, self._texts(self.text_pair_column, text_pairs)))
+        if not texts:
+            return self.scoring.empty()
+        m = self.loaded
+        if pairs is None:
+            def tokenize(a, b):
+                return m.tokenize(texts[a:b])
+        else:
+            def tokenize(a, b):
+                return m.tokenize_pairs(pairs[a:b])
+
+        def compute(ids, out, check_finite):
+            m.engine.score(ids, max_batch_tokens=self.opts.max_batch_tokens, out=out, check_finite=check_finite)
+
+        with torch.inference_mode():
+            logits, _ = m.through_model(len(texts), tokenize, compute, self.scoring.num_labels, what="logits")
+        return self.scoring.scores(logits), self.scoring.labels(logits)
+
+    def _columns(self, get, names) -> tuple[np.ndarray, np.ndarray]:
+        for c in [self.text_column] + ([self.text_pair_column] if self.text_pair_column else []):
+            if c not in names:
+                raise KeyError(f"no column {c!r} in the batch (columns: {list(names)})")
+        return self.score(get(self.text_column), get(self.text_pair_column) if self.text_pair_column else None)
+
+    def __call__(self, batch):
+        pa = _import("pyarrow")
+        if isinstance(batch, pa.Table):
+            scores, labels = self._columns(lambda c: batch.column(c).to_pylist(), batch.column_names)
+            cols = {self.output_column: pa.array(scores) if scores.ndim == 1 else fixed_size_list(scores),
+                    self.label_column: pa.array(labels, type=pa.int32())}
+            if not self.keep_columns:
+                return pa.table(cols)
+            batch = batch.drop_columns([c for c in cols if c in batch.column_names])
+            for name, column in cols.items():
+                batch = batch.append_column(name, column)
+            return batch
+        if isinstance(batch, dict):
+            scores, labels = self._columns(lambda c: np.asarray(batch[c]).tolist(), list(batch))
+            out = dict(batch) if self.keep_columns else {}
+            out[self.output_column], out[self.label_column] = scores, labels
+            return out
+        if hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas.DataFrame
+            scores, labels = self._columns(lambda c: batch[c].tolist(), list(batch.columns))
+            out = batch.copy() if self.keep_columns else batch.iloc[:, :0].copy()
+            out[self.output_column] = list(scores) if scores.ndim == 2 else scores
+            out[self.label_column] = labels
+            return out
+        raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
+
+
+def _check_score_options(text_column, text_pair_column, scores, output_column, label_column) -> None:
+    if scores not in SCORE_VALUES:
+        raise ValueError(f"scores must be one of {SCORE_VALUES}, got {scores!r}")
+    if text_pair_column is not None and text_pair_column == text_column:
+        raise ValueError(f"text_pair_column and text_column both name {text_column!r}; a pair is two columns")
+    if output_column == label_column:
+        raise ValueError(f"output_column and label_column both name {label_column!r}")
+
+
 def fixed_size_list(emb: np.ndarray):
     """[n, d] numpy -> a pyarrow FixedSizeListArray of n lists of d values, same dtype."""
     pa = _import("pyarrow")
@@ -131,9 +285,25 @@ def embed_dataset(ds, model: str = DEFAULT_MODEL, *, num_actors: int | None = No
     `batch_size` rows). num_gpus per actor defaults to 1 where the cluster has GPUs, else 0 (and
     the actors then run on the CPU); num_actors defaults to the number of GPUs, or 1 without.
     Other keyword arguments go to RayEmbedder (text_column, prompt_name, truncate_dim, ...)."""
-    opts = _check_distributed(EncodeOptions(**{k: v for k, v in options.items() if k in _ENCODE_OPTIONS}))
+    opts = _check_distributed(_model_free(options))
     if opts.ranges is not None:
         options["ranges"] = opts.ranges.tolist()  # sent to every actor
+    return _map_actors(ds, RayEmbedder, model, num_actors, num_gpus, num_cpus, batch_size, options)
+
+
+def score_dataset(ds, model: str, *, num_actors: int | None = None, num_gpus: float | None = None,
+                  num_cpus: float | None = None, batch_size: int = 512, **options):
+    """`ds.map_batches` with a pool of `num_actors` RayScorer actors, as `embed_dataset` (the same
+    actors and resources). Other keyword arguments go to RayScorer (text_column, text_pair_column,
+    scores, output_column, label_column, max_batch_tokens, ...)."""
+    _check_score_options(options.get("text_column", "text"), options.get("text_pair_column"),
+                         options.get("scores", "activated"), options.get("output_column", "scores"),
+                         options.get("label_column", "label"))
+    EncodeOptions(max_batch_tokens=options.get("max_batch_tokens"))
+    return _map_actors(ds, RayScorer, model, num_actors, num_gpus, num_cpus, batch_size, options)
+
+
+def _map_actors(ds, cls, model, num_actors, num_gpus, num_cpus, batch_size, options: dict):
     ray = _import("ray")
     ray_data = _import("ray.data")
     if not ray.is_initialized():  # Ray Data would start a local cluster anyway; look at it first
@@ -150,7 +320,7 @@ def embed_dataset(ds, model: str = DEFAULT_MODEL, *, num_actors: int | None = No
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     return ds.map_batches(
-        RayEmbedder,
+        cls,
         fn_constructor_kwargs={"model": str(model), **options},
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -160,4 +330,4 @@ def embed_dataset(ds, model: str = DEFAULT_MODEL, *, num_actors: int | None = No
     )
 
 
-__all__ = ["RayEmbedder", "embed_dataset", "fixed_size_list"]
+__all__ = ["RayEmbedder", "RayScorer", "embed_dataset", "score_dataset", "fixed_size_list", "SCORE_VALUES"]

@@ -1,7 +1,7 @@
 """What the corpus-command tests share: one small random checkpoint with the real tokenizer
 (max_seq_length 48, so that truncation and chunking show on short texts), ONE Embedder loaded
-from it for the whole session, input writers, and `cli`, which runs the command in this process
-with that Embedder.
+from it for the whole session, input writers, `cli`, which runs the command in this process
+with that Embedder, and the machinery of the resume tests (`full_disk_after`, `same_folder`).
 
 The checkpoint and Embedder are cached here rather than in fixtures so that every test module
 gets the same ones (a session fixture defined in a helper module would be made once per module).
@@ -9,9 +9,13 @@ gets the same ones (a session fixture defined in a helper module would be made o
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -91,3 +95,37 @@ def shard_entries(folder) -> list[dict]:
 def without_run(shards: list[dict]) -> list[dict]:
     """Shard entries less the number of the run that wrote them."""
     return [{k: v for k, v in s.items() if k != "run"} for s in shards]
+
+
+def full_disk_after(monkeypatch, shard_files: int):
+    """Make shard-file writes fail with ENOSPC after `shard_files` of them (two files a shard for
+    an embedder, three for a classifier: scores, labels, metadata)."""
+    from modernbert_embed.corpus import files as corpus_files
+
+    real = corpus_files.atomic_write
+    written = [0]
+
+    def atomic_write(path, data, sync_dir=True):
+        if path.name.startswith("shard-"):
+            if written[0] >= shard_files:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            written[0] += 1
+        return real(path, data, sync_dir)
+
+    monkeypatch.setattr(corpus_files, "atomic_write", atomic_write)
+
+
+def same_folder(a: Path, b: Path) -> None:
+    """Two finished folders hold the same shards, byte for byte, and the same files."""
+    from modernbert_embed.corpus import read_output
+
+    x, y = read_output(a), read_output(b)
+    assert len(x.shards) == len(y.shards)
+    for p, q in zip(x.shards, y.shards):
+        np.testing.assert_array_equal(p, q)
+    for p, q in zip(x.label_shards or [], y.label_shards or []):
+        np.testing.assert_array_equal(p, q)
+    assert x.meta == y.meta
+    assert [s["files"] for s in x.manifest["shards"]] == [s["files"] for s in y.manifest["shards"]]
+    assert x.manifest["totals"] == y.manifest["totals"]
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))

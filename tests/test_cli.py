@@ -402,9 +402,9 @@ def test_changed_model_or_options_are_refused(tmp_path, embed, ckpt):
     assert rc == 0 and "nothing to do" in out, err
     rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16", load=True)
     assert rc == 2 and "model.dtype" in err
-    # an Embedder handed to the command must be what the options ask for
+    # a model handed to the command must be what the options ask for
     rc, _, err = embed([inp], tmp_path / "out", "--shard-size", 4, "--dtype", "bfloat16")
-    assert rc == 2 and "the embedder given runs float32, but the options ask for --dtype bfloat16" in err
+    assert rc == 2 and "the model given runs float32, but the options ask for --dtype bfloat16" in err
     import fcntl
 
     with open(tmp_path / "out" / ".lock") as held:  # another run writing there

@@ -8,9 +8,15 @@ import re
 
 import pytest
 
+from corpus_helpers import shared_checkpoint, shared_embedder
 from modernbert_embed.corpus import CorpusError, CorpusJob, EmbedOptions, RefusedError
 from modernbert_embed.corpus.options import CLI_NAMES
 from modernbert_embed.options import EncodeOptions, OptionError
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return shared_embedder(shared_checkpoint(tmp_path_factory)).loaded
 
 
 @pytest.mark.parametrize("encode_kw, corpus_kw", [
@@ -18,29 +24,36 @@ from modernbert_embed.options import EncodeOptions, OptionError
     ({"overlap": 4}, {"overlap": 4}),
     ({"overlap": -1, "long": "chunk"}, {"overlap": -1, "long": "chunk"}),
     ({"truncate_dim": 0}, {"truncate_dim": 0}),
+    ({"truncate_dim": 129}, {"truncate_dim": 129}),
     ({"precision": "int4"}, {"precision": "int4"}),
     ({"max_batch_tokens": 0}, {"max_batch_tokens": 0}),
     ({"prompt": "x: ", "prompt_name": "clustering"}, {"prompt": "x: ", "prompt_name": "clustering"}),
     ({"prompt_name": "shouting"}, {"prompt_name": "shouting"}),
     ({"normalize_embeddings": "yes"}, {"normalize": "yes"}),
 ])
-def test_encoding_options_are_refused_as_encode_refuses_them(tmp_path, encode_kw, corpus_kw):
+def test_encoding_options_are_refused_as_encode_refuses_them(tmp_path, loaded, encode_kw, corpus_kw):
+    """Refused by `validate` (before the model is loaded) or by `resolve` (against the model: its
+    prompts, its width), with EncodeOptions' reasons spelled as flags."""
     try:
-        EncodeOptions(**encode_kw)
+        EncodeOptions(prompts=loaded.prompts, **encode_kw).for_model(loaded.config.hidden_size)
     except OptionError as e:
         want = e.render(CLI_NAMES)
     else:
         pytest.fail(f"EncodeOptions accepted {encode_kw}")
     assert "--" in want  # spelled as flags
     with pytest.raises(RefusedError, match=f"^{re.escape(want)}$"):
-        EmbedOptions([str(tmp_path / "c.txt")], str(tmp_path / "out"), **corpus_kw).validate()
+        opts = EmbedOptions([str(tmp_path / "c.txt")], str(tmp_path / "out"), **corpus_kw)
+        opts.validate()
+        opts.resolve(loaded)
 
 
-def test_prompt_name_is_resolved_once(tmp_path):
+def test_prompt_name_is_resolved_against_the_model(tmp_path, loaded):
     opts = EmbedOptions(["c.txt"], "out", prompt_name="search_document")
-    assert opts.validate().prompt == "search_document: " and opts.prompt == "search_document: "
-    assert opts.identity()["prompt"] == "search_document: "
-    assert opts.validate().prompt == "search_document: "  # validating again changes nothing
+    opts.validate()
+    encode = opts.resolve(loaded)
+    assert encode.prompt == "search_document: " and opts.prompt is None  # the options as given stay
+    assert opts.identity(encode)["prompt"] == "search_document: "
+    assert opts.resolve(loaded).prompt == "search_document: "  # resolving again changes nothing
 
 
 @pytest.mark.parametrize("kw, message", [

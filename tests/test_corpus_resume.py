@@ -4,10 +4,8 @@ shards are recorded one journal line each, and the pipeline's threads end with t
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -16,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_helpers import (cli, make_texts, shard_entries, shared_checkpoint, shared_embedder, write_jsonl,
-                            write_text)
+from corpus_helpers import (cli, full_disk_after, make_texts, same_folder, shard_entries, shared_checkpoint,
+                            shared_embedder, write_jsonl, write_text)
 from modernbert_embed.corpus import CorpusError, CorpusJob, EmbedOptions, Manifest, read_output
-from modernbert_embed.corpus import files as corpus_files
 from modernbert_embed.engine import NonFiniteError
 
 
@@ -39,31 +36,6 @@ def embed(capsys, ckpt, model):
         return cli(capsys, "embed", *inputs, "-o", out, "--model", ckpt, *extra, embedder=model)
 
     return run
-
-
-def full_disk_after(monkeypatch, shard_files: int):
-    """Make shard-file writes fail with ENOSPC after `shard_files` of them (two files a shard)."""
-    real = corpus_files.atomic_write
-    written = [0]
-
-    def atomic_write(path, data, sync_dir=True):
-        if path.name.startswith("shard-"):
-            if written[0] >= shard_files:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            written[0] += 1
-        return real(path, data, sync_dir)
-
-    monkeypatch.setattr(corpus_files, "atomic_write", atomic_write)
-
-
-def same_folder(a: Path, b: Path) -> None:
-    """Two finished folders hold the same shards, byte for byte, and the same files."""
-    x, y = read_output(a), read_output(b)
-    np.testing.assert_array_equal(x.embeddings, y.embeddings)
-    assert x.meta == y.meta
-    assert [s["files"] for s in x.manifest["shards"]] == [s["files"] for s in y.manifest["shards"]]
-    assert x.manifest["totals"] == y.manifest["totals"]
-    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
 
 
 def test_refused_rerun_leaves_a_finished_folder_complete_and_readable(tmp_path, embed, capsys):

@@ -73,6 +73,117 @@ def test_callable_class_without_a_cluster(ckpt):
 
 
 @pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory):
+    from modernbert_embed.weights import classifier_config
+
+    return write_random_checkpoint_with(tmp_path_factory.mktemp("ray-reranker"),
+                                        classifier_config(REAL_VOCAB, num_labels=1, pooling="mean"), seed=22)
+
+
+@pytest.fixture(scope="module")
+def tagger_dir(tmp_path_factory):
+    from modernbert_embed.weights import classifier_config
+
+    return write_random_checkpoint_with(tmp_path_factory.mktemp("ray-tagger"),
+                                        classifier_config(REAL_VOCAB, num_labels=3, pooling="cls"), seed=32)
+
+
+def write_random_checkpoint_with(folder, config, seed, **kw):
+    from modernbert_embed.weights import write_random_checkpoint
+
+    return write_random_checkpoint(folder, config, seed=seed, tokenizer_json=fixture_file("tokenizer.json"),
+                                   max_seq_length=64, **kw)
+
+
+PAIRS = [(f"query {i % 5}", t) for i, t in enumerate(TEXTS)]
+
+
+def quiet_predict(ce, inputs, **kw):
+    import warnings
+
+    from modernbert_embed import TruncationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        return ce.predict(inputs, **kw)
+
+
+def test_scorer_without_a_cluster(reranker_dir, tagger_dir, ckpt):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (the ray extra)")
+    import torch
+
+    from modernbert_embed import CheckpointError, CrossEncoder
+    from modernbert_embed.corpus import SCORE_VALUES
+    from modernbert_embed.ray import SCORE_VALUES as RAY_SCORE_VALUES, RayEmbedder, RayScorer
+
+    assert RAY_SCORE_VALUES == SCORE_VALUES  # one meaning of scores= and --scores
+
+    ce = CrossEncoder.from_pretrained(reranker_dir, device="cpu")
+    pairs = PAIRS[:9]
+    f = RayScorer(str(reranker_dir), text_column="q", text_pair_column="d", device="cpu")
+    table = f(pa.table({"q": [q for q, _ in pairs], "d": [d for _, d in pairs], "n": list(range(9))}))
+    assert table.column_names == ["q", "d", "n", "scores", "label"]
+    assert table.schema.field("scores").type == pa.float32() and table.schema.field("label").type == pa.int32()
+    np.testing.assert_allclose(table.column("scores").to_numpy(), quiet_predict(ce, pairs), atol=1e-5)
+    logits = quiet_predict(ce, pairs, activation_fn=torch.nn.Identity())
+    np.testing.assert_array_equal(table.column("label").to_numpy(), (logits >= 0).astype(np.int32))
+    d = f({"q": np.array([q for q, _ in pairs], dtype=object), "d": np.array([d for _, d in pairs], dtype=object)})
+    np.testing.assert_allclose(d["scores"], quiet_predict(ce, pairs), atol=1e-5)
+    with pytest.raises(KeyError, match="no column 'd'"):
+        f(pa.table({"q": ["a"]}))
+    with pytest.raises(TypeError, match="column 'd', row 0 of this batch is null"):
+        f(pa.table({"q": ["a"], "d": pa.array([None], type=pa.string())}))
+
+    three = CrossEncoder.from_pretrained(tagger_dir, device="cpu")
+    g = RayScorer(str(tagger_dir), scores="softmax", device="cpu", keep_columns=False)
+    out = g(pa.table({"text": TEXTS[:6]}))
+    assert out.column_names == ["scores", "label"]
+    assert out.schema.field("scores").type == pa.list_(pa.float32(), 3)
+    want = quiet_predict(three, [[t] for t in TEXTS[:6]], apply_softmax=True)
+    np.testing.assert_allclose(np.array(out.column("scores").to_pylist()), want, atol=1e-6)
+    np.testing.assert_array_equal(out.column("label").to_numpy(), want.argmax(axis=1))
+    pd = pytest.importorskip("pandas")
+    df = g(pd.DataFrame({"text": TEXTS[:6]}))
+    np.testing.assert_allclose(np.stack(df["scores"]), want, atol=1e-6)
+
+    with pytest.raises(ValueError, match="scores='softmax' needs two labels or more"):
+        RayScorer(str(reranker_dir), scores="softmax", device="cpu")
+    with pytest.raises(ValueError, match="scores must be one of"):
+        RayScorer(str(reranker_dir), scores="sigmoid", device="cpu")
+    with pytest.raises(ValueError, match="text_pair_column and text_column both name 'text'"):
+        RayScorer(str(reranker_dir), text_pair_column="text", device="cpu")
+    with pytest.raises(CheckpointError, match=r"is a classifier \(cross-encoder\).*use modernbert_embed.ray.RayScorer"):
+        RayEmbedder(str(reranker_dir), device="cpu")
+    with pytest.raises(CheckpointError, match=r"is an embedder.*use modernbert_embed.ray.RayEmbedder"):
+        RayScorer(str(ckpt), device="cpu")
+
+
+def test_embedder_follows_the_folder_normalize_and_prompts(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (the ray extra)")
+    from modernbert_embed import Embedder
+    from modernbert_embed.ray import RayEmbedder
+
+    folder = write_random_checkpoint_with(tmp_path / "plain", REAL_VOCAB, seed=23, normalize=False)
+    st = folder / "config_sentence_transformers.json"
+    cfg = json.loads(st.read_text()) if st.exists() else {}
+    cfg.update(prompts={"passage": "passage: ", "question": "question: "}, default_prompt_name="passage")
+    st.write_text(json.dumps(cfg))
+    ref = Embedder.from_pretrained(folder, device="cpu")
+    table = pa.table({"text": TEXTS[:5]})
+    got = np.array(RayEmbedder(str(folder), device="cpu")(table).column("embedding").to_pylist())
+    assert np.abs(np.linalg.norm(got, axis=1) - 1).min() > 1e-2  # the folder has no Normalize module
+    np.testing.assert_allclose(got, ref.encode(TEXTS[:5], prompt="passage: ", normalize_embeddings=False),
+                               atol=1e-5)
+    unit = np.array(RayEmbedder(str(folder), normalize_embeddings=True, device="cpu")(table)
+                    .column("embedding").to_pylist())
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+    q = np.array(RayEmbedder(str(folder), prompt_name="question", device="cpu")(table).column("embedding").to_pylist())
+    np.testing.assert_allclose(q, ref.encode(TEXTS[:5], prompt="question: "), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown prompt_name 'shouting'"):
+        RayEmbedder(str(folder), prompt_name="shouting", device="cpu")
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="ray is not installed (the ray extra: pip install 'ray[data]')")
     pytest.importorskip("pyarrow", reason="pyarrow is not installed (the ray extra)")
@@ -135,3 +246,26 @@ def test_example_script_writes_fixed_size_float32_lists(ckpt, ray_cluster, tmp_p
     ref = Embedder.from_pretrained(ckpt, device="cpu").encode(TEXTS, truncate_dim=64)
     np.testing.assert_allclose(np.array([got[f"d{i}"] for i in range(len(TEXTS))]), ref, atol=1e-5)
     assert sys.modules.get("ray") is ray_cluster  # the real package, not the adapter module
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_score_dataset_on_a_local_cpu_cluster(reranker_dir, ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modernbert_embed import CrossEncoder
+    from modernbert_embed.ray import score_dataset
+
+    ray = ray_cluster
+    ids = list(range(len(PAIRS)))
+    whole = pa.table({"id": ids, "q": [q for q, _ in PAIRS], "d": [d for _, d in PAIRS]})
+    ds = ray.data.from_arrow([whole.slice(0, 20), whole.slice(20)])
+    out = score_dataset(ds, str(reranker_dir), num_actors=1, batch_size=8, text_column="q", text_pair_column="d")
+    out.write_parquet(str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema.field("scores").type == pa.float32() and table.schema.field("label").type == pa.int32()
+    got = dict(zip(table.column("id").to_pylist(), table.column("scores").to_pylist()))
+    assert sorted(got) == ids
+    ref = quiet_predict(CrossEncoder.from_pretrained(reranker_dir, device="cpu"), PAIRS)
+    np.testing.assert_allclose(np.array([got[i] for i in ids]), ref, atol=1e-5)

@@ -1,5 +1,11 @@
 """Embedding a corpus into a folder of shards, resumable: `modernbert-embed embed` as a library.
 
+The model is opened as the kind its folder says. An embedder's shards hold embeddings; a
+classifier's or cross-encoder's (a `ModernBertForSequenceClassification` folder) hold float32
+scores and the int32 label id of each document instead (see `scoring`), read back as
+`CorpusOutput.scores` / `labels`. Its input is a text field, or a pair of fields (`text_field`,
+`text_pair_field`: `[CLS] text [SEP] text_pair [SEP]`). Everything else below holds for both.
+
 Output folder layout:
 
 ```
@@ -10,6 +16,13 @@ OUT/calibration.json          int8/uint8 only: the ranges every shard was quanti
 OUT/shard-00000.npy           embeddings of the shard's documents, [n, d] (or [n, d/8] bits)
 OUT/shard-00000.meta.parquet  row-aligned: row, id, tokens, truncated (+ windows with chunking)
 ...                           (.meta.jsonl instead with --meta-format jsonl)
+```
+
+A classifier's folder has, instead of `shard-00000.npy`:
+
+```
+OUT/shard-00000.scores.npy    float32 scores, [n] for one label, else [n, num_labels]
+OUT/shard-00000.labels.npy    int32 label id of each document, [n]
 ```
 
 Shard k holds input rows [k * shard_size, (k + 1) * shard_size) in global row order (the rows of
@@ -28,12 +41,16 @@ folder as it was; a rerun with nothing to do writes nothing.
 
 What may change between runs into one folder:
 
-- Refused (part of the folder's identity; the refusal names the difference): the model (a
-  fingerprint of its weights, tokenizer and config files), its dtype, pooling and
-  max_seq_length; the inputs (paths and formats, and the rows of every recorded shard: their
-  count and digest); the options input_format, text_field, id_field (and whether it was given),
-  prompt, truncate_dim, normalize, precision, calibration_size, long, overlap, shard_size,
-  meta_format; and int8/uint8 calibration ranges other than the folder's.
+- Refused (part of the folder's identity; the refusal names the difference): the model (its
+  kind, a fingerprint of its weights, tokenizer and config files), its dtype, pooling and
+  max_seq_length (a classifier: num_labels); the inputs (paths and formats, and the rows of every
+  recorded shard: their count and digest); the options input_format, text_field, id_field (and
+  whether it was given), prompt, truncate_dim, normalize, precision, calibration_size, long,
+  overlap, shard_size, meta_format (a classifier: input_format, text_field, text_pair_field,
+  id_field, id_required, scores, shard_size, meta_format); and int8/uint8 calibration ranges
+  other than the folder's. The prompt and normalize are recorded as they were settled: given, or
+  from the model's folder (its default_prompt_name; whether it lists a Normalize module), so a
+  rerun that gives explicitly what the folder said is the same job.
 - Free, with the same bytes as an uninterrupted run: on_error (a shard is written only when each
   of its rows is embedded or recorded as skipped, and a row is skipped for the same reason under
   either policy: `stop` stops where `skip` would record), the progress bar and quiet, the model's
@@ -46,27 +63,32 @@ What may change between runs into one folder:
   made how; only a resume under the same values gives the same bytes as an uninterrupted run.
 
 manifest.json: `format`, `version` (2; folders of version 1 are read and verified, not resumed),
-`complete`; `model` (name, revision, fingerprint, embedding_dim, max_seq_length, pooling, dtype);
-`options` (the identity ones); `inputs` (path, format, bytes, rows); `calibration` (int8/uint8:
-precision, convention, source, min, max; no convention: written before it was recorded, read as
-`quantize.LEGACY_CONVENTION`); `embeddings` (precision, dtype, width, dim, packed_bits, normalized); `shards`
-(index, rows [start, end), documents, skipped [{row, where, error}], tokens, truncated,
-input_sha256, files {embeddings, meta: name, bytes, sha256}, run); `totals` once complete; `runs`
-(number, started, device, ops, max_batch_tokens, threads, on_error; once finished: seconds,
-documents/s, tokens/s, ...). See `manifest.py` for the journal.
+`complete`; `model` (kind "embedder" or "classifier" (absent: written before it was recorded, an
+embedder), name, revision, fingerprint, embedding_dim or num_labels, max_seq_length, pooling,
+dtype); `options` (the identity ones); `inputs` (path, format, bytes, rows); `calibration`
+(int8/uint8: precision, convention, source, min, max; no convention: written before it was
+recorded, read as `quantize.LEGACY_CONVENTION`); `embeddings` (precision, dtype, width, dim,
+packed_bits, normalized), or for a classifier `scores` (dtype, shape, num_labels, values
+"activated" | "logits" | "softmax", activation (the torch.nn class applied, None for logits),
+softmax, id2label, labels {dtype, rule}); `shards` (index, rows [start, end), documents, skipped
+[{row, where, error}], tokens, truncated, input_sha256, files {embeddings (a classifier: scores,
+labels), meta: name, bytes, sha256}, run); `totals` once complete; `runs` (number, started,
+device, ops, max_batch_tokens, threads, on_error; once finished: seconds, documents/s, tokens/s,
+...). See `manifest.py` for the journal.
 
 The modules: `sources` (input files), `files` (atomic writes, checksums, shard bytes),
 `manifest` (manifest and journal), `options` (EmbedOptions), `pipeline` (reading, embedding and
-writing shards), `calibration` (int8/uint8 ranges), `job` (CorpusJob: the order of checks and
-writes), `output` (reading a folder).
+writing shards), `scoring` (a classifier's scores and labels), `calibration` (int8/uint8 ranges),
+`job` (CorpusJob: the order of checks and writes), `output` (reading a folder).
 """
 
 from .errors import CorpusError, RefusedError, RowError
 from .job import CorpusJob, RunResult
 from .manifest import Manifest
-from .options import EmbedOptions
+from .options import SCORE_VALUES, EmbedOptions
 from .output import CorpusOutput, Shard, iter_shards, read_output, verify_output
 from .sources import Source, detect_format
 
 __all__ = ["CorpusJob", "EmbedOptions", "CorpusError", "RefusedError", "RowError", "Source", "Manifest",
-           "read_output", "verify_output", "iter_shards", "CorpusOutput", "Shard", "RunResult", "detect_format"]
+           "read_output", "verify_output", "iter_shards", "CorpusOutput", "Shard", "RunResult", "detect_format",
+           "SCORE_VALUES"]

@@ -1,5 +1,9 @@
 """`CorpusJob`: one run of `modernbert-embed embed`, from the options to a finished folder.
 
+The model is opened as a `LoadedModel` of the kind its folder says: an embedder's shards hold
+embeddings, a classifier's (cross-encoder's) hold scores and labels (see `scoring.py`); the rest
+(the order below, the manifest, resume, verify) is the same for both.
+
 The order is the point: everything is checked before anything is written.
 
 1. Options (`EmbedOptions.validate`) and inputs (`Source.open`) when the job is made.
@@ -24,12 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import quantize as Q
-from ..options import OptionError
+from ..loaded import LoadedModel, as_loaded
+from ..weights import CLASSIFIER, EMBEDDER
 from . import calibration, files
 from .errors import CorpusError, RefusedError
-from .manifest import FORMAT_VERSION, LOCK, MANIFEST, Manifest, identity_differences, now, scalar_convention
-from .options import CLI_NAMES, EmbedOptions
+from .manifest import (FORMAT_VERSION, LOCK, MANIFEST, Manifest, identity_differences, now, recorded_kind,
+                       scalar_convention)
+from .options import EmbedOptions
 from .pipeline import Shards, progress_bar
+from .scoring import Scoring
 from .sources import Rows, Source
 
 # Settings of a run that may change between runs, though a change can alter the last bits of the
@@ -50,6 +57,7 @@ class RunResult:
     device: str = ""
     load_seconds: float = 0.0
     calibration_seconds: float = 0.0
+    verb: str = "embedded"  # "scored" for a classifier
 
     @property
     def docs_per_s(self) -> float:
@@ -64,25 +72,34 @@ class RunResult:
             return (f"nothing to do: the output is already complete ({self.total_documents} documents "
                     f"of {self.total_rows} rows)")
         skipped = f" ({self.skipped} rows skipped)" if self.skipped else ""
-        return (f"embedded {self.documents} documents{skipped}, {self.tokens} tokens in {self.seconds:.2f} s: "
+        return (f"{self.verb} {self.documents} documents{skipped}, {self.tokens} tokens in {self.seconds:.2f} s: "
                 f"{self.docs_per_s:.1f} documents/s, {self.tokens_per_s:.0f} tokens/s on {self.device}")
 
 
 class CorpusJob:
     """Runs `modernbert-embed embed` (see the package docstring for the folder and its rules).
-    `embedder`: an already loaded `Embedder` to use instead of loading `opts.model`; `on_shard`
-    hears of each shard as it is recorded (its manifest entry)."""
+    `model`: an already loaded model (a `LoadedModel`, or an `Embedder` or `CrossEncoder` over
+    one) to use instead of loading `opts.model`; `embedder`: the same, by its former name.
+    `on_shard` hears of each shard as it is recorded (its manifest entry)."""
 
-    def __init__(self, opts: EmbedOptions, embedder=None, log=None, on_shard=None):
+    def __init__(self, opts: EmbedOptions, embedder=None, log=None, on_shard=None, model=None):
         self.encode = opts.validate()
         self.opts = opts
         self.out = Path(opts.output)
-        self._embedder = embedder
+        given = model if model is not None else embedder
+        self._model = None if given is None else as_loaded(given)
+        self.scoring: Scoring | None = None
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.on_shard = on_shard
-        self.sources = [Source.open(p, opts.input_format, opts.text_field, opts.id_field, opts.id_required)
+        self.sources = [Source.open(p, opts.input_format, opts.text_field, opts.id_field, opts.id_required,
+                                    opts.text_pair_field)
                         for p in opts.inputs]
         self._lock_file = None
+
+    @property
+    def kind(self) -> str:
+        """EMBEDDER or CLASSIFIER: the model's kind (once loaded)."""
+        return self._model.kind
 
     def run(self) -> RunResult:
         try:
@@ -105,55 +122,55 @@ class CorpusJob:
                               "to go on without it")
         return total, counts, empty
 
-    def _load_model(self):
+    def _load_model(self) -> LoadedModel:
+        """The model (loaded from `opts.model` as the kind its folder says, or the one given),
+        with the options checked against it: those of the other kind refused by name, an
+        embedder's prompt and normalize settled from its folder (`EmbedOptions.resolve`)."""
         o = self.opts
-        emb = self._embedder
-        if emb is None:
-            from ..api import Embedder
-
-            emb = Embedder.from_pretrained(o.model, device=o.device, dtype=o.dtype, revision=o.revision,
-                                           local_files_only=o.local_files_only)
+        model = self._model
+        if model is None:
+            model = LoadedModel.open(o.model, device=o.device, dtype=o.dtype, revision=o.revision,
+                                     local_files_only=o.local_files_only)
         else:  # given: it must be what the options ask for
-            if o.dtype is not None and emb.dtype_name != o.dtype:
-                raise RefusedError(f"the embedder given runs {emb.dtype_name}, but the options ask for "
-                                   f"--dtype {o.dtype}")
-            if o.device is not None and not _same_device(o.device, emb.device):
-                raise RefusedError(f"the embedder given runs on {emb.device}, but the options ask for "
-                                   f"--device {o.device}")
-        if emb.checkpoint is None:
-            raise RefusedError("the corpus command needs an Embedder loaded from a checkpoint folder "
-                               "(Embedder.from_pretrained or from_checkpoint)")
-        if emb.tokenizer is None:
+            e = model.engine
+            if o.dtype is not None and e.dtype_name != o.dtype:
+                raise RefusedError(f"the model given runs {e.dtype_name}, but the options ask for --dtype {o.dtype}")
+            if o.device is not None and not _same_device(o.device, e.device):
+                raise RefusedError(f"the model given runs on {e.device}, but the options ask for --device {o.device}")
+        if model.checkpoint is None:
+            raise RefusedError("the corpus command needs a model loaded from a checkpoint folder "
+                               "(LoadedModel.open, Embedder/CrossEncoder.from_pretrained or from_checkpoint)")
+        if model.tokenizer is None:
             raise RefusedError(f"the model {o.model} has no tokenizer.json; the corpus command needs one")
-        try:
-            self.encode.for_model(emb.config.hidden_size)
-        except OptionError as e:
-            raise RefusedError(e.render(CLI_NAMES)) from None
-        self._embedder = emb
-        return emb
+        o.refuse_other_kind(model.kind, model.checkpoint.name or o.model, _describe(model))
+        self.encode = o.resolve(model)
+        if model.kind == CLASSIFIER:
+            self.scoring = Scoring(model, o.score_values)
+        self._model = model
+        return model
 
-    def _model_record(self, emb) -> dict:
-        ckpt = emb.checkpoint
-        return {
-            "name": ckpt.name or self.opts.model,
-            "revision": ckpt.revision,
-            "fingerprint": ckpt.fingerprint,
-            "embedding_dim": emb.config.hidden_size,
-            "max_seq_length": self._max_seq_length,
-            "pooling": emb.pooling,
-            "dtype": emb.dtype_name,
-        }
+    def _model_record(self, model: LoadedModel) -> dict:
+        ckpt = model.checkpoint
+        record = {"kind": model.kind, "name": ckpt.name or self.opts.model, "revision": ckpt.revision,
+                  "fingerprint": ckpt.fingerprint}
+        if model.kind == CLASSIFIER:
+            head = model.engine.head
+            record.update(num_labels=head.spec.num_labels, pooling=head.pooling)
+        else:
+            record.update(embedding_dim=model.config.hidden_size, pooling=model.engine.pooling)
+        return {**record, "max_seq_length": self._max_seq_length, "dtype": model.engine.dtype_name}
 
-    def _settings(self, emb) -> dict:
+    def _settings(self, model: LoadedModel) -> dict:
         """This run's values of RUN_SETTINGS."""
         import torch
 
-        dev = str(emb.device)
-        if emb.device.type == "cuda":
-            dev += f" ({torch.cuda.get_device_name(emb.device)})"
-        budget = emb.engine.budget(self.encode.max_batch_tokens)
-        return {"device": dev, "ops": emb.ops.name, "max_batch_tokens": budget,
-                "threads": torch.get_num_threads() if emb.device.type == "cpu" else None}
+        e = model.engine
+        dev = str(e.device)
+        if e.device.type == "cuda":
+            dev += f" ({torch.cuda.get_device_name(e.device)})"
+        budget = e.budget(self.encode.max_batch_tokens)
+        return {"device": dev, "ops": e.ops.name, "max_batch_tokens": budget,
+                "threads": torch.get_num_threads() if e.device.type == "cpu" else None}
 
     # ---------------------------------------------------------------- 3. the folder, read and compared
     def _refuse(self, diffs: list[str]) -> None:
@@ -198,7 +215,20 @@ class CorpusJob:
             raise RefusedError(f"{self.out} was written by an earlier version of modernbert-embed (manifest "
                                f"format {m.version}); it can be read and verified (read_output, "
                                "modernbert-embed verify) but not resumed. Embed into a new folder.")
-        self._refuse(identity_differences(m.data, model, self.opts.identity(), inputs))
+        kind = recorded_kind(m.data)
+        if kind != self.kind:
+            held = {EMBEDDER: "embeddings of an embedder", CLASSIFIER: "scores and labels of a classifier"}
+            self._refuse([f"model.kind: the folder holds {held.get(kind, kind)}, but {model['name']} is "
+                          f"{'a classifier' if self.kind == CLASSIFIER else 'an embedder'}"])
+        recorded = {**m.data, "model": {"kind": kind, **m.data["model"]}}  # written before kind was recorded
+        diffs = identity_differences(recorded, model, self.opts.identity(self.encode, self.kind), inputs)
+        if self.opts.normalize is None and any(d.startswith("options.normalize:") for d in diffs):
+            # e.g. a folder embedded when normalising was the command's default, whatever the model's folder said
+            said = "lists a Normalize module" if self.encode.normalize_embeddings else "lists no Normalize module"
+            flag = "--no-normalize" if self.encode.normalize_embeddings else "--normalize"
+            diffs.append(f"(normalize follows the model's folder when not given, and it {said}; pass {flag} "
+                         "to go on as the folder was written)")
+        self._refuse(diffs)
         return m
 
     def _intact_shards(self, m: Manifest, shards: Shards, total: int) -> dict[int, dict]:
@@ -239,20 +269,20 @@ class CorpusJob:
         o = self.opts
         total, counts, empty = self._count_rows()
         t_load = time.perf_counter()
-        emb = self._load_model()
-        self._max_seq_length = emb.max_seq_length  # read once: a shared Embedder may change it
-        model = self._model_record(emb)
+        loaded = self._load_model()
+        self._max_seq_length = loaded.max_seq_length  # read once: a shared model may change it
+        model = self._model_record(loaded)
         load_seconds = time.perf_counter() - t_load
         inputs = [{**s.info(), "rows": c} for s, c in zip(self.sources, counts)]
-        dim = self.encode.dim(emb.config.hidden_size)
-        shards = Shards(self.sources, self.out, model=emb.loaded, shard_size=o.shard_size, on_error=o.on_error,
-                        prompt=self.encode.prompt, long=o.long, overlap=o.overlap,
-                        max_seq_length=self._max_seq_length, dim=dim, normalize=o.normalize,
+        dim = self.encode.dim(loaded.config.hidden_size)
+        shards = Shards(self.sources, self.out, model=loaded, shard_size=o.shard_size, on_error=o.on_error,
+                        prompt=self.encode.prompt or "", long=o.long, overlap=o.overlap,
+                        max_seq_length=self._max_seq_length, dim=dim, normalize=self.encode.normalize_embeddings,
                         max_batch_tokens=self.encode.max_batch_tokens, precision=o.precision,
-                        meta_format=o.meta_format)
-        settings = self._settings(emb)
+                        meta_format=o.meta_format, scoring=self.scoring)
+        settings = self._settings(loaded)
         result = RunResult(device=f"{settings['device']}, {model['dtype']}", load_seconds=load_seconds,
-                           total_rows=total)
+                           total_rows=total, verb="embedded" if self.scoring is None else "scored")
 
         self._refuse_foreign()
         self._lock()
@@ -283,7 +313,8 @@ class CorpusJob:
         if todo and todo[0] * o.shard_size < rows.position:
             rows = Rows(self.sources)  # a shard to redo lies before the last one checked: read again
         already = sum(s["rows"][1] - s["rows"][0] for s in done.values())
-        bar = progress_bar(total, already, o.progress and not o.quiet)
+        bar = progress_bar(total, already, o.progress and not o.quiet,
+                           "embedding" if self.scoring is None else "scoring")
         t0 = time.perf_counter()
         try:
             shards.run(m, todo, total, rows, ranges, self._run_number, result, bar, self.on_shard, convention)
@@ -302,7 +333,7 @@ class CorpusJob:
         o = self.opts
         if m is None:
             m = Manifest.new(self.out, {
-                "complete": False, "model": model, "options": o.identity(), "inputs": inputs,
+                "complete": False, "model": model, "options": o.identity(self.encode, self.kind), "inputs": inputs,
                 "calibration": None, "totals": None, "shards": [], "runs": []})
         else:
             m.drop_shards([k for k in m.shards if k not in done])
@@ -310,9 +341,13 @@ class CorpusJob:
             m.data.update(complete=False, totals=None, inputs=inputs)
         if empty:
             m.data["empty_inputs"] = empty
-        m.data["embeddings"] = {"precision": o.precision, "dtype": str(Q.output_dtype(o.precision)),
-                                "width": Q.output_width(o.precision, dim), "dim": dim,
-                                "packed_bits": o.precision in Q.BINARY_PRECISIONS, "normalized": o.normalize}
+        if self.scoring is not None:
+            m.data["scores"] = self.scoring.record()
+        else:
+            m.data["embeddings"] = {"precision": o.precision, "dtype": str(Q.output_dtype(o.precision)),
+                                    "width": Q.output_width(o.precision, dim), "dim": dim,
+                                    "packed_bits": o.precision in Q.BINARY_PRECISIONS,
+                                    "normalized": self.encode.normalize_embeddings}
         self._run_number = len(m.data["runs"]) + 1
         m.data["runs"].append({"number": self._run_number, "started": now(), "on_error": o.on_error, **settings})
         m.save()
@@ -355,6 +390,15 @@ class CorpusJob:
         })
         m.save()
         result.total_documents = documents
+
+
+def _describe(model: LoadedModel) -> str:
+    """What a model is, for a message: "a classifier (ModernBertForSequenceClassification, 3 labels)"."""
+    arch = model.checkpoint.architecture if model.checkpoint is not None else None
+    if model.kind == CLASSIFIER:
+        n = model.engine.head.spec.num_labels
+        return f"a classifier ({arch or 'ModernBertForSequenceClassification'}, {n} label{'s' if n > 1 else ''})"
+    return f"an embedder ({arch or 'ModernBertModel'})"
 
 
 def _same_device(asked: str, device) -> bool:

@@ -68,6 +68,12 @@ def scalar_convention(calibration: dict) -> str:
     return convention
 
 
+def recorded_kind(data: dict) -> str:
+    """The kind of model a manifest's folder was written by: "embedder" or "classifier" (a folder
+    written before the kind was recorded holds embeddings)."""
+    return (data.get("model") or {}).get("kind", "embedder")
+
+
 # The model's name and revision as given are notes: its fingerprint is what must match (a local
 # copy of the same weights, or the same folder by another path, is the same model).
 MODEL_NOTES = ("name", "revision")
@@ -211,5 +217,5 @@ class Manifest:
             self._journal = None
 
 
-__all__ = ["Manifest", "differences", "identity_differences", "scalar_convention", "now", "MANIFEST", "JOURNAL", "LOCK", "CALIBRATION",
-           "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MODEL_NOTES"]
+__all__ = ["Manifest", "differences", "identity_differences", "scalar_convention", "recorded_kind", "now",
+           "MANIFEST", "JOURNAL", "LOCK", "CALIBRATION", "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MODEL_NOTES"]

@@ -1,9 +1,11 @@
-"""The work on shards: read and check input rows, tokenise, embed, quantise and write.
+"""The work on shards: read and check input rows, tokenise, embed (or score), quantise and write.
 
 A shard is one unit of work whose result depends only on its rows (and on the engine's settings,
 see the package docstring): its rows are parsed and tokenised together, embedded with
 `Engine.embed` under the token budget, quantised with the folder's one calibration, and written as
-two files before it enters the journal.
+two files before it enters the journal. For a classifier (`Shards(scoring=...)`), the rows (texts,
+or pairs of texts) are scored with `Engine.score` instead, and the shard's files are its scores and
+labels (see `scoring.py`) beside its metadata.
 
 `Shards.run` does that for many shards with three stages in step: a reader thread parses (and on a
 GPU tokenises) the next shard, the calling thread runs the model, a writer thread quantises, writes
@@ -32,6 +34,7 @@ from ..loaded import LoadedModel
 from . import files
 from .errors import CorpusError, RefusedError, RowError
 from .manifest import Manifest
+from .scoring import Scoring
 from .sources import Rows, Source
 
 # How long a stage waits on a queue before it looks again whether the pipeline has stopped.
@@ -57,7 +60,7 @@ class Prepared:
     truncated: list[bool] = field(default_factory=list)
     windows: Any = None  # chunking.Windows in chunk mode
     skipped: list[dict] = field(default_factory=list)
-    texts: list[str] | None = None  # parsed, not yet tokenised
+    texts: list | None = None  # parsed, not yet tokenised (strings, or pairs of strings)
 
     @property
     def num_docs(self) -> int:
@@ -78,11 +81,12 @@ class Prepared:
 
 
 class Shards:
-    """The shards of one job: how to read, embed and write them (see the module docstring)."""
+    """The shards of one job: how to read, embed (or score) and write them (see the module
+    docstring). `scoring`: a classifier's (`scoring.Scoring`); None for an embedder."""
 
     def __init__(self, sources: list[Source], out: Path, *, model: LoadedModel, shard_size: int, on_error: str,
                  prompt: str, long: str, overlap: int | None, max_seq_length: int, dim: int, normalize: bool,
-                 max_batch_tokens: int, precision: str, meta_format: str):
+                 max_batch_tokens: int, precision: str, meta_format: str, scoring: Scoring | None = None):
         self.sources, self.out = sources, out
         self.model, self.engine, self.tokenizer = model, model.engine, model.text_tokenizer()
         self.tokenize_beside_model = model.tokenize_beside_model
@@ -90,6 +94,10 @@ class Shards:
         self.prompt, self.long, self.overlap, self.max_seq_length = prompt, long, overlap, max_seq_length
         self.dim, self.normalize, self.max_batch_tokens = dim, normalize, max_batch_tokens
         self.precision, self.meta_format = precision, meta_format
+        self.scoring = scoring
+        # floats per document through the model: embedding features, or a classifier's logits
+        self.width = dim if scoring is None else scoring.num_labels
+        self.what = "embeddings" if scoring is None else "scores"
 
     def bounds(self, k: int, total: int) -> tuple[int, int]:
         return k * self.shard_size, min((k + 1) * self.shard_size, total)
@@ -150,8 +158,11 @@ class Shards:
         prep.where.append(src.where(local))
         texts.append(text)
 
-    def tokenize(self, prep: Prepared, texts: list[str]) -> None:
-        if self.long == "chunk":
+    def tokenize(self, prep: Prepared, texts: list) -> None:
+        if self.scoring is not None and texts and isinstance(texts[0], tuple):  # a cross-encoder's pairs
+            ids, truncated = self.model.tokenize_pairs(texts, self.max_seq_length)
+            prep.seqs, prep.tokens, prep.truncated = ids, [len(s) for s in ids], list(truncated)
+        elif self.long == "chunk":
             w = split_long(self.tokenizer, texts, self.prompt, self.max_seq_length, self.overlap)
             prep.windows, prep.seqs = w, w.ids
             prep.tokens, prep.truncated = list(w.doc_tokens), [False] * len(texts)
@@ -162,19 +173,19 @@ class Shards:
 
     # ---------------------------------------------------------------- embedding
     def embed(self, prep: Prepared, on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """float32 embeddings [documents, dim] of a tokenised shard. Documents whose embedding is
-        not finite are embedded again, each on its own; those still not finite stop the job
-        (on_error "stop": a CorpusError naming them by file and line) or are moved to the
-        shard's skipped rows (on_error "skip")."""
+        """float32 embeddings [documents, dim] of a tokenised shard (a classifier's logits
+        [documents, num_labels]). Documents whose embedding is not finite are embedded again, each
+        on its own; those still not finite stop the job (on_error "stop": a CorpusError naming
+        them by file and line) or are moved to the shard's skipped rows (on_error "skip")."""
         seqs = prep.seqs
-        out = torch.empty(len(seqs), self.dim, dtype=torch.float32, device=self.engine.device)
+        out = torch.empty(len(seqs), self.width, dtype=torch.float32, device=self.engine.device)
         try:
             self._embed_into(seqs, out, on_batch)
         except NonFiniteError as e:
             bad = self._retry_alone(prep, out, e.rows)
             if bad and self.on_error == "stop":
                 shown = "; ".join(prep.where[d] for d in bad[:5]) + (" ..." if len(bad) > 5 else "")
-                raise CorpusError(f"non-finite embeddings (NaN or infinity) for {len(bad)} document(s): {shown} "
+                raise CorpusError(f"non-finite {self.what} (NaN or infinity) for {len(bad)} document(s): {shown} "
                                   f"(model dtype {self.engine.dtype_name}). Pass "
                                   "--on-error skip to record them as skipped and go on.") from None
         else:
@@ -184,11 +195,15 @@ class Shards:
             out = combine(out, w.owner, w.content_tokens, w.num_docs, self.normalize)
         floats = out.cpu().numpy()
         if bad:
-            prep.drop(bad, "non-finite embedding (NaN or infinity), also when embedded on its own")
+            prep.drop(bad, "non-finite embedding (NaN or infinity), also when embedded on its own"
+                      if self.scoring is None else "non-finite score (NaN or infinity), also when scored on its own")
             floats = np.delete(floats, bad, axis=0)
         return floats
 
     def _embed_into(self, seqs, out: torch.Tensor, on_batch=None) -> None:
+        if self.scoring is not None:
+            self.engine.score(seqs, max_batch_tokens=self.max_batch_tokens, on_batch=on_batch, out=out)
+            return
         self.engine.embed(seqs, dim=self.dim, normalize=self.normalize, max_batch_tokens=self.max_batch_tokens,
                           on_batch=on_batch, out=out)
 
@@ -209,25 +224,39 @@ class Shards:
         return still
 
     # ---------------------------------------------------------------- writing
-    def write(self, m: Manifest, prep: Prepared, floats: np.ndarray, ranges, run: int,
-              convention: str = Q.CONVENTION) -> dict:
-        """Quantise (int8/uint8: on `ranges`, under `convention`) and write one shard's two files,
-        then record it in the journal. A write that
-        fails (a full disk) is a CorpusError naming the file and the reason; the shards recorded
-        before it stay, and a rerun resumes from there."""
+    def arrays(self, index: int, floats: np.ndarray, ranges, convention: str) -> list[tuple[str, str, np.ndarray]]:
+        """The arrays of shard `index` as (kind, file name, array): an embedder's codes (quantised,
+        int8/uint8 on `ranges` under `convention`), or a classifier's scores and labels."""
+        name = f"shard-{index:05d}"
+        if self.scoring is not None:
+            if floats.shape[0] == 0:
+                scores, labels = self.scoring.empty()
+            else:
+                logits = torch.from_numpy(floats)
+                scores, labels = self.scoring.scores(logits), self.scoring.labels(logits)
+            return [("scores", f"{name}.scores.npy", scores), ("labels", f"{name}.labels.npy", labels)]
         if floats.shape[0] == 0:
             codes = np.empty((0, Q.output_width(self.precision, self.dim)), dtype=Q.output_dtype(self.precision))
         else:
             codes = Q.quantize_embeddings(floats, self.precision, ranges=ranges, convention=convention)
+        return [("embeddings", f"{name}.npy", codes)]
+
+    def write(self, m: Manifest, prep: Prepared, floats: np.ndarray, ranges, run: int,
+              convention: str = Q.CONVENTION) -> dict:
+        """Quantise (int8/uint8: on `ranges`, under `convention`) and write one shard's files
+        (`arrays`, then the metadata), then record it in the journal. A write that
+        fails (a full disk) is a CorpusError naming the file and the reason; the shards recorded
+        before it stay, and a rerun resumes from there."""
+        arrays = self.arrays(prep.index, floats, ranges, convention)
         name = f"shard-{prep.index:05d}"
         meta = {"row": prep.rows, "id": prep.ids, "tokens": prep.tokens, "truncated": prep.truncated}
         if prep.windows is not None:
             meta["windows"] = prep.windows.doc_windows
         written = {}
         try:
-            for kind, fname, data in (("embeddings", f"{name}.npy", files.npy_bytes(codes)),
-                                      ("meta", f"{name}.meta.{self.meta_format}",
-                                       files.meta_bytes(meta, self.meta_format))):
+            for kind, fname, data in ([(kind, fname, files.npy_bytes(a)) for kind, fname, a in arrays]
+                                      + [("meta", f"{name}.meta.{self.meta_format}",
+                                          files.meta_bytes(meta, self.meta_format))]):
                 files.atomic_write(self.out / fname, data, sync_dir=False)
                 written[kind] = files.file_record(fname, data)
             files.fsync_dir(self.out)
@@ -347,12 +376,12 @@ def _digest_update(h, raw) -> None:
     h.update(b)
 
 
-def progress_bar(total: int, already: int, show: bool):
+def progress_bar(total: int, already: int, show: bool, desc: str = "embedding"):
     if not show:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=already, unit="doc", desc="embedding", dynamic_ncols=True,
+    return tqdm(total=total, initial=already, unit="doc", desc=desc, dynamic_ncols=True,
                 smoothing=0.1, file=sys.stderr)
 
 

@@ -4,6 +4,9 @@ Three formats: plain text (one document a line, blank lines included), JSON Line
 line) and Parquet (a string column). A file is checked once, when it is opened (`Source.open`):
 that it exists, is a readable file, and has the shape its format needs. A row that cannot be
 embedded raises `RowError` naming the file and line (or Parquet row) when it is parsed.
+
+With a `text_pair_field` (a cross-encoder's pairs, JSON Lines or Parquet), each row is a pair of
+texts: `parse` gives ((text, text_pair), id).
 """
 
 from __future__ import annotations
@@ -65,15 +68,17 @@ class Source:
     turns a raw record into (text, id) or raises RowError naming the file and line (or row)."""
 
     def __init__(self, path: Path, fmt: str, text_field: str = "text", id_field: str | None = "id",
-                 id_required: bool = False):
+                 id_required: bool = False, text_pair_field: str | None = None):
         self.path = Path(path)
         self.fmt = fmt
         self.text_field, self.id_field, self.id_required = text_field, id_field, id_required
+        self.text_pair_field = text_pair_field
         self._parquet_id = None  # the Parquet id column, when the file has one
 
     @classmethod
     def open(cls, path: str | os.PathLike, given_format: str | None = "auto", text_field: str = "text",
-             id_field: str | None = "id", id_required: bool = False) -> "Source":
+             id_field: str | None = "id", id_required: bool = False,
+             text_pair_field: str | None = None) -> "Source":
         """The file at `path`, checked: it exists, is a readable file, and its format's shape is
         right (a Parquet text column of strings; JSON Lines, not a JSON array)."""
         p = Path(path)
@@ -83,7 +88,10 @@ class Source:
             raise RefusedError(f"input {p} is a folder; give the files inside it")
         if not os.access(p, os.R_OK):
             raise RefusedError(f"input {p} cannot be read (permissions)")
-        src = cls(p, detect_format(p, given_format), text_field, id_field, id_required)
+        src = cls(p, detect_format(p, given_format), text_field, id_field, id_required, text_pair_field)
+        if text_pair_field is not None and src.fmt == "text":
+            raise RefusedError(f"{p}: --text-pair-field needs JSON Lines or Parquet input; a text file has "
+                               "one document a line, not pairs")
         if src.fmt == "parquet":
             src._check_parquet()
         elif src.fmt == "jsonl":
@@ -109,17 +117,20 @@ class Source:
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a non-Parquet file
             raise CorpusError(f"{self.path}: not a readable Parquet file ({e})") from None
         names = schema.names
-        if self.text_field not in names:
-            raise CorpusError(f"{self.path}: no column {self.text_field!r} (columns: {', '.join(names)}); "
-                              "choose one with --text-field")
 
         def base(t):
             return t.value_type if pa.types.is_dictionary(t) else t
 
-        t = base(schema.field(self.text_field).type)
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
-                or str(t) == "string_view"):
-            raise CorpusError(f"{self.path}: column {self.text_field!r} holds {t}, not strings")
+        for field, flag in ((self.text_field, "--text-field"), (self.text_pair_field, "--text-pair-field")):
+            if field is None:
+                continue
+            if field not in names:
+                raise CorpusError(f"{self.path}: no column {field!r} (columns: {', '.join(names)}); "
+                                  f"choose one with {flag}")
+            t = base(schema.field(field).type)
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+                    or str(t) == "string_view"):
+                raise CorpusError(f"{self.path}: column {field!r} holds {t}, not strings")
         if self.id_field and self.id_field in names:
             it = base(schema.field(self.id_field).type)
             if not (pa.types.is_string(it) or pa.types.is_large_string(it) or pa.types.is_integer(it)
@@ -165,7 +176,9 @@ class Source:
 
     def _parquet_records(self):
         _, pq = need_pyarrow(f"reading {self.path}")
-        columns = [self.text_field] + ([self._parquet_id] if self._parquet_id else [])
+        pair = self.text_pair_field is not None
+        columns = [self.text_field] + ([self.text_pair_field] if pair else []) + \
+            ([self._parquet_id] if self._parquet_id else [])
         local = 0
         batches = pq.ParquetFile(self.path).iter_batches(batch_size=8192, columns=columns)
         while True:
@@ -176,7 +189,12 @@ class Source:
             if batch is None:
                 return
             texts = batch.column(0).to_pylist()
-            ids = batch.column(1).to_pylist() if self._parquet_id else [None] * len(texts)
+            ids = batch.column(len(columns) - 1).to_pylist() if self._parquet_id else [None] * len(texts)
+            if pair:  # (text, text_pair, id)
+                for t, b, i in zip(texts, batch.column(1).to_pylist(), ids):
+                    yield local, (t, b, i)
+                    local += 1
+                continue
             for t, i in zip(texts, ids):
                 yield local, (t, i)
                 local += 1
@@ -188,8 +206,15 @@ class Source:
             return raw
         return json.dumps(list(raw), ensure_ascii=False).encode("utf-8")
 
-    def parse(self, local: int, raw) -> tuple[str, str | None]:
+    def parse(self, local: int, raw) -> tuple[str | tuple[str, str], str | None]:
+        """(text, id), or with a `text_pair_field` ((text, text_pair), id)."""
         if self.fmt == "parquet":
+            if self.text_pair_field is not None:
+                text, pair, ident = raw
+                for value, field in ((text, self.text_field), (pair, self.text_pair_field)):
+                    if value is None:
+                        raise RowError(self.where(local), f"{field!r} is null")
+                return (text, pair), (None if ident is None else str(ident))
             text, ident = raw
             if text is None:
                 raise RowError(self.where(local), f"{self.text_field!r} is null")
@@ -211,14 +236,19 @@ class Source:
             hint = " (a JSON array file? JSON Lines holds one object per line)" \
                 if local == 0 and isinstance(rec, list) else ""
             raise RowError(self.where(local), f"{_type_name(rec)} where a JSON object was expected{hint}")
-        if self.text_field not in rec:
-            fields = ", ".join(list(rec)[:8]) or "none"
-            raise RowError(self.where(local), f"no field {self.text_field!r} (fields: {fields}); "
-                                              "choose one with --text-field")
-        text = rec[self.text_field]
-        if not isinstance(text, str):
-            raise RowError(self.where(local), f"field {self.text_field!r} is {_type_name(text)}, not a string")
+        text = self._field(local, rec, self.text_field, "--text-field")
+        if self.text_pair_field is not None:
+            text = (text, self._field(local, rec, self.text_pair_field, "--text-pair-field"))
         return text, self._parse_id(local, rec)
+
+    def _field(self, local: int, rec: dict, name: str, flag: str) -> str:
+        if name not in rec:
+            fields = ", ".join(list(rec)[:8]) or "none"
+            raise RowError(self.where(local), f"no field {name!r} (fields: {fields}); choose one with {flag}")
+        text = rec[name]
+        if not isinstance(text, str):
+            raise RowError(self.where(local), f"field {name!r} is {_type_name(text)}, not a string")
+        return text
 
     def _parse_id(self, local: int, rec: dict) -> str | None:
         if not self.id_field:
