@@ -77,6 +77,21 @@ def check_pairs(pairs: Sequence) -> list[tuple[str, str]]:
     return out
 
 
+def _longest_first(n1: int, n2: int, target: int) -> tuple[int, int]:
+    """How many tokens of each side a pair keeps within `target` (its specials not counted), as
+    tokenizers' longest-first truncation decides: the shorter side whole when the longer one can
+    take the rest, else half each, the odd token to the longer side (the second on a tie)."""
+    if n1 + n2 <= target:
+        return n1, n2
+    short, long_ = min(n1, n2), max(n1, n2)
+    keep_long = short if short > target else max(short, target - short)
+    keep_short = short
+    if keep_short + keep_long > target:
+        keep_short = target // 2
+        keep_long = keep_short + target % 2
+    return (keep_long, keep_short) if n1 > n2 else (keep_short, keep_long)
+
+
 class TextTokenizer:
     """A checkpoint's tokenizer. `encode(texts, prompt, max_length)` truncates to `max_length`
     tokens ([CLS] and [SEP] included); `encode_whole` does not truncate and keeps the character
@@ -168,15 +183,48 @@ class TextTokenizer:
     def encode_pairs(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None
                      ) -> tuple[list[list[int]], list[bool]]:
         """Token ids per pair (`[CLS] a [SEP] b [SEP]`, truncated longest first to `max_length`
-        when given) and whether each one was truncated. With `max_length`, each side is cut before
-        it is tokenised (`cut`): neither side can keep more than its first `max_length` tokens."""
+        when given) and whether each one was truncated.
+
+        The tokens are those of the tokenizer's own pair encoding with longest-first truncation
+        (tokenizers' `TruncationStrategy::LongestFirst`, as sentence-transformers' CrossEncoder
+        truncates), computed here from each side's tokens: the library's own pair truncation also
+        builds every combination of the two sides' overflowing pieces, which grows with the product
+        of their lengths (gigabytes for a long document). Each side is cut before it is tokenised
+        (`cut`: neither side keeps more than its first `max_length` tokens); where both sides were
+        cut, their whole lengths are counted, since which one is longer decides which side keeps the
+        odd token."""
         pairs = check_pairs(pairs)
-        if max_length is not None:
-            pairs = [(self.cut(a, max_length), self.cut(b, max_length)) for a, b in pairs]
-        tok = self._for_length(max_length)
+        tok = self.untruncated
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        encodings = encode(pairs, add_special_tokens=True)
-        return [e.ids for e in encodings], [len(e.overflowing) > 0 for e in encodings]
+        prefix, middle, suffix = self._pair_template()
+        if max_length is None:
+            sides = encode([t for p in pairs for t in p], add_special_tokens=False)
+            return [prefix + a.ids + middle + b.ids + suffix for a, b in zip(sides[::2], sides[1::2])], \
+                [False] * len(pairs)
+        cut = [(self.cut(a, max_length), self.cut(b, max_length)) for a, b in pairs]
+        sides = encode([t for p in cut for t in p], add_special_tokens=False)
+        target = max(max_length - len(prefix) - len(middle) - len(suffix), 0)
+        ids, truncated = [], []
+        for (a, b), (ca, cb), ea, eb in zip(pairs, cut, sides[::2], sides[1::2]):
+            na, nb = len(ea.ids), len(eb.ids)
+            if ca is not a and cb is not b:  # both cut: which is longer decides the odd token
+                na, nb = (len(e.ids) for e in tok.encode_batch([a, b], add_special_tokens=False))
+            ka, kb = _longest_first(na, nb, target)
+            ids.append(prefix + ea.ids[:ka] + middle + eb.ids[:kb] + suffix)
+            truncated.append(ka < na or kb < nb)
+        return ids, truncated
+
+    def _pair_template(self) -> tuple[list[int], list[int], list[int]]:
+        """The special tokens a pair is wrapped in, before, between and after its two sides, read
+        from the tokenizer's post-processor (ModernBERT: [CLS] | [SEP] | [SEP])."""
+        if not hasattr(self, "_pair_specials"):
+            enc = self.untruncated.encode("a", "b", add_special_tokens=True)
+            seq = enc.sequence_ids
+            first, second = seq.index(0), seq.index(1)
+            self._pair_specials = (enc.ids[:first], [i for i, s in zip(enc.ids[first:second], seq[first:second])
+                                                     if s is None],
+                                   [i for i, s in zip(enc.ids[second:], seq[second:]) if s is None])
+        return self._pair_specials
 
     def encode_offsets(self, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> list:
         """Encodings with character offsets, truncated to `max_length` tokens (cut first, as in

@@ -133,6 +133,68 @@ def test_a_megabyte_text_is_cut_before_it_is_tokenised(tokenizer):
     assert rec.lengths[1] <= tokenizer.cut_bound(512) < 1_000_000  # one word: the sure cut
 
 
+class Sides:
+    """Stands in for the untruncated tokenizer: records the length of every text it is given."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode_batch_fast(self, texts, **kw):
+        self.lengths.extend(map(len, texts))
+        return self.tok.encode_batch_fast(texts, **kw)
+
+    def encode_batch(self, texts, **kw):
+        self.lengths.extend(map(len, texts))
+        return self.tok.encode_batch(texts, **kw)
+
+
+def pairs_as_the_library_truncates(tokenizer, pairs, max_length):
+    """The tokenizers library's own pair encoding, truncated longest first (its overflowing
+    pieces grow with the product of the sides' lengths: keep the sides short)."""
+    want = tokenizer._for_length(max_length).encode_batch(pairs, add_special_tokens=True)
+    return [w.ids for w in want], [len(w.overflowing) > 0 for w in want]
+
+
+@pytest.mark.parametrize("max_length", [8, 64, 300])
+def test_a_pair_is_truncated_longest_first_as_the_library_does(tokenizer, max_length):
+    """A cross-encoder's pairs: each side is cut before tokenising, and the pair's tokens are
+    those of the library's own longest-first truncation of the whole pair, for every mix of lengths
+    (both sides short, one long, both long, equal lengths)."""
+    clip = max_length * 20
+    texts = [t[:clip] for t in texts_to_cut(seed=1)]
+    words = ["what is the capital of China?", "", "Beijing", "a " * (max_length // 2), "b " * max_length]
+    pairs = [(q, d) for q in words for d in words] + list(zip(texts[:25], texts[25:])) + \
+        [(t, "what is the capital of China?") for t in texts[:10]] + [(t, t) for t in texts[:5]]
+    got = tokenizer.encode_pairs(pairs, max_length)
+    assert got == pairs_as_the_library_truncates(tokenizer, pairs, max_length)
+
+
+def test_a_pair_of_long_sides_keeps_the_odd_token_on_the_longer_whole(tokenizer):
+    """Both sides cut: the side longer as a whole keeps the odd token (an odd budget of 61), even
+    where its cut holds fewer tokens than the other side's cut."""
+    pair = ("international " * 2000, "7 " * 1500)  # 2,000 against 1,500 tokens; cut: 78 against 544
+    rec = tokenizer._by_length[None] = Sides(tokenizer._by_length[None])
+    try:
+        got = tokenizer.encode_pairs([pair], 64)
+    finally:
+        tokenizer._by_length[None] = rec.tok
+    assert got == pairs_as_the_library_truncates(tokenizer, [pair], 64)
+    assert min(rec.lengths) < len(pair[1])  # the sides were cut before the whole ones were counted
+
+
+def test_a_megabyte_document_in_a_pair_is_cut_before_it_is_tokenised(tokenizer):
+    query, doc = "the quick brown fox", "jumps over the lazy dog " * 50_000
+    rec = tokenizer._by_length[None] = Sides(tokenizer._by_length[None])
+    try:
+        (ids,), (cut,) = tokenizer.encode_pairs([(query, doc)], 512)
+    finally:
+        tokenizer._by_length[None] = rec.tok
+    assert max(rec.lengths) <= 512 * CUT_CHARS_PER_TOKEN + CUT_MARGIN and cut
+    assert ([ids], [cut]) == pairs_as_the_library_truncates(tokenizer, [(query, doc[:20_000])], 512)
+
 # ----------------------------------------------------------------------------- the server
 LIMITS = dict(served_model_name="test-model", max_client_batch_size=16, payload_limit=256 * 1024,
               tokenization_workers=2)
