@@ -29,11 +29,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -P -m pytest -q
 
-# Everything but the tests marked slow (README, "Tests"); `make test` runs those too.
+# Everything but the tests marked slow (docs/testing.md); `make test` runs those too.
 test-fast: $(STAMP)
 	$(PY) -P -m pytest -q -m "not slow"
 
-# All CPU contenders alternated in one process (README, "Benchmarks"); BENCH_ARGS adds options.
+# All CPU contenders alternated in one process (docs/benchmarks.md); BENCH_ARGS adds options.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py --out out/bench_cpu.json $(BENCH_ARGS)
 

@@ -39,7 +39,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     """Register the `serve` subcommand on the main parser's subparsers."""
     s = sub.add_parser(
         "serve", help="serve embeddings over HTTP (OpenAI and TEI APIs)", formatter_class=Formatter,
-        description="Serve embeddings over HTTP: POST /v1/embeddings (OpenAI), POST /embed and /tokenize "
+        description="Serve embeddings over HTTP: POST /v1/embeddings and /embeddings (OpenAI), POST /embed and /tokenize "
                     "(text-embeddings-inference), GET /info, /v1/models, /health, /ready, /metrics. "
                     "Requests are batched together into token-budget forwards by one model worker.")
     g = s.add_argument_group("model")
