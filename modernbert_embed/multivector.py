@@ -121,22 +121,18 @@ class MultiVectorEncoder(FrontEnd):
         spec = self.spec
         texts = check_texts(texts)
         if is_query:
-            ids, truncated = self.text_tokenizer_.encode_prefixed(texts, self.query_prefix_id, spec.query_length)
+            ids, truncated = self.loaded.text_tokenizer().encode_prefixed(texts, self.query_prefix_id, spec.query_length)
             keys = None
             if spec.do_query_expansion:  # padded with [MASK] to query_length
                 if not spec.attend_to_expansion_tokens:
                     keys = [len(s) for s in ids]
                 ids = [s + [self.mask_token_id] * (spec.query_length - len(s)) for s in ids]
             return ids, truncated, None, keys
-        ids, truncated = self.text_tokenizer_.encode_prefixed(texts, self.document_prefix_id, spec.document_length)
+        ids, truncated = self.loaded.text_tokenizer().encode_prefixed(texts, self.document_prefix_id, spec.document_length)
         keep = None
         if self.skiplist_ids.size:
             keep = [~np.isin(np.asarray(s, dtype=np.int64), self.skiplist_ids) for s in ids]
         return ids, truncated, keep, None
-
-    @property
-    def text_tokenizer_(self):
-        return self.loaded.text_tokenizer()
 
     # --------------------------------------------------------------------------- vectors
     def encode(self, texts, is_query: bool = True, batch_size: int | None = None,
@@ -158,6 +154,8 @@ class MultiVectorEncoder(FrontEnd):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
                                 or not 1 <= dim <= self.spec.out_features):
             raise ValueError(f"truncate_dim must be an int in 1..{self.spec.out_features}, got {dim!r}")
+        if not items:
+            return []
         ids, _truncated, keep, keys = self.tokenize(items, is_query=is_query)
         bar, on_batch = progress_bar(len(items), show_progress_bar)
         try:

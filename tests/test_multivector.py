@@ -17,7 +17,7 @@ from modernbert_embed.multivector import maxsim, maxsim_pairwise
 from modernbert_embed.weights import (MULTIVECTOR, classifier_config, colbert_st_config, write_colbert_tokenizer,
                                      write_random_checkpoint)
 
-from conftest import fixture_file
+from conftest import fixture_file, requires_cuda
 from helpers import REAL_VOCAB
 from multivector_data import DOCUMENTS, QUERIES, write_variants
 
@@ -290,3 +290,19 @@ def test_bfloat16_stays_close_to_float32(folders, encoders):
         for a, b in zip(got, ref):
             assert a.shape == b.shape and a.dtype == np.float32
             assert (a * b).sum(axis=1).min() >= 0.999  # unit vectors: the dot product is the cosine
+
+
+@requires_cuda
+def test_gpu_keeps_the_head_on_the_device_and_matches_the_cpu(folders, encoders):
+    """On a GPU the projection and the per-token normalisation run on the device (tensors come back
+    there); float32 matches the CPU, bfloat16 within cosine 0.999, expansion included."""
+    cpu = encoders["expand"]
+    ref_q, ref_d = cpu.encode_query(QUERIES), cpu.encode_document(DOCUMENTS)
+    for dtype, check in ((torch.float32, lambda a, b: np.abs(a - b).max() <= 1e-3),
+                         (torch.bfloat16, lambda a, b: (a * b).sum(axis=1).min() >= 0.999)):
+        m = MultiVectorEncoder.from_pretrained(folders["expand"], device="cuda", dtype=dtype)
+        t = m.encode_query(QUERIES, convert_to_tensor=True)
+        assert t[0].device.type == "cuda" and t[0].dtype == torch.float32
+        for got, ref in ((m.encode_query(QUERIES), ref_q), (m.encode_document(DOCUMENTS), ref_d)):
+            for a, b in zip(got, ref, strict=True):
+                assert a.shape == b.shape and check(a, b), dtype
