@@ -120,6 +120,7 @@ def test_wrong_front_end_is_refused_naming_the_class(folders, tmp_path):
         json.loads((f / "modules.json").read_text()) + [{"idx": 2, "name": "2", "path": "2_Pooling",
                                                           "type": "sentence_transformers.models.Pooling"}])),
      "Dense module beside a Pooling module"),
+    (lambda f: _add_mask(f, skiplist_tasks=["query", "document"]), "only a skiplist for documents is supported"),
 ])
 def test_folders_it_cannot_run_exactly_are_refused(folders, tmp_path, edit, message):
     folder = tmp_path / "f"
@@ -149,6 +150,16 @@ def test_dense_bias_is_applied(tmp_path):
     plain = write_random_checkpoint(tmp_path / "p", small, **kw)  # the same weights without the bias
     unbiased = MultiVectorEncoder.from_pretrained(plain, device="cpu").encode_document(DOCUMENTS[:2])
     assert _max_abs(ours, unbiased) > 1e-2
+
+
+def _add_mask(folder, **config):
+    """A sentence-transformers 6 MultiVectorMask module after the Dense, with `config`."""
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": 2, "name": "2", "path": "2_MultiVectorMask",
+                    "type": "sentence_transformers.multi_vector_encoder.modules.multi_vector_mask.MultiVectorMask"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "2_MultiVectorMask").mkdir()
+    (folder / "2_MultiVectorMask" / "config.json").write_text(json.dumps(config))
 
 
 def _json(path, **changes):
@@ -306,3 +317,19 @@ def test_gpu_keeps_the_head_on_the_device_and_matches_the_cpu(folders, encoders)
         for got, ref in ((m.encode_query(QUERIES), ref_q), (m.encode_document(DOCUMENTS), ref_d)):
             for a, b in zip(got, ref, strict=True):
                 assert a.shape == b.shape and check(a, b), dtype
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["expand", "expand-attend", "no-expansion"])
+def test_sentence_transformers_6_saves_load_alike(folders, encoders, tmp_path, variant):
+    """A folder saved by sentence-transformers 6's MultiVectorEncoder (its own module names, the
+    prefixes as prompts, the lengths and expansion in the Transformer config, a MultiVectorMask
+    holding the skiplist) reads into the same spec and gives the same vectors."""
+    _st(folders[variant]).save(str(tmp_path / "st6"))
+    assert json.loads((tmp_path / "st6" / "config_sentence_transformers.json").read_text())["model_type"] == \
+        "MultiVectorEncoder"
+    assert Checkpoint(tmp_path / "st6").multivector == Checkpoint(folders[variant]).multivector
+    m = MultiVectorEncoder.from_pretrained(tmp_path / "st6", device="cpu")
+    ref = encoders[variant]
+    assert _max_abs(m.encode_query(QUERIES), ref.encode_query(QUERIES)) == 0
+    assert _max_abs(m.encode_document(DOCUMENTS), ref.encode_document(DOCUMENTS)) == 0

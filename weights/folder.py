@@ -15,10 +15,12 @@ What a folder is comes from `config.architectures`, never from a guess:
   - `ModernBertForSequenceClassification`: a classifier (a cross-encoder when it scores pairs),
     whose head is read from config.json (`classifier_*`, `num_labels`, `id2label`, and
     sentence-transformers' `activation_fn`).
-  - Transformer -> Dense (-> Normalize), no Pooling (PyLate's ColBERT folders, whose Dense is
-    `pylate.models.Dense.Dense`, or sentence-transformers' own Dense): a late-interaction model
-    (MULTIVECTOR), whose projection and ColBERT fields (prefixes, lengths, query expansion,
-    skiplist: config_sentence_transformers.json) are read into a `MultiVectorSpec`.
+  - Transformer -> Dense (-> MultiVectorMask -> Normalize), no Pooling (PyLate's ColBERT folders,
+    whose Dense is `pylate.models.Dense.Dense`, or sentence-transformers 6's `MultiVectorEncoder`
+    saves): a late-interaction model (MULTIVECTOR), whose projection and ColBERT fields (prefixes,
+    lengths, query expansion, skiplist: PyLate's config_sentence_transformers.json, or
+    sentence-transformers 6's prompts, Transformer config and MultiVectorMask) are read into a
+    `MultiVectorSpec`.
 Without `modules.json` an embedder pools by mean and does not normalise, as sentence-transformers
 does.
 """
@@ -41,7 +43,7 @@ from .resolve import DEFAULT_MODEL, resolve_checkpoint
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ST = "sentence_transformers."
-_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize", "Dense")
+_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize", "Dense", "MultiVectorMask")
 # A token-level projection: PyLate's Dense (a subclass of sentence-transformers' Dense), or
 # sentence-transformers' own (before 6 and from 6 on), by the name modules.json gives it.
 _DENSE_TYPES = ("pylate.models.Dense.Dense", "sentence_transformers.models.Dense",
@@ -241,10 +243,38 @@ class MultiVectorSpec:
     truncate_dim: int | None = None
 
 
+def st6_colbert_fields(folder: Path, st_raw: dict, mask: str | None, max_seq_length: int) -> dict:
+    """The ColBERT fields of a folder saved by sentence-transformers 6's `MultiVectorEncoder`, in
+    PyLate's names: the prefixes are its `query` / `document` prompts (prepended to the text: the
+    same ids as PyLate's insertion when the prompt is one added token, which `MultiVectorEncoder`
+    checks), the lengths and `query_expansion` are the Transformer's (sentence_bert_config.json),
+    the skiplist the MultiVectorMask module's. Settings PyLate has no equal of are refused."""
+    sb_path = folder / "sentence_bert_config.json"
+    sb = _read_json(sb_path, "the Transformer config") if sb_path.is_file() else {}
+    exp = sb.get("query_expansion")
+    if exp is not None:
+        if not isinstance(exp, dict) or exp.get("strategy", "fixed") != "fixed" or exp.get("token") not in (None, "[MASK]"):
+            raise CheckpointError(f"{sb_path}: query_expansion {exp!r} is not supported (strategy 'fixed' with [MASK])")
+    m: dict = {}
+    if mask is not None:
+        m_path = folder / mask / "config.json"
+        m = _read_json(m_path, "the MultiVectorMask config") if m_path.is_file() else {}
+        if m.get("skiplist_tasks", ["document"]) not in (["document"], "document") or m.get("keep_only_token_ids"):
+            raise CheckpointError(f"{m_path}: only a skiplist for documents is supported (skiplist_tasks "
+                                  f"{m.get('skiplist_tasks')!r}, keep_only_token_ids {m.get('keep_only_token_ids')!r})")
+    prompts = st_raw.get("prompts") or {}
+    return {"query_prefix": prompts.get("query", ""), "document_prefix": prompts.get("document", ""),
+            "query_length": exp["length"] if exp else sb.get("query_length") or max_seq_length,
+            "document_length": sb.get("document_length") or max_seq_length,
+            "do_query_expansion": exp is not None, "attend_to_expansion_tokens": bool(exp and exp.get("attend", False)),
+            "skiplist_words": m.get("skiplist_words") or []}
+
+
 def read_multivector(folder: Path, dense: str, hidden: int, st_raw: dict) -> MultiVectorSpec:
     """The multi-vector head from the Dense module's config (`folder / dense / config.json`) and
-    the ColBERT fields of config_sentence_transformers.json (`st_raw`), with PyLate's defaults;
-    what this engine cannot run exactly is refused by name."""
+    the ColBERT fields of config_sentence_transformers.json (`st_raw`; PyLate's names, see
+    `st6_colbert_fields` for sentence-transformers 6's), with PyLate's defaults; what this engine
+    cannot run exactly is refused by name."""
     path = folder / dense / "config.json"
     if not path.is_file():
         raise CheckpointError(f"modules.json names a Dense module in {dense!r}, but {path} is missing")
@@ -352,8 +382,13 @@ class Checkpoint:
                                       "this engine runs a Dense only as a ColBERT model's per-token projection "
                                       "(Transformer -> Dense)")
             self.kind = MULTIVECTOR
-            self.multivector = read_multivector(self.folder, self.modules["Dense"], self.config.hidden_size,
-                                                st.get("raw", {}))
+            raw_st = st.get("raw", {})
+            if raw_st.get("model_type") == "MultiVectorEncoder" or "MultiVectorMask" in self.modules:
+                raw_st = {**raw_st, **st6_colbert_fields(self.folder, raw_st, self.modules.get("MultiVectorMask"),
+                                                         read_max_seq_length(self.folder, self.config))}
+            self.multivector = read_multivector(self.folder, self.modules["Dense"], self.config.hidden_size, raw_st)
+        elif "MultiVectorMask" in self.modules:
+            raise CheckpointError(f"{self.folder}: modules.json lists a MultiVectorMask without a Dense projection")
         self.pooling = read_pooling(self.folder, self.modules.get("Pooling"))
         self.normalize = "Normalize" in self.modules  # none listed (or no modules.json): not normalised
         self.prompts: dict[str, str] = st.get("prompts", {})
@@ -385,6 +420,8 @@ class Checkpoint:
         if self.multivector is not None:  # the ColBERT fields and the projection
             dense = self.multivector.dense
             names += ["config_sentence_transformers.json", f"{dense}/config.json", f"{dense}/model.safetensors"]
+            if "MultiVectorMask" in self.modules:
+                names.append(f"{self.modules['MultiVectorMask']}/config.json")
         files = [self.folder / n for n in names if (self.folder / n).is_file()]
         return files + sorted(self.folder.glob("model*.safetensors"))
 
