@@ -68,6 +68,7 @@ def read_modules(folder: Path) -> dict[str, str]:
     if not isinstance(modules, list):
         raise CheckpointError(f"{path} is not a list of modules")
     found: dict[str, str] = {}
+    dense_type = None
     for m in modules:
         # sentence-transformers' class, by name: `sentence_transformers.models.Pooling` (before 6),
         # `sentence_transformers.base.modules.transformer.Transformer` (6 and later)
@@ -76,6 +77,12 @@ def read_modules(folder: Path) -> dict[str, str]:
         if kind not in _KNOWN_MODULES:
             raise CheckpointError(f"{path}: module {m.get('type')!r} is not supported (this engine runs "
                                   f"{', '.join(_KNOWN_MODULES)})")
+        if kind == "Dense" and "Pooling" in found or kind == "Pooling" and "Dense" in found:
+            dense = m.get("type") if kind == "Dense" else dense_type
+            raise CheckpointError(f"{path}: module {dense!r} is not supported beside a Pooling module (this engine "
+                                  "runs a Dense only as a ColBERT model's per-token projection: Transformer -> Dense)")
+        if kind == "Dense":
+            dense_type = m.get("type")
         found[kind] = str(m.get("path", ""))
     if found.get("Transformer", "") != "":
         raise CheckpointError(f"{path}: the Transformer module lives in {found['Transformer']!r}; this "
@@ -376,11 +383,10 @@ class Checkpoint:
                                   f"modules {sorted(set(self.modules) - {'Transformer'})}; a classifier has none")
         self.multivector: MultiVectorSpec | None = None
         if "Dense" in self.modules:  # a per-token projection: a late-interaction (ColBERT) model
-            if self.kind != EMBEDDER or "Pooling" in self.modules:
-                raise CheckpointError(f"{self.folder}: modules.json lists a Dense module beside "
-                                      f"{'a Pooling module' if 'Pooling' in self.modules else self.architecture}; "
-                                      "this engine runs a Dense only as a ColBERT model's per-token projection "
-                                      "(Transformer -> Dense)")
+            if self.kind != EMBEDDER:  # beside a Pooling: refused by read_modules
+                raise CheckpointError(f"{self.folder}: modules.json lists a Dense module in a {self.architecture} "
+                                      "folder; this engine runs a Dense only as a ColBERT model's per-token "
+                                      "projection (Transformer -> Dense)")
             self.kind = MULTIVECTOR
             raw_st = st.get("raw", {})
             if raw_st.get("model_type") == "MultiVectorEncoder" or "MultiVectorMask" in self.modules:
