@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench device-check lint clean serve
+.PHONY: demo test test-fast bench device-check lint clean serve pylate-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,9 +52,26 @@ DEVICE_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 device-check:
 	$(DEVICE_PY) -P benchmarks/device_check.py $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
 
+# PyLate (the late-interaction reference of tests/test_multivector_pylate.py) in its own virtual
+# environment: it pins sentence-transformers 5.3 and transformers <= 5.3, older than ours. Its
+# fast-plaid requirement (a PLAID index, which the tests do not use) pins a torch build of its own,
+# so PyLate goes in without dependencies beside the ones its ColBERT model imports, on the same
+# CPU torch as the project.
+PYLATE_VENV ?= .venv-pylate
+PYLATE_STAMP := $(PYLATE_VENV)/.installed
+PYLATE_DEPS := sentence-transformers==5.3.0 transformers==5.3.0 ujson==5.12.0 "datasets>=2.20.0" \
+	"accelerate>=0.31.0" "pandas>=2.2.1"
+pylate-venv: $(PYLATE_STAMP)
+$(PYLATE_STAMP):
+	$(PYTHON) -m venv $(PYLATE_VENV)
+	$(PYLATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PYLATE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(PYLATE_DEPS)
+	$(PYLATE_VENV)/bin/python -m pip install -q --no-deps pylate==1.6.0
+	touch $(PYLATE_STAMP)
+
 lint: $(STAMP)
 	$(PIP) install -q ruff
 	$(VENV)/bin/ruff check --select E9,F modernbert_embed tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PYLATE_VENV) build *.egg-info .pytest_cache

@@ -32,6 +32,10 @@ class Batch:
     max_seqlen: int
     lengths: tuple[int, ...]  # host copy of the B lengths (CPU attention and pooling use it)
     order: tuple[int, ...]  # order[b] = index of sequence b in the caller's input
+    # ColBERT's query expansion without attention to the expansion tokens: sequence b's first
+    # key_lengths[b] tokens are its keys; the ones after them attend but are attended by none
+    # (themselves included). None: every token is a key (the usual case).
+    key_lengths: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -83,8 +87,10 @@ def upload(values: np.ndarray, dtype: torch.dtype, device=None) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def pack(sequences: Sequence[Sequence[int]], order: Sequence[int], device=None) -> Batch:
-    """Pack the token-id lists `sequences[i] for i in order` into one `Batch` on `device`."""
+def pack(sequences: Sequence[Sequence[int]], order: Sequence[int], device=None,
+         key_lengths: Sequence[int] | None = None) -> Batch:
+    """Pack the token-id lists `sequences[i] for i in order` into one `Batch` on `device`.
+    `key_lengths[i]`: how many leading tokens of input i are keys (see `Batch.key_lengths`)."""
     chosen = [sequences[i] for i in order]
     lengths = tuple(len(s) for s in chosen)
     T = sum(lengths)
@@ -100,4 +106,5 @@ def pack(sequences: Sequence[Sequence[int]], order: Sequence[int], device=None) 
         max_seqlen=max(lengths),
         lengths=lengths,
         order=tuple(order),
+        key_lengths=None if key_lengths is None else tuple(int(key_lengths[i]) for i in order),
     )

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .batching import Batch, pack, plan_batches, upload
-from .heads import ClassifierHead
+from .heads import ClassifierHead, ProjectionHead
 from .model import ModernBert
 from .devices import default_max_batch_tokens, resolve_device, resolve_dtype
 from .ops import Ops, select_ops, self_check
@@ -51,14 +51,17 @@ class NonFiniteError(FloatingPointError):
 
 
 class Engine:
-    """A loaded model, its pooling and, for a classifier, its head: `embed`, `score` and
-    `hidden_states` over lists of token ids."""
+    """A loaded model, its pooling and, for a classifier, its head (for a late-interaction model,
+    its per-token projection): `embed`, `score`, `tokens` and `hidden_states` over lists of token
+    ids."""
 
-    def __init__(self, model: ModernBert, pooling: str = "mean", head: ClassifierHead | None = None):
+    def __init__(self, model: ModernBert, pooling: str = "mean", head: ClassifierHead | None = None,
+                 projection: ProjectionHead | None = None):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling {pooling!r} is not supported (mean or cls)")
         self.model = model
         self.head = head
+        self.projection = projection  # a late-interaction model's per-token head (`tokens`)
         self.config = model.config
         self.ops = model.ops
         self.pooling = pooling
@@ -100,6 +103,16 @@ class Engine:
         model = ModernBert(cfg, ops, device=device)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         head = ClassifierHead(cfg.hidden_size, checkpoint.classifier) if checkpoint.classifier else None
+        if checkpoint.multivector is not None:  # the backbone, and the Dense module's own folder
+            spec = checkpoint.multivector
+            projection = ProjectionHead(spec, ops)
+            dense = {k: v.shape for k, v in projection.linear.state_dict().items()}
+            dense = {"linear." + k: v for k, v in dense.items()}
+            if spec.bias:
+                dense["linear.bias"] = projection.bias.shape
+            projection.load(load_state_dict(checkpoint.folder / spec.dense, dense, dtype, device))
+            model.load(load_state_dict(checkpoint.folder, expected, dtype, device))
+            return cls(model, checkpoint.pooling, projection=projection)
         if head is None:
             model.load(load_state_dict(checkpoint.folder, expected, dtype, device))
             return cls(model, checkpoint.pooling)
@@ -226,15 +239,73 @@ class Engine:
         return self._run(ids, head.spec.num_labels, logits, "logits", max_batch_tokens, batch_size, on_batch, out,
                          check_finite)
 
+    def tokens(self, ids: Sequence[Sequence[int]], *, keep: Sequence[np.ndarray] | None = None,
+               key_lengths: Sequence[int] | None = None, dim: int | None = None,
+               max_batch_tokens: int | None = None, batch_size: int | None = None,
+               on_batch: Callable[[int, int], None] | None = None, check_finite: bool = True
+               ) -> tuple[torch.Tensor, np.ndarray]:
+        """A late-interaction model's per-token vectors for `ids` (checked token-id lists): the
+        projection head on every token's final-norm state, L2-normalised per token (`dim`: the
+        first `dim` features, normalised; None: all). Returns (`out`, `offsets`): float32
+        [K, dim] on the device and int64 [len(ids) + 1], input i's vectors being
+        `out[offsets[i]:offsets[i + 1]]`, in token order. `keep[i]` (bool [len(ids[i])]): the
+        tokens of input i to return (None: all of them). `key_lengths[i]`: only the first
+        key_lengths[i] tokens of input i are attended to (ColBERT's query expansion with
+        unattended [MASK] tokens; `Batch.key_lengths`). Planned and packed as `embed` does (same
+        options); an engine without the head raises ValueError."""
+        if self.projection is None:
+            raise ValueError("this model has no per-token projection (it is not a late-interaction model)")
+        head = self.projection
+        width = head.spec.out_features if dim is None else dim
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= head.spec.out_features:
+            raise ValueError(f"dim must be an int in 1..{head.spec.out_features}, got {dim!r}")
+        lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+        if keep is None:
+            counts = lengths
+        else:
+            keep = [np.asarray(k, dtype=bool) for k in keep]
+            if len(keep) != len(ids) or any(k.shape != (n,) for k, n in zip(keep, lengths)):
+                raise ValueError("keep must hold one bool mask per input, as long as its token ids")
+            counts = np.fromiter((int(k.sum()) for k in keep), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        out = torch.empty(int(offsets[-1]), int(width), dtype=torch.float32, device=self.device)
+
+        def rows(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+            vectors = head(hidden, int(width))
+            return vectors if keep is None else vectors[upload(kept(batch.order), torch.int64, self.device)]
+
+        def kept(order) -> np.ndarray:  # the batch's kept tokens, as packed rows
+            starts = np.concatenate([[0], np.cumsum(lengths[list(order)])[:-1]])
+            return np.concatenate([s + np.flatnonzero(keep[i]) for s, i in zip(starts, order)])
+
+        def destination(order) -> np.ndarray:  # where each returned row of the batch lands in `out`
+            return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+
+        self._run(ids, int(width), rows, "token vectors", max_batch_tokens, batch_size, on_batch, out, False,
+                  destination=destination, key_lengths=key_lengths)
+        if check_finite:
+            bad = self.nonfinite_rows(out)
+            if bad:  # rows -> the inputs they belong to
+                inputs = sorted(set((np.searchsorted(offsets, bad, side="right") - 1).tolist()))
+                raise NonFiniteError(inputs, self.dtype_name, "token vectors")
+        return out, offsets
+
     def _run(self, ids, width: int, reduce: Callable[[torch.Tensor, Batch], torch.Tensor], what: str,
-             max_batch_tokens, batch_size, on_batch, out, check_finite: bool) -> torch.Tensor:
+             max_batch_tokens, batch_size, on_batch, out, check_finite: bool,
+             destination: Callable[[list[int]], np.ndarray] | None = None,
+             key_lengths: Sequence[int] | None = None) -> torch.Tensor:
         """The batch loop: plan, pack, forward, `reduce(hidden, batch)` -> float32 [B, width] rows,
-        scattered into `out` [len(ids), width] in input order (see `embed`)."""
-        if out is None:
-            out = torch.empty(len(ids), width, dtype=torch.float32, device=self.device)
-        elif out.shape != (len(ids), width) or out.dtype != torch.float32 or out.device != self.device:
-            raise ValueError(f"out must be float32 [{len(ids)}, {width}] on {self.device}, got "
-                             f"{out.dtype} {list(out.shape)} on {out.device}")
+        scattered into `out` [len(ids), width] in input order (see `embed`). `destination(order)`:
+        the rows of `out` that a batch's rows go to (None: one per input, `order`); `out` is then
+        given, of any length. `key_lengths`: see `Batch.key_lengths`."""
+        if destination is None:
+            destination = np.asarray
+            if out is None:
+                out = torch.empty(len(ids), width, dtype=torch.float32, device=self.device)
+            elif out.shape != (len(ids), width) or out.dtype != torch.float32 or out.device != self.device:
+                raise ValueError(f"out must be float32 [{len(ids)}, {width}] on {self.device}, got "
+                                 f"{out.dtype} {list(out.shape)} on {out.device}")
         if not ids:
             return out
         plan = plan_batches([len(s) for s in ids], self.budget(max_batch_tokens), batch_size)
@@ -242,9 +313,9 @@ class Engine:
         pending: collections.deque = collections.deque()
         with self.on_device():
             for order in plan:
-                batch = pack(ids, order, self.device)
+                batch = pack(ids, order, self.device, key_lengths)
                 rows = reduce(self.model(batch), batch)
-                out.index_copy_(0, upload(np.asarray(order, dtype=np.int64), torch.int64, self.device), rows)
+                out.index_copy_(0, upload(np.asarray(destination(order), dtype=np.int64), torch.int64, self.device), rows)
                 if track:
                     event = torch.cuda.Event()
                     event.record()

@@ -1,4 +1,5 @@
-"""The classifier head of `ModernBertForSequenceClassification`, after the encoder.
+"""The heads after the encoder: the classifier of `ModernBertForSequenceClassification`, and the
+per-token projection of a late-interaction (ColBERT) model.
 
 What it computes is transformers' head in eval mode (dropout is inert):
 ```
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import ClassifierSpec
+from .model import Linear
+from .weights import ClassifierSpec, MultiVectorSpec
 
 # transformers' ACT2FN, by name (`weights.folder.HEAD_ACTIVATIONS` are the names a folder may use)
 ACTIVATIONS = {
@@ -92,4 +94,43 @@ class ClassifierHead(nn.Module):
         return self.classifier(self.head(pooled.float()))  # [B, H] -> [B, num_labels]
 
 
-__all__ = ["ACTIVATIONS", "ClassifierHead"]
+class ProjectionHead(nn.Module):
+    """A ColBERT model's Dense projection and per-token L2 normalisation, as PyLate computes them:
+    final-norm states [T, H] -> `F.normalize(dense(h)[:, :dim])` [T, dim] float32, for every token
+    (PyLate's Dense: `linear.weight` [out, H], `linear.bias` iff the folder has one, identity
+    activation). `dim` below `out_features` is sentence-transformers' `truncate_dim`: the first
+    `dim` features, normalised again.
+
+    The projection runs in the model's dtype by the ops' GEMM, as every Linear of the backbone: on
+    a GPU cuBLAS on the device (bf16/fp16 inputs, float32 accumulation), on the CPU oneDNN's packed
+    weights; its output is upcast to float32 before the bias and the norm, so that the sum of
+    squares is taken in float32."""
+
+    def __init__(self, spec: MultiVectorSpec, ops):
+        super().__init__()
+        self.spec = spec
+        self.linear = Linear(spec.in_features, spec.out_features, ops)
+        self.bias = nn.Parameter(torch.empty(spec.out_features, device="meta"), requires_grad=False) \
+            if spec.bias else None
+
+    def load(self, state_dict: dict) -> None:
+        """Take the Dense module's tensors (`linear.weight`, `linear.bias`: names and shapes
+        already checked), the weight in the model's dtype, in the ops' layout; the bias float32."""
+        bias = state_dict.pop("linear.bias", None)
+        self.linear.load_state_dict({"weight": state_dict.pop("linear.weight")}, strict=True, assign=True)
+        self.linear.pack()
+        if self.bias is not None:
+            self.bias = nn.Parameter(bias.float(), requires_grad=False)
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        x = self.linear(hidden).float()  # [T, out]
+        if self.bias is not None:
+            x = x + self.bias
+        if dim is not None and dim < x.shape[1]:
+            x = x[:, :dim]
+        return F.normalize(x, p=2, dim=1)  # as torch.nn.functional.normalize in PyLate: eps 1e-12
+
+
+__all__ = ["ACTIVATIONS", "ClassifierHead", "ProjectionHead"]

@@ -25,12 +25,14 @@ import torch
 
 from .engine import Engine, NonFiniteError
 from .tokenizer import PROMPTS, TextTokenizer
-from .weights import CLASSIFIER, DEFAULT_MODEL, EMBEDDER, Checkpoint, CheckpointError, resolve_activation_fn
+from .weights import (CLASSIFIER, DEFAULT_MODEL, EMBEDDER, MULTIVECTOR, Checkpoint, CheckpointError,
+                      resolve_activation_fn)
 
 # Texts per tokenisation chunk when a front end tokenises beside a GPU (`tokenize_chunk`).
 TOKENIZE_CHUNK = 4096
 # The class that runs each kind of folder, for the error that names it.
-FRONT_ENDS = {EMBEDDER: "modernbert_embed.Embedder", CLASSIFIER: "modernbert_embed.CrossEncoder"}
+FRONT_ENDS = {EMBEDDER: "modernbert_embed.Embedder", CLASSIFIER: "modernbert_embed.CrossEncoder",
+              MULTIVECTOR: "modernbert_embed.MultiVectorEncoder"}
 
 
 class LoadedModel:
@@ -72,7 +74,10 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """EMBEDDER or CLASSIFIER: whether the engine has a classifier head."""
+        """EMBEDDER, CLASSIFIER or MULTIVECTOR: the engine's head (none, a classifier, a per-token
+        projection)."""
+        if self.engine.projection is not None:
+            return MULTIVECTOR
         return CLASSIFIER if self.engine.head is not None else EMBEDDER
 
     @property
@@ -168,7 +173,7 @@ class LoadedModel:
 
 
 class FrontEnd:
-    """What the Python front ends (`Embedder`, `CrossEncoder`) share: they wrap one `LoadedModel`
+    """What the Python front ends (`Embedder`, `CrossEncoder`, `MultiVectorEncoder`) share: they wrap one `LoadedModel`
     (`loaded`) of their `KIND`, load it the same way, and show its parts under the same names."""
 
     KIND = EMBEDDER
@@ -268,18 +273,26 @@ class FrontEnd:
 
 
 def require(checkpoint: Checkpoint, kind: str) -> None:
-    """Refuse a folder that is not of `kind` (EMBEDDER or CLASSIFIER), naming the class to use."""
+    """Refuse a folder that is not of `kind` (EMBEDDER, CLASSIFIER or MULTIVECTOR), naming the class
+    to use."""
     if checkpoint.kind == kind:
         return
     arch = checkpoint.architecture or "ModernBertModel"
-    what = (f"a sequence classifier ({arch}, {checkpoint.classifier.num_labels} label(s)): a cross-encoder, "
-            "not an embedder" if checkpoint.kind == CLASSIFIER else
-            f"an embedder ({arch}) with no classifier head, not a cross-encoder")
+    asked = {EMBEDDER: "an embedder", CLASSIFIER: "a cross-encoder", MULTIVECTOR: "a multi-vector encoder"}[kind]
+    if checkpoint.kind == CLASSIFIER:
+        what = f"a sequence classifier ({arch}, {checkpoint.classifier.num_labels} label(s)): a cross-encoder"
+    elif checkpoint.kind == MULTIVECTOR:
+        what = (f"a late-interaction (ColBERT) model ({arch} with a per-token Dense projection to "
+                f"{checkpoint.multivector.out_features}): a multi-vector encoder")
+    else:
+        what = f"an embedder ({arch}) with one pooled vector per text and no classifier head"
+    what += f", not {asked}"
     raise CheckpointError(f"{checkpoint.name} is {what}; load it with {FRONT_ENDS[checkpoint.kind]}")
 
 
 def as_loaded(model) -> LoadedModel:
-    """The `LoadedModel` of a front end (an `Embedder`, a `CrossEncoder`) or the model itself."""
+    """The `LoadedModel` of a front end (an `Embedder`, a `CrossEncoder`, a `MultiVectorEncoder`)
+    or the model itself."""
     loaded = getattr(model, "loaded", model)
     if not isinstance(loaded, LoadedModel):
         raise TypeError(f"expected a loaded model (Embedder, CrossEncoder or LoadedModel), got {type(model).__name__}")

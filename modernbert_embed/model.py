@@ -135,6 +135,9 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: Batch):
         qkv = self.Wqkv(x).view(-1, 3, self.heads, self.head_dim)  # [T, 3, heads, d]
+        if batch.key_lengths is not None:  # ColBERT's query expansion: trailing tokens are no one's keys
+            qkv = self.ops.rotary(qkv, batch.positions, self.rope.cos, self.rope.sin)
+            return self.Wo(self.ops.key_limited_attention(qkv, batch, self.window, self.scale))
         if self.ops.fused_rotary:  # the attention kernel rotates q and k as it loads them
             out = self.ops.attention(qkv, batch, self.window, self.scale, rope=(self.rope.cos, self.rope.sin))
         else:

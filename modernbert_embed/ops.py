@@ -69,6 +69,10 @@ class Ops:
     # quantised to int8 per output feature at load and its input per call (`pack_linear` and
     # `linear` are `int8.int8_pack` / `int8_linear`); the rest of the model runs in float32.
     int8_weights: bool = False
+    # (qkv rotated, batch with `key_lengths`, window | None, scale) -> [T, h * d]: attention where
+    # only each sequence's first key_lengths[b] tokens are keys (ColBERT's query expansion with
+    # unattended [MASK] tokens, as transformers' SDPA computes it); torch's SDPA on every device.
+    key_limited_attention: Callable = ops_torch.key_limited_attention
 
 
 OP_NAMES = ("layer_norm", "rotary", "attention", "geglu", "pool")

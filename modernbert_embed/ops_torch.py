@@ -93,6 +93,36 @@ def attention(qkv, batch, window, scale):
     return out.view(T, heads * d)
 
 
+def key_limited_attention(qkv, batch, window, scale):
+    """Attention where sequence b's keys are its first `batch.key_lengths[b]` tokens only: every
+    token is a query (with its own position and window), the tokens after them are keys of none,
+    not even of themselves. This is a padded batch through transformers' SDPA path with
+    attention_mask 0 on those tokens (ColBERT's query expansion, `attend_to_expansion_tokens`
+    false): the real tokens compute what they would alone, and each expansion token attends to the
+    real ones within its window. A query that sees no key at all (an expansion token more than a
+    window past the last real one) gets zeros.
+
+    qkv: [T, 3, heads, head_dim] (rotary applied). One SDPA call over the batch padded to its
+    longest sequence, with a boolean mask. Returns [T, heads * head_dim]."""
+    T, _, heads, d = qkv.shape
+    lengths = torch.tensor(batch.lengths, device=qkv.device)
+    B, L = len(batch.lengths), max(batch.lengths)
+    rows = torch.arange(L, device=qkv.device)
+    valid = rows[None, :] < lengths[:, None]  # [B, L]
+    padded = qkv.new_zeros(B, L, 3, heads, d)
+    padded[valid] = qkv
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, d]
+    keys = rows[None, :] < torch.tensor(batch.key_lengths, device=qkv.device)[:, None]  # [B, L]
+    visible = keys[:, None, :].expand(B, L, L)
+    if window is not None:
+        visible = visible & ((rows[:, None] - rows[None, :]).abs() <= window)[None]
+    seen = visible.any(dim=2)  # [B, L]: queries with at least one key
+    visible = visible | ~seen[:, :, None]  # such a row attends to all, then is zeroed (no NaN)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=scale)  # [B, heads, L, d]
+    out = out.transpose(1, 2) * seen[:, :, None, None].to(out.dtype)  # [B, L, heads, d]
+    return out[valid].reshape(T, heads * d)
+
+
 def _additive(visible: torch.Tensor, dtype) -> torch.Tensor:
     # SDPA turns a boolean mask into an additive one on every call; cached masks are made additive once.
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))

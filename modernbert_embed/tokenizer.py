@@ -232,6 +232,24 @@ class TextTokenizer:
         texts = [self.cut(t, max_length, add_special_tokens) for t in check_texts(texts)]
         return self._for_length(max_length).encode_batch(texts, add_special_tokens=add_special_tokens)
 
+    def encode_prefixed(self, texts: Sequence[str], prefix_id: int | None, max_length: int
+                        ) -> tuple[list[list[int]], list[bool]]:
+        """PyLate's ColBERT tokenisation: each text stripped of surrounding white space (as
+        sentence-transformers' Transformer tokenises), `[CLS] ... [SEP]` truncated to `max_length - 1`
+        tokens, then `prefix_id` inserted at position 1, after [CLS] (no prefix: truncated to
+        `max_length`). Returns the ids and whether each text was truncated."""
+        texts = [t.strip() for t in check_texts(texts)]
+        if prefix_id is None:
+            ids, truncated = self.encode(texts, "", max_length)
+        else:
+            ids, truncated = self.encode(texts, "", max_length - 1)
+            ids = [s[:1] + [prefix_id] + s[1:] for s in ids]
+        return ids, truncated
+
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` (a vocabulary entry or an added token such as ColBERT's `[Q] `), or None."""
+        return self.untruncated.token_to_id(token)
+
     @property
     def untruncated(self):
         """The `tokenizers.Tokenizer` that neither truncates nor pads (made at load, never changed)."""

@@ -15,6 +15,12 @@ What a folder is comes from `config.architectures`, never from a guess:
   - `ModernBertForSequenceClassification`: a classifier (a cross-encoder when it scores pairs),
     whose head is read from config.json (`classifier_*`, `num_labels`, `id2label`, and
     sentence-transformers' `activation_fn`).
+  - Transformer -> Dense (-> MultiVectorMask -> Normalize), no Pooling (PyLate's ColBERT folders,
+    whose Dense is `pylate.models.Dense.Dense`, or sentence-transformers 6's `MultiVectorEncoder`
+    saves): a late-interaction model (MULTIVECTOR), whose projection and ColBERT fields (prefixes,
+    lengths, query expansion, skiplist: PyLate's config_sentence_transformers.json, or
+    sentence-transformers 6's prompts, Transformer config and MultiVectorMask) are read into a
+    `MultiVectorSpec`.
 Without `modules.json` an embedder pools by mean and does not normalise, as sentence-transformers
 does.
 """
@@ -27,6 +33,7 @@ import importlib
 import json
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +43,11 @@ from .resolve import DEFAULT_MODEL, resolve_checkpoint
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ST = "sentence_transformers."
-_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize", "Dense", "MultiVectorMask")
+# A token-level projection: PyLate's Dense (a subclass of sentence-transformers' Dense), or
+# sentence-transformers' own (before 6 and from 6 on), by the name modules.json gives it.
+_DENSE_TYPES = ("pylate.models.Dense.Dense", "sentence_transformers.models.Dense",
+                "sentence_transformers.models.Dense.Dense", "sentence_transformers.base.modules.dense.Dense")
 
 
 def _read_json(path: Path, what: str):
@@ -57,14 +68,21 @@ def read_modules(folder: Path) -> dict[str, str]:
     if not isinstance(modules, list):
         raise CheckpointError(f"{path} is not a list of modules")
     found: dict[str, str] = {}
+    dense_type = None
     for m in modules:
         # sentence-transformers' class, by name: `sentence_transformers.models.Pooling` (before 6),
         # `sentence_transformers.base.modules.transformer.Transformer` (6 and later)
         name = str((m or {}).get("type", ""))
-        kind = name.rpartition(".")[2] if name.startswith(_ST) else name
+        kind = "Dense" if name in _DENSE_TYPES else name.rpartition(".")[2] if name.startswith(_ST) else name
         if kind not in _KNOWN_MODULES:
             raise CheckpointError(f"{path}: module {m.get('type')!r} is not supported (this engine runs "
                                   f"{', '.join(_KNOWN_MODULES)})")
+        if kind == "Dense" and "Pooling" in found or kind == "Pooling" and "Dense" in found:
+            dense = m.get("type") if kind == "Dense" else dense_type
+            raise CheckpointError(f"{path}: module {dense!r} is not supported beside a Pooling module (this engine "
+                                  "runs a Dense only as a ColBERT model's per-token projection: Transformer -> Dense)")
+        if kind == "Dense":
+            dense_type = m.get("type")
         found[kind] = str(m.get("path", ""))
     if found.get("Transformer", "") != "":
         raise CheckpointError(f"{path}: the Transformer module lives in {found['Transformer']!r}; this "
@@ -107,7 +125,7 @@ def read_max_seq_length(folder: Path, cfg: ModernBertConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- what the folder is
-EMBEDDER, CLASSIFIER = "embedder", "classifier"
+EMBEDDER, CLASSIFIER, MULTIVECTOR = "embedder", "classifier", "multivector"
 _ARCHITECTURES = {
     "ModernBertModel": EMBEDDER,
     "ModernBertForMaskedLM": EMBEDDER,  # the backbone; the MLM head is not a task head
@@ -199,6 +217,116 @@ def read_classifier(raw: dict, cfg: ModernBertConfig, path: Path, activation_fn:
         id2label=id2label or {i: f"LABEL_{i}" for i in range(num_labels)}, activation_fn=activation_fn)
 
 
+# PyLate's defaults for the fields its config_sentence_transformers.json may leave out
+# (`pylate.models.ColBERT.__init__`, 1.6): what it runs when a folder does not say.
+COLBERT_DEFAULTS = {"query_prefix": "[Q] ", "document_prefix": "[D] ", "query_length": 32, "document_length": 180,
+                    "attend_to_expansion_tokens": False, "skiplist_words": list(string.punctuation),
+                    "do_query_expansion": True}
+_IDENTITY = ("torch.nn.modules.linear.Identity", "torch.nn.Identity")
+
+
+@dataclass(frozen=True)
+class MultiVectorSpec:
+    """A late-interaction (ColBERT) folder as PyLate and sentence-transformers' `MultiVectorEncoder`
+    run it: the backbone's final-norm states of every token -> the Dense projection (`dense`: its
+    sub-folder, `in_features` -> `out_features`, bias iff `bias`, identity activation) -> per-token
+    L2 normalisation. Text in: [CLS] prefix text [SEP], the prefix token (`query_prefix` /
+    `document_prefix`, an added token of the tokenizer) inserted after [CLS]; queries to
+    `query_length` tokens (padded with [MASK] when `do_query_expansion`, the [MASK]s attended to
+    only when `attend_to_expansion_tokens`), documents to `document_length`, whose tokens in
+    `skiplist_words` are dropped from the output. `truncate_dim`: the folder's default (None: all)."""
+
+    dense: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+    query_prefix: str = "[Q] "
+    document_prefix: str = "[D] "
+    query_length: int = 32
+    document_length: int = 180
+    attend_to_expansion_tokens: bool = False
+    skiplist_words: tuple = tuple(string.punctuation)
+    do_query_expansion: bool = True
+    truncate_dim: int | None = None
+
+
+def st6_colbert_fields(folder: Path, st_raw: dict, mask: str | None, max_seq_length: int) -> dict:
+    """The ColBERT fields of a folder saved by sentence-transformers 6's `MultiVectorEncoder`, in
+    PyLate's names: the prefixes are its `query` / `document` prompts (prepended to the text: the
+    same ids as PyLate's insertion when the prompt is one added token, which `MultiVectorEncoder`
+    checks), the lengths and `query_expansion` are the Transformer's (sentence_bert_config.json),
+    the skiplist the MultiVectorMask module's. Settings PyLate has no equal of are refused."""
+    sb_path = folder / "sentence_bert_config.json"
+    sb = _read_json(sb_path, "the Transformer config") if sb_path.is_file() else {}
+    exp = sb.get("query_expansion")
+    if exp is not None:
+        if not isinstance(exp, dict) or exp.get("strategy", "fixed") != "fixed" or exp.get("token") not in (None, "[MASK]"):
+            raise CheckpointError(f"{sb_path}: query_expansion {exp!r} is not supported (strategy 'fixed' with [MASK])")
+    m: dict = {}
+    if mask is not None:
+        m_path = folder / mask / "config.json"
+        m = _read_json(m_path, "the MultiVectorMask config") if m_path.is_file() else {}
+        if m.get("skiplist_tasks", ["document"]) not in (["document"], "document") or m.get("keep_only_token_ids"):
+            raise CheckpointError(f"{m_path}: only a skiplist for documents is supported (skiplist_tasks "
+                                  f"{m.get('skiplist_tasks')!r}, keep_only_token_ids {m.get('keep_only_token_ids')!r})")
+    prompts = st_raw.get("prompts") or {}
+    return {"query_prefix": prompts.get("query", ""), "document_prefix": prompts.get("document", ""),
+            "query_length": exp["length"] if exp else sb.get("query_length") or max_seq_length,
+            "document_length": sb.get("document_length") or max_seq_length,
+            "do_query_expansion": exp is not None, "attend_to_expansion_tokens": bool(exp and exp.get("attend", False)),
+            "skiplist_words": m.get("skiplist_words") or []}
+
+
+def read_multivector(folder: Path, dense: str, hidden: int, st_raw: dict) -> MultiVectorSpec:
+    """The multi-vector head from the Dense module's config (`folder / dense / config.json`) and
+    the ColBERT fields of config_sentence_transformers.json (`st_raw`; PyLate's names, see
+    `st6_colbert_fields` for sentence-transformers 6's), with PyLate's defaults; what this engine
+    cannot run exactly is refused by name."""
+    path = folder / dense / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"modules.json names a Dense module in {dense!r}, but {path} is missing")
+    cfg = _read_json(path, "the Dense config")
+    act = cfg.get("activation_function", _IDENTITY[0])
+    if act not in _IDENTITY:
+        raise CheckpointError(f"{path}: activation_function {act!r} is not supported (identity only, as PyLate's "
+                              "ColBERT runs it)")
+    if cfg.get("use_residual"):
+        raise CheckpointError(f"{path}: use_residual=true is not supported")
+    if cfg.get("module_input_name", "token_embeddings") != "token_embeddings":
+        raise CheckpointError(f"{path}: a Dense over {cfg['module_input_name']!r} is not a per-token projection")
+    dims = {k: cfg.get(k) for k in ("in_features", "out_features")}
+    for k, v in dims.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{path}: {k} must be a positive int, got {v!r}")
+    if dims["in_features"] != hidden:
+        raise CheckpointError(f"{path}: in_features {dims['in_features']} is not the backbone's hidden size {hidden}")
+    where = folder / "config_sentence_transformers.json"
+    f = {k: st_raw.get(k, v) if st_raw.get(k) is not None else v for k, v in COLBERT_DEFAULTS.items()}
+    for k in ("query_prefix", "document_prefix"):
+        if not isinstance(f[k], str):
+            raise CheckpointError(f"{where}: {k} must be a string, got {f[k]!r}")
+    for k in ("query_length", "document_length"):
+        if isinstance(f[k], bool) or not isinstance(f[k], int) or f[k] < 3:
+            raise CheckpointError(f"{where}: {k} must be an int >= 3, got {f[k]!r}")
+    for k in ("attend_to_expansion_tokens", "do_query_expansion"):
+        if not isinstance(f[k], bool):
+            raise CheckpointError(f"{where}: {k} must be true or false, got {f[k]!r}")
+    words = f["skiplist_words"]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise CheckpointError(f"{where}: skiplist_words must be a list of strings")
+    truncate_dim = st_raw.get("truncate_dim")
+    if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                     or not 1 <= truncate_dim <= dims["out_features"]):
+        raise CheckpointError(f"{where}: truncate_dim must be an int in 1..{dims['out_features']}, got {truncate_dim!r}")
+    return MultiVectorSpec(
+        dense=dense, in_features=dims["in_features"], out_features=dims["out_features"], bias=bool(cfg.get("bias", True)),
+        query_prefix=f["query_prefix"], document_prefix=f["document_prefix"], query_length=f["query_length"],
+        document_length=f["document_length"],
+        # PyLate: no expansion, no expansion tokens to attend to
+        attend_to_expansion_tokens=f["attend_to_expansion_tokens"] and f["do_query_expansion"],
+        skiplist_words=tuple(words), do_query_expansion=f["do_query_expansion"], truncate_dim=truncate_dim)
+
+
 def read_st_config(folder: Path) -> dict:
     """config_sentence_transformers.json: prompts, default_prompt_name, similarity_fn_name, and a
     cross-encoder's activation_fn ({} when absent)."""
@@ -213,7 +341,7 @@ def read_st_config(folder: Path) -> dict:
     if default is not None and default not in prompts:
         raise CheckpointError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
     return {"prompts": dict(prompts), "default_prompt_name": default,
-            "similarity_fn_name": d.get("similarity_fn_name"), "activation_fn": d.get("activation_fn")}
+            "similarity_fn_name": d.get("similarity_fn_name"), "activation_fn": d.get("activation_fn"), "raw": d}
 
 
 def snapshot_revision(folder: Path) -> str | None:
@@ -234,8 +362,9 @@ def _sha256_file(path: Path) -> str:
 
 class Checkpoint:
     """A checkpoint folder, read: `config`, `tokenizer_path` (None without tokenizer.json),
-    `architecture`, `kind` (EMBEDDER or CLASSIFIER), for an embedder `pooling` and `normalize`,
-    for a classifier `classifier` (a `ClassifierSpec`), `prompts`, `default_prompt_name`,
+    `architecture`, `kind` (EMBEDDER, CLASSIFIER or MULTIVECTOR), for an embedder `pooling` and
+    `normalize`, for a classifier `classifier` (a `ClassifierSpec`), for a late-interaction model
+    `multivector` (a `MultiVectorSpec`), `prompts`, `default_prompt_name`,
     `similarity_fn_name`, `max_seq_length`, `revision`, and `fingerprint` (computed on first use)."""
 
     def __init__(self, folder: str | os.PathLike, name: str | None = None, revision: str | None = None):
@@ -252,6 +381,20 @@ class Checkpoint:
         if self.classifier is not None and set(self.modules) - {"Transformer"}:
             raise CheckpointError(f"{self.folder}: a {self.architecture} folder lists sentence-transformers "
                                   f"modules {sorted(set(self.modules) - {'Transformer'})}; a classifier has none")
+        self.multivector: MultiVectorSpec | None = None
+        if "Dense" in self.modules:  # a per-token projection: a late-interaction (ColBERT) model
+            if self.kind != EMBEDDER:  # beside a Pooling: refused by read_modules
+                raise CheckpointError(f"{self.folder}: modules.json lists a Dense module in a {self.architecture} "
+                                      "folder; this engine runs a Dense only as a ColBERT model's per-token "
+                                      "projection (Transformer -> Dense)")
+            self.kind = MULTIVECTOR
+            raw_st = st.get("raw", {})
+            if raw_st.get("model_type") == "MultiVectorEncoder" or "MultiVectorMask" in self.modules:
+                raw_st = {**raw_st, **st6_colbert_fields(self.folder, raw_st, self.modules.get("MultiVectorMask"),
+                                                         read_max_seq_length(self.folder, self.config))}
+            self.multivector = read_multivector(self.folder, self.modules["Dense"], self.config.hidden_size, raw_st)
+        elif "MultiVectorMask" in self.modules:
+            raise CheckpointError(f"{self.folder}: modules.json lists a MultiVectorMask without a Dense projection")
         self.pooling = read_pooling(self.folder, self.modules.get("Pooling"))
         self.normalize = "Normalize" in self.modules  # none listed (or no modules.json): not normalised
         self.prompts: dict[str, str] = st.get("prompts", {})
@@ -280,6 +423,11 @@ class Checkpoint:
             names.insert(4, f"{self.modules['Pooling']}/config.json")
         if self.classifier is not None:  # the score activation and the truncation length
             names += ["config_sentence_transformers.json", "tokenizer_config.json"]
+        if self.multivector is not None:  # the ColBERT fields and the projection
+            dense = self.multivector.dense
+            names += ["config_sentence_transformers.json", f"{dense}/config.json", f"{dense}/model.safetensors"]
+            if "MultiVectorMask" in self.modules:
+                names.append(f"{self.modules['MultiVectorMask']}/config.json")
         files = [self.folder / n for n in names if (self.folder / n).is_file()]
         return files + sorted(self.folder.glob("model*.safetensors"))
 
@@ -294,5 +442,6 @@ class Checkpoint:
         return hashlib.sha256(json.dumps(per, sort_keys=True).encode()).hexdigest()
 
     def __repr__(self) -> str:
-        head = f"classifier={self.classifier}" if self.classifier else f"pooling={self.pooling!r}, normalize={self.normalize}"
+        head = (f"classifier={self.classifier}" if self.classifier else f"multivector={self.multivector}"
+                if self.multivector else f"pooling={self.pooling!r}, normalize={self.normalize}")
         return f"Checkpoint({self.name!r}, folder={str(self.folder)!r}, {self.kind}, {head})"

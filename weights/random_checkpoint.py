@@ -10,6 +10,12 @@ The layout follows `config.architectures`:
   - `ModernBertForSequenceClassification` (`classifier_config`): the backbone under `model.`,
     `head.dense.weight` (+`.bias` iff classifier_bias), `head.norm.weight`, `classifier.weight`
     and `.bias`, no sentence-transformers files (as gte-reranker-modernbert-base).
+  - a PyLate ColBERT folder (`colbert=colbert_st_config(...)`, as lightonai/GTE-ModernColBERT-v1):
+    the backbone's own names, modules.json Transformer -> `pylate.models.Dense.Dense` in `1_Dense`
+    (config.json, model.safetensors with `linear.weight` [out, hidden], `linear.bias` iff bias),
+    config_sentence_transformers.json with the ColBERT fields, and the tokenizer with `[Q] ` and
+    `[D] ` added after its vocabulary (`write_colbert_tokenizer`), so vocab_size is the
+    tokenizer's + 2 (50370 on ModernBERT's).
 
 The weights are perturbed so that mistakes show: norm weights are 1 +- 0.1 rather than exactly 1,
 and the attention projections are scaled up so attention is far from uniform (a wrong window or
@@ -26,7 +32,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ModernBertConfig
-from .folder import read_classifier
+from .folder import COLBERT_DEFAULTS, read_classifier
 
 CLASSIFIER_ARCH = "ModernBertForSequenceClassification"
 TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True,
@@ -93,6 +99,30 @@ def ettin_config(**overrides) -> dict[str, Any]:
     return cfg
 
 
+def colbert_st_config(**overrides) -> dict[str, Any]:
+    """config_sentence_transformers.json of a PyLate ColBERT folder as PyLate 1.6 saves it, with
+    GTE-ModernColBERT-v1's lengths (query 32, document 300); `overrides` replace or add fields
+    (do_query_expansion, attend_to_expansion_tokens, skiplist_words, ...)."""
+    cfg = {"model_type": "ColBERT", "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
+           "similarity_fn_name": "MaxSim", **COLBERT_DEFAULTS, "document_length": 300}
+    cfg.update(overrides)
+    return cfg
+
+
+def write_colbert_tokenizer(tokenizer_json: str | Path, out: str | Path, prefixes: tuple[str, ...] = ("[Q] ", "[D] ")
+                            ) -> list[int]:
+    """Copy `tokenizer_json` to `out` with `prefixes` added as PyLate adds them
+    (`tokenizer.add_tokens`: plain added tokens, normalized, not special), after the vocabulary;
+    returns their ids (50368, 50369 on ModernBERT's tokenizer)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.add_tokens([AddedToken(p, single_word=False, lstrip=False, rstrip=False, normalized=True, special=False)
+                    for p in prefixes])
+    Path(out).write_text(tok.to_str(pretty=True), encoding="utf-8")
+    return [tok.token_to_id(p) for p in prefixes]
+
+
 def random_state_dict(cfg: ModernBertConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     H, I = cfg.hidden_size, cfg.intermediate_size
@@ -133,6 +163,9 @@ def write_random_checkpoint(
     pooling: str = "mean",
     normalize: bool = True,
     st_files: bool | None = None,
+    colbert: Mapping[str, Any] | None = None,
+    dense_dim: int = 128,
+    dense_bias: bool = False,
 ) -> Path:
     """Write `config.json`, `model.safetensors` (or `shards` files and an index) and, for an
     embedder, the sentence-transformers files into `folder` (see the module docstring).
@@ -142,7 +175,10 @@ def write_random_checkpoint(
     give the masked-LM tensors (a `ModernBertForMaskedLM` config gives them by itself). pooling
     and normalize: the Pooling module's mode and whether a Normalize module is listed. st_files:
     write the sentence-transformers files (default: for a `ModernBertModel` only).
-    tokenizer_json is copied in when given.
+    tokenizer_json is copied in when given. colbert: a PyLate ColBERT folder with these
+    config_sentence_transformers.json fields (`colbert_st_config`), a `dense_dim`-wide projection
+    (biased iff `dense_bias`); config's vocab_size must then leave room for the two prefix tokens
+    (the tokenizer's size + 2).
     """
     from safetensors.torch import save_file
 
@@ -160,6 +196,8 @@ def write_random_checkpoint(
         prefix, with_head = "model.", arch == MASKED_LM_ARCH or with_head
     if st_files is None:
         st_files = arch == "ModernBertModel"
+    if colbert is not None and arch != "ModernBertModel":
+        raise ValueError(f"a ColBERT folder has a ModernBertModel backbone, not {arch}")
 
     sd = {prefix + k: v for k, v in random_state_dict(cfg, seed).items()}
     g = torch.Generator().manual_seed(seed + 1)
@@ -194,6 +232,8 @@ def write_random_checkpoint(
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
+    if colbert is not None:
+        return _write_colbert(folder, cfg, dict(colbert), seed, tokenizer_json, dense_dim, dense_bias)
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
         # as the Hub's ModernBERT folders: transformers' loader needs the special tokens named, and
@@ -231,4 +271,39 @@ def write_random_checkpoint(
             indent=2,
         )
     )
+    return folder
+
+
+def _write_colbert(folder: Path, cfg: ModernBertConfig, st: dict, seed: int, tokenizer_json, dim: int, bias: bool
+                   ) -> Path:
+    """The sentence-transformers files of a PyLate ColBERT folder (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    if tokenizer_json is not None:
+        prefixes = tuple(st[k] for k in ("query_prefix", "document_prefix") if st.get(k))
+        ids = write_colbert_tokenizer(tokenizer_json, folder / "tokenizer.json", prefixes)
+        if max(ids, default=0) >= cfg.vocab_size:
+            raise ValueError(f"the prefix tokens get ids {ids}, outside vocab_size {cfg.vocab_size}: make it "
+                             f"{max(ids) + 1}")
+        # PyLate's tokenizer pads (query expansion) with [MASK]
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {**TOKENIZER_CONFIG, "pad_token": "[MASK]", "model_max_length": cfg.max_position_embeddings}, indent=2))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": cfg.max_position_embeddings, "do_lower_case": False}, indent=2))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st, indent=2))
+    dense = folder / "1_Dense"
+    dense.mkdir(exist_ok=True)
+    (dense / "config.json").write_text(json.dumps(
+        {"in_features": cfg.hidden_size, "out_features": dim, "bias": bias,
+         "activation_function": "torch.nn.modules.linear.Identity", "use_residual": False}, indent=4))
+    g = torch.Generator().manual_seed(seed + 2)
+    tensors = {"linear.weight": torch.randn(dim, cfg.hidden_size, generator=g) / cfg.hidden_size**0.5}
+    if bias:
+        tensors["linear.bias"] = torch.randn(dim, generator=g) * 0.1
+    save_file(tensors, str(dense / "model.safetensors"), metadata={"format": "pt"})
     return folder
