@@ -175,14 +175,19 @@ class EmbedOptions:
             raise RefusedError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to multi-vector "
                                f"(ColBERT) models; {model_name} is {what}: it writes one normalised vector per "
                                "token, with the prefixes and lengths of its folder. Leave out " + ", ".join(given))
+        verb = "applies" if len(given) == 1 else "apply"
+        kinds = []
+        if kind != CLASSIFIER and any(f in given for _, f, _ in CLASSIFIER_ONLY):
+            kinds.append("classifiers (cross-encoders)")
+        if kind != CLASSIFIER and "--multivector-mode" in given:
+            kinds.append("multi-vector (ColBERT) models")
         if kind == CLASSIFIER:
-            raise RefusedError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to embedding "
-                               "or multi-vector "
-                               f"models; {model_name} is {what}: it writes scores and labels (float32), "
-                               "not embeddings. Leave out " + ", ".join(given))
-        raise RefusedError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to classifiers "
-                           f"(cross-encoders) or multi-vector models; {model_name} is {what}: it writes "
-                           "embeddings. Leave out " + ", ".join(given))
+            kinds = ["embedding models"] + (["multi-vector (ColBERT) models"] if "--multivector-mode" in given else [])
+            writes = "scores and labels (float32), not embeddings"
+        else:
+            writes = "embeddings"
+        raise RefusedError(f"{', '.join(given)} {verb} to {' or '.join(kinds)}; {model_name} is {what}: it "
+                           f"writes {writes}. Leave out " + ", ".join(given))
 
     def resolve(self, model) -> EncodeOptions:
         """The encoding options for `model` (a `LoadedModel`), checked against it (RefusedError
