@@ -314,3 +314,50 @@ def test_options_that_mean_nothing_here_are_refused_by_name(tmp_path, run, colbe
     assert "Leave out --multivector-mode" in err
     with pytest.raises(RefusedError, match="--multivector-mode must be one of .'document', 'query'., got 'passage'"):
         EmbedOptions([str(inp)], str(out), multivector_mode="passage").validate()
+
+
+# ------------------------------------------------------------------------------- non-finite vectors
+FOX = 30013  # " fox" in the real vocabulary
+
+
+@pytest.fixture(scope="module")
+def poisoned(colbert_dir, tmp_path_factory):
+    """(folder, MultiVectorEncoder): the ColBERT folder with the " fox" token's embedding NaN, so
+    that every text with " fox" in it gets NaN vectors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("colbert-poisoned") / "p"
+    shutil.copytree(colbert_dir, folder)
+    sd = load_file(folder / "model.safetensors")
+    key = next(k for k in sd if k.endswith("tok_embeddings.weight"))
+    sd[key][FOX] = float("nan")
+    save_file(sd, folder / "model.safetensors")
+    return folder, MultiVectorEncoder.from_pretrained(folder, device=TEST_DEVICE, dtype="float32")
+
+
+def test_non_finite_vectors_stop_or_are_skipped(tmp_path, run, poisoned):
+    from corpus_helpers import write_text
+
+    folder, enc = poisoned
+    texts = [t.replace("fox", "cat") for t in make_texts(7, seed=61, max_words=20)]
+    texts[2] = "the quick brown fox jumps over the lazy dog"
+    texts[5] = "a fox again"
+    assert FOX in enc.tokenize([texts[2]], is_query=False)[0][0]
+    inp = write_text(tmp_path / "c.txt", texts)
+    rc, _, err = run(enc, folder, [inp], tmp_path / "stop", "--shard-size", 4)
+    assert rc == 1 and f"non-finite token vectors (NaN or infinity) for 1 document(s): {inp}, line 3" in err
+    assert "--on-error skip" in err and "Traceback" not in err
+
+    rc, out, err = run(enc, folder, [inp], tmp_path / "skip", "--shard-size", 4, "--on-error", "skip",
+                       "--precision", "float32")
+    assert rc == 0 and "embedded 5 documents (2 rows skipped)" in out, err
+    res = read_output(tmp_path / "skip")
+    skipped = [s for sh in res.manifest["shards"] for s in sh["skipped"]]
+    assert [s["row"] for s in skipped] == [2, 5] and all("non-finite token vectors" in s["error"] for s in skipped)
+    kept = [texts[i] for i in range(7) if i not in (2, 5)]
+    assert res.meta["row"] == [0, 1, 3, 4, 6]
+    for got, want in zip(flat(res), enc.encode_document(kept)):
+        np.testing.assert_array_equal(got, want)
+    assert verify_output(tmp_path / "skip")
