@@ -1,8 +1,9 @@
 """`CorpusJob`: one run of `modernbert-embed embed`, from the options to a finished folder.
 
 The model is opened as a `LoadedModel` of the kind its folder says: an embedder's shards hold
-embeddings, a classifier's (cross-encoder's) hold scores and labels (see `scoring.py`); the rest
-(the order below, the manifest, resume, verify) is the same for both.
+embeddings, a classifier's (cross-encoder's) hold scores and labels (see `scoring.py`), a
+multi-vector (ColBERT) model's hold token vectors and offsets (see `multivector.py`); the rest
+(the order below, the manifest, resume, verify) is the same for all three.
 
 The order is the point: everything is checked before anything is written.
 

@@ -12,7 +12,9 @@ its folder: for an embedder, the prompt (`prompt_name` looked up among the folde
 built-in ones; neither given: the folder's `default_prompt_name`) and `normalize` (None: whether
 the folder lists a Normalize module); for a classifier (cross-encoder), the score values. The
 options of the other kind of model are refused by name (`--truncate-dim` for a classifier,
-`--text-pair-field` for an embedder).
+`--text-pair-field` for an embedder). A multi-vector (ColBERT) model takes `--multivector-mode`,
+`--truncate-dim` and `--precision` float16 (its default) or float32, and refuses the pooled
+embedding's options (prompts, normalize, long/overlap, calibration) and the classifier's.
 
 Which options are part of the folder's identity (a rerun with another value is refused), and
 which may change between runs, is listed in the package docstring (`modernbert_embed.corpus`).
