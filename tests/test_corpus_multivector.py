@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import TEST_DEVICE, fixture_file
-from corpus_helpers import cli, full_disk_after, make_texts, same_folder, shared_checkpoint, shared_embedder, write_jsonl
+from corpus_helpers import (cli, full_disk_after, make_texts, same_folder, shared_checkpoint, shared_embedder,
+                            write_jsonl, write_text)
 from modernbert_embed import MultiVectorEncoder
 from modernbert_embed.corpus import CorpusError, EmbedOptions, Manifest, RefusedError, read_output, verify_output
 from modernbert_embed.corpus.files import sha256_file
@@ -133,7 +134,8 @@ def test_a_document_is_read_from_the_memory_mapped_shard(tmp_path, run, colbert,
     res = read_output(tmp_path / "out", verify=False)
     assert all(isinstance(s, np.memmap) for s in res.shards)  # no shard read into memory
     doc = res.document(7)  # shard 2, its second document
-    assert isinstance(doc, np.memmap) and str(doc.filename) == str((tmp_path / "out" / "shard-00002.tokens.npy").resolve())
+    assert isinstance(doc, np.memmap)
+    assert str(doc.filename) == str((tmp_path / "out" / "shard-00002.tokens.npy").resolve())
     np.testing.assert_array_equal(doc, colbert.encode_document(texts[7]).astype(np.float16))
     np.testing.assert_array_equal(res.document(-1), res.document(9))
     assert all(isinstance(d, np.memmap) for d in res.iter_documents())
@@ -170,6 +172,8 @@ def test_skipped_rows_leave_no_vectors(tmp_path, run, colbert, colbert_dir):
     inp = write_jsonl(tmp_path / "c.jsonl", texts)
     with open(inp, "a", encoding="utf-8") as f:
         f.write(json.dumps({"id": "bad", "text": 5}) + "\n")
+        for i in range(4):  # rows 8-11: a shard of skipped rows only, with no vectors
+            f.write(json.dumps({"id": f"bad{i}"}) + "\n")
         f.write(json.dumps({"id": "last", "text": "after the bad row"}) + "\n")
     rc, _, err = run(colbert, colbert_dir, [inp], tmp_path / "out", "--shard-size", 4, "--on-error", "skip",
                      "--precision", "float32")
@@ -177,9 +181,13 @@ def test_skipped_rows_leave_no_vectors(tmp_path, run, colbert, colbert_dir):
     res = read_output(tmp_path / "out")
     assert res.ids == [f"doc-{i}" for i in range(7)] + ["last"]
     for got, want in zip(flat(res), colbert.encode_document(texts + ["after the bad row"])):
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, want)  # want: last, the one of "after the bad row"
     assert [s["row"] for s in res.manifest["shards"][1]["skipped"]] == [7]
-    assert verify_output(tmp_path / "out")
+    empty = res.manifest["shards"][2]
+    assert empty["documents"] == 0 and empty["vectors"] == 0 and len(empty["skipped"]) == 4
+    assert res.shards[2].shape == (0, 128) and res.offset_shards[2].tolist() == [0]
+    assert len(res) == 8 and res.document(-1).shape == want.shape
+    assert "8 documents + 5 skipped = 13 rows in 4 shards" in verify_output(tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------- resume
@@ -338,8 +346,6 @@ def poisoned(colbert_dir, tmp_path_factory):
 
 
 def test_non_finite_vectors_stop_or_are_skipped(tmp_path, run, poisoned):
-    from corpus_helpers import write_text
-
     folder, enc = poisoned
     texts = [t.replace("fox", "cat") for t in make_texts(7, seed=61, max_words=20)]
     texts[2] = "the quick brown fox jumps over the lazy dog"

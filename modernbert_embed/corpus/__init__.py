@@ -79,19 +79,19 @@ What may change between runs into one folder:
 manifest.json: `format`, `version` (2; folders of version 1 are read and verified, not resumed),
 `complete`; `model` (kind "embedder", "classifier" or "multivector" (absent: written before it was
 recorded, an embedder), name, revision, fingerprint, embedding_dim or num_labels or colbert (the
-ColBERT settings), max_seq_length, pooling, dtype); `options` (the identity ones); `inputs` (path, format, bytes, rows); `calibration`
-(int8/uint8: precision, convention, source, min, max; no convention: written before it was
-recorded, read as `quantize.LEGACY_CONVENTION`); `embeddings` (precision, dtype, width, dim,
-packed_bits, normalized), or for a classifier `scores` (dtype, shape, num_labels, values
-"activated" | "logits" | "softmax", activation (the torch.nn class applied, None for logits),
-softmax, id2label, labels {dtype, rule}), or for a multi-vector model `vectors` (mode, precision,
-dtype, dim, normalized, prefix, length, skiplist, query_expansion, offsets {dtype, rule}); `shards` (index, rows [start, end), documents, skipped
-[{row, where, error}], tokens, truncated, input_sha256, files {embeddings (a classifier: scores,
-labels; a multi-vector model: tokens, offsets), meta: name, bytes, sha256}, run; a multi-vector
-model's: `vectors`, its token vectors); `totals` once complete (with `vectors` for a multi-vector
-model); `runs` (number, started,
-device, ops, max_batch_tokens, threads, on_error; once finished: seconds, documents/s, tokens/s,
-...). See `manifest.py` for the journal.
+ColBERT settings), max_seq_length, pooling, dtype); `options` (the identity ones); `inputs` (path,
+format, bytes, rows); `calibration` (int8/uint8: precision, convention, source, min, max; no
+convention: written before it was recorded, read as `quantize.LEGACY_CONVENTION`); `embeddings`
+(precision, dtype, width, dim, packed_bits, normalized), or for a classifier `scores` (dtype,
+shape, num_labels, values "activated" | "logits" | "softmax", activation (the torch.nn class
+applied, None for logits), softmax, id2label, labels {dtype, rule}), or for a multi-vector model
+`vectors` (mode, precision, dtype, dim, normalized, prefix, length, skiplist, query_expansion,
+offsets {dtype, rule}); `shards` (index, rows [start, end), documents, skipped [{row, where,
+error}], tokens, truncated, input_sha256, files {embeddings (a classifier: scores, labels; a
+multi-vector model: tokens, offsets), meta: name, bytes, sha256}, run; a multi-vector model's:
+`vectors`, its token vectors); `totals` once complete (with `vectors` for a multi-vector model);
+`runs` (number, started, device, ops, max_batch_tokens, threads, on_error; once finished: seconds,
+documents/s, tokens/s, ...). See `manifest.py` for the journal.
 
 The modules: `sources` (input files), `files` (atomic writes, checksums, shard bytes),
 `manifest` (manifest and journal), `options` (EmbedOptions), `pipeline` (reading, embedding and

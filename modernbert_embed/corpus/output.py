@@ -374,7 +374,8 @@ def verify_output(folder: str | os.PathLike) -> str:
         raise CorpusError(f"{folder}: the shards do not add up to the totals ({'; '.join(wrong)})")
     if recorded_kind(m.data) == "multivector":
         if vectors != totals.get("vectors"):
-            raise CorpusError(f"{folder}: the shards hold {vectors} token vectors, {totals.get('vectors')} in {MANIFEST}")
+            raise CorpusError(f"{folder}: the shards hold {vectors} token vectors, {totals.get('vectors')} in "
+                              f"{MANIFEST}")
         arrays = (f"{info['mode']} token vectors [{vectors}, {info['dim']}] {info['dtype']} with int64 offsets "
                   "per shard")
     elif recorded_kind(m.data) == "classifier":
