@@ -69,6 +69,23 @@ def run(capsys):
     return go
 
 
+def same(got, want):
+    """The float32 vectors written are the encoder's: exactly on the CPU; on a GPU, where batches
+    of other documents may order a kernel's sums otherwise, to float32's last bits."""
+    if TEST_DEVICE == "cpu":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def same16(got, want):
+    """float16 vectors: the encoder's float32 ones rounded (on a GPU: to float16's rounding)."""
+    assert got.dtype == np.float16
+    if TEST_DEVICE == "cpu":
+        np.testing.assert_array_equal(got, want.astype(np.float16))
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
 def flat(res):
     return [np.asarray(d) for d in res.iter_documents()]
 
@@ -90,8 +107,8 @@ def test_documents_are_written_as_encode_document_gives_them(tmp_path, run, colb
     assert len(docs) == len(texts)
     for i, (got, want) in enumerate(zip(docs, expected)):
         assert got.dtype == np.float32 and got.shape == want.shape, i
-        np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(res.document(i), want)
+        same(got, want)
+        same(res.document(i), want)
     assert res.token_counts.tolist() == [len(e) for e in expected]
     assert res.total_tokens == sum(len(e) for e in expected)
     ids, truncated, _, _ = colbert.tokenize(texts, is_query=False)
@@ -123,7 +140,7 @@ def test_documents_are_written_as_encode_document_gives_them(tmp_path, run, colb
     assert res16.manifest["options"]["precision"] == "float16" and res16.manifest["vectors"]["dtype"] == "float16"
     for got, want in zip(flat(res16), expected):
         assert got.dtype == np.float16
-        np.testing.assert_array_equal(got, want.astype(np.float16))
+        same16(got, want)
         np.testing.assert_allclose(got, want, atol=1e-3)
 
 
@@ -136,7 +153,7 @@ def test_a_document_is_read_from_the_memory_mapped_shard(tmp_path, run, colbert,
     doc = res.document(7)  # shard 2, its second document
     assert isinstance(doc, np.memmap)
     assert str(doc.filename) == str((tmp_path / "out" / "shard-00002.tokens.npy").resolve())
-    np.testing.assert_array_equal(doc, colbert.encode_document(texts[7]).astype(np.float16))
+    same16(doc, colbert.encode_document(texts[7]))
     np.testing.assert_array_equal(res.document(-1), res.document(9))
     assert all(isinstance(d, np.memmap) for d in res.iter_documents())
     with pytest.raises(IndexError, match="document 10 of a folder of 10 documents"):
@@ -154,7 +171,7 @@ def test_queries_and_truncate_dim(tmp_path, run, colbert, colbert_dir):
     res = read_output(tmp_path / "q")
     for got, want in zip(flat(res), colbert.encode_query(QUERIES)):
         assert got.shape == (32, 128)  # expanded with [MASK] to query_length
-        np.testing.assert_array_equal(got, want)
+        same(got, want)
     assert res.manifest["vectors"]["prefix"] == "[Q] " and res.manifest["vectors"]["query_expansion"] is True
 
     texts = corpus(6)
@@ -164,7 +181,7 @@ def test_queries_and_truncate_dim(tmp_path, run, colbert, colbert_dir):
     res = read_output(tmp_path / "t")
     assert res.manifest["vectors"]["dim"] == 48
     for got, want in zip(flat(res), colbert.encode_document(texts, truncate_dim=48)):
-        np.testing.assert_array_equal(got, want)
+        same(got, want)
 
 
 def test_skipped_rows_leave_no_vectors(tmp_path, run, colbert, colbert_dir):
@@ -181,7 +198,7 @@ def test_skipped_rows_leave_no_vectors(tmp_path, run, colbert, colbert_dir):
     res = read_output(tmp_path / "out")
     assert res.ids == [f"doc-{i}" for i in range(7)] + ["last"]
     for got, want in zip(flat(res), colbert.encode_document(texts + ["after the bad row"])):
-        np.testing.assert_array_equal(got, want)  # want: last, the one of "after the bad row"
+        same(got, want)  # want: last, the one of "after the bad row"
     assert [s["row"] for s in res.manifest["shards"][1]["skipped"]] == [7]
     empty = res.manifest["shards"][2]
     assert empty["documents"] == 0 and empty["vectors"] == 0 and len(empty["skipped"]) == 4
@@ -365,5 +382,5 @@ def test_non_finite_vectors_stop_or_are_skipped(tmp_path, run, poisoned):
     kept = [texts[i] for i in range(7) if i not in (2, 5)]
     assert res.meta["row"] == [0, 1, 3, 4, 6]
     for got, want in zip(flat(res), enc.encode_document(kept)):
-        np.testing.assert_array_equal(got, want)
+        same(got, want)
     assert verify_output(tmp_path / "skip")
