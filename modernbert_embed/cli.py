@@ -168,9 +168,9 @@ COMMANDS = {"embed": _embed, "verify": _verify}
 
 def main(argv=None, embedder=None, model=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status. `model`: an
-    already loaded model (a `LoadedModel`, an `Embedder` or a `CrossEncoder`) for the commands that
-    embed, instead of loading `--model` (tests, and callers that hold a model already); `embedder`:
-    the same, by its former name."""
+    already loaded model (a `LoadedModel`, an `Embedder`, a `CrossEncoder` or a
+    `MultiVectorEncoder`) for the commands that embed, instead of loading `--model` (tests, and
+    callers that hold a model already); `embedder`: the same, by its former name."""
     model = model if model is not None else embedder
     args = build_parser().parse_args(argv)
     if args.command == "serve":

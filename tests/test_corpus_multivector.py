@@ -242,6 +242,8 @@ def test_a_resume_refuses_other_options_settings_or_kind(tmp_path, run, colbert,
             args += ["--shard-size", 4]
         rc, _, err = run(colbert, colbert_dir, [inp], out, *args)
         assert rc == 2 and message in err, (extra, err)
+    rc, out_text, err = run(colbert, colbert_dir, [inp], out, "--shard-size", 4, "--precision", "float16")
+    assert rc == 0 and "nothing to do" in out_text, err  # the default, given: the same job
     short = MultiVectorEncoder.from_pretrained(shorter_dir, device=TEST_DEVICE, dtype="float32")
     rc, _, err = run(short, shorter_dir, [inp], out, "--shard-size", 4)
     assert rc == 2 and "model.colbert.document_length: 300 in the folder, 64 now" in err
