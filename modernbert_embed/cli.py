@@ -1,7 +1,8 @@
 """The `modernbert-embed` command (also `python -m modernbert_embed`).
 
     modernbert-embed embed INPUT... -o OUTDIR [options]   embed a corpus into a folder of shards (or,
-                                                           with a classifier, score it: scores and labels)
+                                                           with a classifier, score it: scores and labels;
+                                                           with a ColBERT model: token vectors + offsets)
     modernbert-embed verify OUTDIR                         check a finished folder (files, checksums, counts)
     modernbert-embed serve [--model ...] [--port 8080]     an HTTP server: OpenAI and TEI embedding APIs
 
@@ -17,7 +18,7 @@ import sys
 
 from . import __version__, quantize as Q
 from .cli_common import Formatter, add_max_batch_tokens, add_model_options, int_at_least
-from .corpus.options import SCORE_VALUES
+from .corpus.options import MULTIVECTOR_MODES, SCORE_VALUES
 from .server.cli import add_serve_parser, run_serve
 from .tokenizer import PROMPTS
 
@@ -41,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "and manifest.json. With a classifier or cross-encoder (a "
                     "ModernBertForSequenceClassification folder), each shard holds float32 scores "
                     "(shard-NNNNN.scores.npy, [n] for one label, else [n, labels]) and the int32 label id "
-                    "of each document (shard-NNNNN.labels.npy) instead. Run the same command again after a "
-                    "crash or kill to resume.",
+                    "of each document (shard-NNNNN.labels.npy) instead. With a multi-vector (ColBERT) "
+                    "model, each shard holds every document's token vectors in one flat array "
+                    "(shard-NNNNN.tokens.npy, [total_tokens, dim], float16 unless --precision float32) and "
+                    "int64 offsets (shard-NNNNN.offsets.npy, document i is tokens[offsets[i]:offsets[i+1]]). "
+                    "Run the same command again after a crash or kill to resume.",
         formatter_class=Formatter)
     e.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="text (.txt: one document a line, blank lines included), JSON Lines (.jsonl) or "
@@ -96,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sigmoid for one label, identity for more, unless the folder names another); logits: "
                         "the raw logits; softmax: the activation, then a softmax over the labels (default: "
                         "activated). The label id is decided on the logits either way")
+    g = e.add_argument_group("token vectors (multi-vector / ColBERT models only)")
+    g.add_argument("--multivector-mode", default=None, choices=list(MULTIVECTOR_MODES),
+                   help="document: the documents' token vectors, as MultiVectorEncoder.encode_document (the "
+                        "document prefix, document_length, the skiplist's tokens left out); query: as "
+                        "encode_query (the query prefix, query_length, [MASK] expansion), to precompute a "
+                        "query set (default: document). --truncate-dim keeps the first N features of each "
+                        "vector, normalised again")
     g = e.add_argument_group("output")
-    g.add_argument("--precision", default="float32", choices=list(Q.PRECISIONS),
+    g.add_argument("--precision", default=None, choices=list(Q.PRECISIONS),
                    help="int8/uint8: per-dimension ranges from a calibration sample, stored in the manifest; "
-                        "binary/ubinary: packed sign bits (768 dims -> 96 bytes)")
+                        "binary/ubinary: packed sign bits (768 dims -> 96 bytes). Default float32; float16 "
+                        "for a multi-vector model's token vectors (float16 or float32 only)")
     g.add_argument("--calibration", default=None, metavar="FILE",
                    help="int8/uint8 ranges to reuse: a calibration.json or manifest.json of an earlier "
                         "run, or a .npy of float embeddings")
@@ -124,7 +136,7 @@ def _options(args):
         inputs=list(args.inputs), output=args.output, model=args.model, revision=args.revision,
         input_format=args.input_format, text_field=args.text_field, text_pair_field=args.text_pair_field,
         id_field="id" if args.id_field is None else args.id_field, id_required=args.id_field is not None,
-        scores=args.scores,
+        scores=args.scores, multivector_mode=args.multivector_mode,
         prompt=args.prompt, prompt_name=args.prompt_name, truncate_dim=args.truncate_dim, normalize=args.normalize,
         precision=args.precision, calibration=args.calibration, calibration_size=args.calibration_size,
         long=args.long, overlap=args.overlap, shard_size=args.shard_size, meta_format=args.meta_format,
@@ -156,9 +168,9 @@ COMMANDS = {"embed": _embed, "verify": _verify}
 
 def main(argv=None, embedder=None, model=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status. `model`: an
-    already loaded model (a `LoadedModel`, an `Embedder` or a `CrossEncoder`) for the commands that
-    embed, instead of loading `--model` (tests, and callers that hold a model already); `embedder`:
-    the same, by its former name."""
+    already loaded model (a `LoadedModel`, an `Embedder`, a `CrossEncoder` or a
+    `MultiVectorEncoder`) for the commands that embed, instead of loading `--model` (tests, and
+    callers that hold a model already); `embedder`: the same, by its former name."""
     model = model if model is not None else embedder
     args = build_parser().parse_args(argv)
     if args.command == "serve":

@@ -34,6 +34,19 @@ list of num_labels float32) and the label id (int32) of each row, as the corpus 
 (`corpus.scoring`: the folder's activation by default, as `CrossEncoder.predict`; `scores="logits"`
 or `"softmax"` on request; the label decided on the logits). Each class refuses a folder of the
 other kind, naming the one to use.
+
+A multi-vector (ColBERT) folder gives each row its token vectors:
+
+```python
+from modernbert_embed.ray import multivector_dataset
+
+ds = multivector_dataset(ds, "lightonai/GTE-ModernColBERT-v1")  # token_vectors: list<fixed_size_list<halffloat>[128]>
+```
+
+`multivector_dataset` / `RayMultiVectorEncoder` add one list of [n_i, dim] vectors per row, as
+`MultiVectorEncoder.encode_document` gives them (`mode="query"`: `encode_query`), float16 by
+default as the corpus command writes them (`precision="float32"` on request; `truncate_dim` as
+the encoder's).
 """
 
 from __future__ import annotations
@@ -46,12 +59,15 @@ import numpy as np
 
 from . import quantize as Q
 from .options import EncodeOptions, OptionError
-from .weights import CLASSIFIER, DEFAULT_MODEL, EMBEDDER, CheckpointError
+from .weights import CLASSIFIER, DEFAULT_MODEL, EMBEDDER, MULTIVECTOR, CheckpointError
 
 _ENCODE_OPTIONS = {f.name for f in dataclasses.fields(EncodeOptions)}
 SCORE_VALUES = ("activated", "logits", "softmax")  # as the corpus command's --scores
 # The Ray class that runs each kind of folder, for the error that names it.
-RAY_FRONT_ENDS = {EMBEDDER: "RayEmbedder (embed_dataset)", CLASSIFIER: "RayScorer (score_dataset)"}
+RAY_FRONT_ENDS = {EMBEDDER: "RayEmbedder (embed_dataset)", CLASSIFIER: "RayScorer (score_dataset)",
+                  MULTIVECTOR: "RayMultiVectorEncoder (multivector_dataset)"}
+MULTIVECTOR_MODES = ("document", "query")  # as the corpus command's --multivector-mode
+MULTIVECTOR_PRECISIONS = ("float16", "float32")
 
 
 def _check_distributed(opts: EncodeOptions) -> EncodeOptions:
@@ -72,8 +88,9 @@ def _open(model, kind: str, device, dtype, revision, local_files_only):
 
     checkpoint = Checkpoint.open(model, revision=revision, local_files_only=local_files_only)
     if checkpoint.kind != kind:
-        what = ("a classifier (cross-encoder): it gives scores, not embeddings" if checkpoint.kind == CLASSIFIER
-                else "an embedder: it has no classifier head to score with")
+        what = {CLASSIFIER: "a classifier (cross-encoder): it gives scores, not embeddings",
+                MULTIVECTOR: "a multi-vector (ColBERT) model: it gives one vector per token",
+                EMBEDDER: "an embedder: it gives one pooled vector per text"}[checkpoint.kind]
         raise CheckpointError(f"{checkpoint.name or model} is {what}; use modernbert_embed.ray."
                               f"{RAY_FRONT_ENDS[checkpoint.kind]}")
     return LoadedModel.from_checkpoint(checkpoint, device=device, dtype=dtype, kind=kind)
@@ -262,6 +279,92 @@ class RayScorer:
         raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
 
 
+class RayMultiVectorEncoder:
+    """A callable class for `Dataset.map_batches` with a multi-vector (ColBERT) folder: adds
+    `output_column` with the token vectors of each row, [n_i, dim] as
+    `MultiVectorEncoder.encode_document` (`mode="query"`: `encode_query`) gives them, in
+    `precision` float16 (the default, as the corpus command) or float32. pyarrow batches get a
+    `list<fixed_size_list<float, dim>>` column; dicts and DataFrames one [n_i, dim] array per
+    row. `truncate_dim`: the first features of each vector, normalised again (default: the
+    folder's). Another kind of folder is refused, naming the class that runs it."""
+
+    def __init__(self, model: str, *, text_column: str = "text", output_column: str = "token_vectors",
+                 mode: str = "document", precision: str = "float16", truncate_dim: int | None = None,
+                 max_batch_tokens: int | None = None, device: str | None = None, dtype: str | None = None,
+                 revision: str | None = None, local_files_only: bool | None = None, keep_columns: bool = True):
+        from .multivector import MultiVectorEncoder
+
+        _check_multivector_options(mode, precision)
+        self.opts = EncodeOptions(max_batch_tokens=max_batch_tokens)
+        self.loaded = _open(model, MULTIVECTOR, device, dtype, revision, local_files_only)
+        self.encoder = MultiVectorEncoder(self.loaded)
+        width = self.encoder.spec.out_features
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 1 <= truncate_dim <= width):
+            raise ValueError(f"truncate_dim must be an int in 1..{width}, got {truncate_dim!r}")
+        self.truncate_dim = truncate_dim
+        self.dim = truncate_dim or self.encoder.get_embedding_dimension()
+        self.is_query, self.dtype = mode == "query", np.dtype(precision)
+        self.text_column, self.output_column = text_column, output_column
+        self.keep_columns = keep_columns
+
+    def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """(token vectors [K, dim] in `precision`, int64 offsets [n + 1]) of `texts`."""
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                what = "null" if t is None else f"a {type(t).__name__}"
+                raise TypeError(f"column {self.text_column!r}, row {i} of this batch is {what}, not a string")
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        if not texts:
+            return np.empty((0, self.dim), dtype=self.dtype), offsets
+        docs = self.encoder.encode(texts, is_query=self.is_query, truncate_dim=self.truncate_dim,
+                                   max_batch_tokens=self.opts.max_batch_tokens)
+        np.cumsum([len(d) for d in docs], out=offsets[1:])
+        return np.concatenate(docs).astype(self.dtype, copy=False), offsets
+
+    def __call__(self, batch):
+        pa = _import("pyarrow")
+        if isinstance(batch, pa.Table):
+            if self.text_column not in batch.column_names:
+                raise KeyError(f"no column {self.text_column!r} in the batch (columns: {batch.column_names})")
+            vectors, offsets = self.encode(batch.column(self.text_column).to_pylist())
+            column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), fixed_size_list(vectors))
+            if not self.keep_columns:
+                return pa.table({self.output_column: column})
+            if self.output_column in batch.column_names:
+                batch = batch.drop_columns([self.output_column])
+            return batch.append_column(self.output_column, column)
+        if isinstance(batch, dict):
+            if self.text_column not in batch:
+                raise KeyError(f"no column {self.text_column!r} in the batch (columns: {list(batch)})")
+            vectors, offsets = self.encode(np.asarray(batch[self.text_column]).tolist())
+            out = dict(batch) if self.keep_columns else {}
+            out[self.output_column] = _split(vectors, offsets)
+            return out
+        if hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas.DataFrame
+            vectors, offsets = self.encode(batch[self.text_column].tolist())
+            out = batch.copy() if self.keep_columns else batch.iloc[:, :0].copy()
+            out[self.output_column] = list(_split(vectors, offsets))
+            return out
+        raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
+
+
+def _split(vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """One [n_i, dim] array per row, as a 1-D object array."""
+    out = np.empty(len(offsets) - 1, dtype=object)
+    for i, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        out[i] = vectors[a:b]
+    return out
+
+
+def _check_multivector_options(mode, precision) -> None:
+    if mode not in MULTIVECTOR_MODES:
+        raise ValueError(f"mode must be one of {MULTIVECTOR_MODES}, got {mode!r}")
+    if precision not in MULTIVECTOR_PRECISIONS:
+        raise ValueError(f"precision must be one of {MULTIVECTOR_PRECISIONS} for token vectors, got {precision!r}")
+
+
 def _check_score_options(text_column, text_pair_column, scores, output_column, label_column) -> None:
     if scores not in SCORE_VALUES:
         raise ValueError(f"scores must be one of {SCORE_VALUES}, got {scores!r}")
@@ -303,6 +406,16 @@ def score_dataset(ds, model: str, *, num_actors: int | None = None, num_gpus: fl
     return _map_actors(ds, RayScorer, model, num_actors, num_gpus, num_cpus, batch_size, options)
 
 
+def multivector_dataset(ds, model: str, *, num_actors: int | None = None, num_gpus: float | None = None,
+                        num_cpus: float | None = None, batch_size: int = 512, **options):
+    """`ds.map_batches` with a pool of `num_actors` RayMultiVectorEncoder actors, as
+    `embed_dataset` (the same actors and resources). Other keyword arguments go to
+    RayMultiVectorEncoder (text_column, output_column, mode, precision, truncate_dim, ...)."""
+    _check_multivector_options(options.get("mode", "document"), options.get("precision", "float16"))
+    EncodeOptions(max_batch_tokens=options.get("max_batch_tokens"))
+    return _map_actors(ds, RayMultiVectorEncoder, model, num_actors, num_gpus, num_cpus, batch_size, options)
+
+
 def _map_actors(ds, cls, model, num_actors, num_gpus, num_cpus, batch_size, options: dict):
     ray = _import("ray")
     ray_data = _import("ray.data")
@@ -330,4 +443,5 @@ def _map_actors(ds, cls, model, num_actors, num_gpus, num_cpus, batch_size, opti
     )
 
 
-__all__ = ["RayEmbedder", "RayScorer", "embed_dataset", "score_dataset", "fixed_size_list", "SCORE_VALUES"]
+__all__ = ["RayEmbedder", "RayScorer", "RayMultiVectorEncoder", "embed_dataset", "score_dataset",
+           "multivector_dataset", "fixed_size_list", "SCORE_VALUES", "MULTIVECTOR_MODES", "MULTIVECTOR_PRECISIONS"]

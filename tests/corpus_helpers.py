@@ -99,7 +99,8 @@ def without_run(shards: list[dict]) -> list[dict]:
 
 def full_disk_after(monkeypatch, shard_files: int):
     """Make shard-file writes fail with ENOSPC after `shard_files` of them (two files a shard for
-    an embedder, three for a classifier: scores, labels, metadata)."""
+    an embedder, three for a classifier (scores, labels, metadata) or a multi-vector model
+    (tokens, offsets, metadata))."""
     from modernbert_embed.corpus import files as corpus_files
 
     real = corpus_files.atomic_write
@@ -124,6 +125,8 @@ def same_folder(a: Path, b: Path) -> None:
     for p, q in zip(x.shards, y.shards):
         np.testing.assert_array_equal(p, q)
     for p, q in zip(x.label_shards or [], y.label_shards or []):
+        np.testing.assert_array_equal(p, q)
+    for p, q in zip(x.offset_shards or [], y.offset_shards or []):
         np.testing.assert_array_equal(p, q)
     assert x.meta == y.meta
     assert [s["files"] for s in x.manifest["shards"]] == [s["files"] for s in y.manifest["shards"]]

@@ -269,3 +269,87 @@ def test_score_dataset_on_a_local_cpu_cluster(reranker_dir, ray_cluster, tmp_pat
     assert sorted(got) == ids
     ref = quiet_predict(CrossEncoder.from_pretrained(reranker_dir, device="cpu"), PAIRS)
     np.testing.assert_allclose(np.array([got[i] for i in ids]), ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- multi-vector (ColBERT)
+@pytest.fixture(scope="module")
+def colbert_dir(tmp_path_factory):
+    from modernbert_embed.weights import colbert_st_config, write_random_checkpoint
+    from multivector_data import COLBERT_CONFIG, VARIANTS
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("ray-colbert") / "expand", COLBERT_CONFIG, seed=7,
+                                   tokenizer_json=fixture_file("tokenizer.json"),
+                                   colbert=colbert_st_config(**VARIANTS["expand"]), dense_dim=128)
+
+
+def test_multivector_encoder_without_a_cluster(colbert_dir, ckpt):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (the ray extra)")
+    from multivector_data import DOCUMENTS, QUERIES
+
+    from modernbert_embed import CheckpointError, MultiVectorEncoder
+    from modernbert_embed.ray import RayEmbedder, RayMultiVectorEncoder, RayScorer
+
+    enc = MultiVectorEncoder.from_pretrained(colbert_dir, device="cpu")
+    want = enc.encode_document(DOCUMENTS)
+    f = RayMultiVectorEncoder(str(colbert_dir), device="cpu")
+    table = f(pa.table({"text": DOCUMENTS, "n": list(range(len(DOCUMENTS)))}))
+    assert table.column_names == ["text", "n", "token_vectors"]
+    assert table.schema.field("token_vectors").type == pa.list_(pa.list_(pa.float16(), 128))
+    rows = table.column("token_vectors").to_pylist()
+    for got, w in zip(rows, want):
+        np.testing.assert_array_equal(np.array(got, dtype=np.float16), w.astype(np.float16))
+
+    g = RayMultiVectorEncoder(str(colbert_dir), mode="query", precision="float32", truncate_dim=64, device="cpu",
+                              keep_columns=False)
+    out = g(pa.table({"text": QUERIES}))
+    assert out.column_names == ["token_vectors"]
+    assert out.schema.field("token_vectors").type == pa.list_(pa.list_(pa.float32(), 64))
+    for got, w in zip(out.column("token_vectors").to_pylist(), enc.encode_query(QUERIES, truncate_dim=64)):
+        np.testing.assert_array_equal(np.array(got, dtype=np.float32), w)
+    d = g({"text": np.array(QUERIES, dtype=object)})
+    assert len(d["token_vectors"]) == len(QUERIES) and d["token_vectors"][0].shape == (32, 64)
+    pd = pytest.importorskip("pandas")
+    df = f(pd.DataFrame({"text": DOCUMENTS[:2]}))
+    np.testing.assert_array_equal(df["token_vectors"][1], want[1].astype(np.float16))
+    assert f(pa.table({"text": pa.array([], type=pa.string())})).num_rows == 0
+    with pytest.raises(TypeError, match="column 'text', row 1 of this batch is null"):
+        f(pa.table({"text": ["a", None]}))
+
+    with pytest.raises(ValueError, match="precision must be one of .'float16', 'float32'. for token vectors"):
+        RayMultiVectorEncoder(str(colbert_dir), precision="int8", device="cpu")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        RayMultiVectorEncoder(str(colbert_dir), mode="passage", device="cpu")
+    with pytest.raises(ValueError, match="truncate_dim must be an int in 1..128"):
+        RayMultiVectorEncoder(str(colbert_dir), truncate_dim=129, device="cpu")
+    for cls in (RayEmbedder, RayScorer):
+        with pytest.raises(CheckpointError, match="multi-vector .ColBERT. model.*use modernbert_embed.ray."
+                                                  "RayMultiVectorEncoder"):
+            cls(str(colbert_dir), device="cpu")
+    with pytest.raises(CheckpointError, match=r"is an embedder.*use modernbert_embed.ray.RayEmbedder"):
+        RayMultiVectorEncoder(str(ckpt), device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_multivector_dataset_on_a_local_cpu_cluster(colbert_dir, ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from multivector_data import DOCUMENTS
+
+    from modernbert_embed import MultiVectorEncoder
+    from modernbert_embed.ray import multivector_dataset
+
+    ray = ray_cluster
+    texts = DOCUMENTS * 3
+    ids = list(range(len(texts)))
+    whole = pa.table({"id": ids, "text": texts})
+    ds = ray.data.from_arrow([whole.slice(0, 9), whole.slice(9)])
+    out = multivector_dataset(ds, str(colbert_dir), num_actors=1, batch_size=4)
+    out.write_parquet(str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema.field("token_vectors").type == pa.list_(pa.list_(pa.float16(), 128))
+    got = dict(zip(table.column("id").to_pylist(), table.column("token_vectors").to_pylist()))
+    assert sorted(got) == ids
+    want = MultiVectorEncoder.from_pretrained(colbert_dir, device="cpu").encode_document(texts)
+    for i in ids:
+        np.testing.assert_array_equal(np.array(got[i], dtype=np.float16), want[i].astype(np.float16))

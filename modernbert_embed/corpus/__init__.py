@@ -4,7 +4,11 @@ The model is opened as the kind its folder says. An embedder's shards hold embed
 classifier's or cross-encoder's (a `ModernBertForSequenceClassification` folder) hold float32
 scores and the int32 label id of each document instead (see `scoring`), read back as
 `CorpusOutput.scores` / `labels`. Its input is a text field, or a pair of fields (`text_field`,
-`text_pair_field`: `[CLS] text [SEP] text_pair [SEP]`). Everything else below holds for both.
+`text_pair_field`: `[CLS] text [SEP] text_pair [SEP]`). A multi-vector (ColBERT) model's shards
+hold every document's token vectors, as `MultiVectorEncoder.encode_document` gives them (with
+`multivector_mode` "query": `encode_query`), in one flat array per shard with int64 offsets (see
+`multivector`), read back one document at a time from memory-mapped shards
+(`CorpusOutput.document(i)`). Everything else below holds for all three.
 
 Output folder layout:
 
@@ -23,6 +27,13 @@ A classifier's folder has, instead of `shard-00000.npy`:
 ```
 OUT/shard-00000.scores.npy    float32 scores, [n] for one label, else [n, num_labels]
 OUT/shard-00000.labels.npy    int32 label id of each document, [n]
+```
+
+A multi-vector model's folder has, instead of `shard-00000.npy`:
+
+```
+OUT/shard-00000.tokens.npy    token vectors [total_tokens, dim], float16 (--precision float32 on request)
+OUT/shard-00000.offsets.npy   int64 [n + 1]: document i is tokens[offsets[i]:offsets[i + 1]]
 ```
 
 Shard k holds input rows [k * shard_size, (k + 1) * shard_size) in global row order (the rows of
@@ -47,7 +58,10 @@ What may change between runs into one folder:
   recorded shard: their count and digest); the options input_format, text_field, id_field (and
   whether it was given), prompt, truncate_dim, normalize, precision, calibration_size, long,
   overlap, shard_size, meta_format (a classifier: input_format, text_field, text_pair_field,
-  id_field, id_required, scores, shard_size, meta_format); and int8/uint8 calibration ranges
+  id_field, id_required, scores, shard_size, meta_format; a multi-vector model: input_format,
+  text_field, id_field, id_required, multivector_mode, truncate_dim, precision, shard_size,
+  meta_format, and the folder's ColBERT settings that decide the vectors: prefixes, lengths,
+  query expansion, skiplist, the projection's width); and int8/uint8 calibration ranges
   other than the folder's. The prompt and normalize are recorded as they were settled: given, or
   from the model's folder (its default_prompt_name; whether it lists a Normalize module), so a
   rerun that gives explicitly what the folder said is the same job.
@@ -63,22 +77,26 @@ What may change between runs into one folder:
   made how; only a resume under the same values gives the same bytes as an uninterrupted run.
 
 manifest.json: `format`, `version` (2; folders of version 1 are read and verified, not resumed),
-`complete`; `model` (kind "embedder" or "classifier" (absent: written before it was recorded, an
-embedder), name, revision, fingerprint, embedding_dim or num_labels, max_seq_length, pooling,
-dtype); `options` (the identity ones); `inputs` (path, format, bytes, rows); `calibration`
-(int8/uint8: precision, convention, source, min, max; no convention: written before it was
-recorded, read as `quantize.LEGACY_CONVENTION`); `embeddings` (precision, dtype, width, dim,
-packed_bits, normalized), or for a classifier `scores` (dtype, shape, num_labels, values
-"activated" | "logits" | "softmax", activation (the torch.nn class applied, None for logits),
-softmax, id2label, labels {dtype, rule}); `shards` (index, rows [start, end), documents, skipped
-[{row, where, error}], tokens, truncated, input_sha256, files {embeddings (a classifier: scores,
-labels), meta: name, bytes, sha256}, run); `totals` once complete; `runs` (number, started,
-device, ops, max_batch_tokens, threads, on_error; once finished: seconds, documents/s, tokens/s,
-...). See `manifest.py` for the journal.
+`complete`; `model` (kind "embedder", "classifier" or "multivector" (absent: written before it was
+recorded, an embedder), name, revision, fingerprint, embedding_dim or num_labels or colbert (the
+ColBERT settings), max_seq_length, pooling, dtype); `options` (the identity ones); `inputs` (path,
+format, bytes, rows); `calibration` (int8/uint8: precision, convention, source, min, max; no
+convention: written before it was recorded, read as `quantize.LEGACY_CONVENTION`); `embeddings`
+(precision, dtype, width, dim, packed_bits, normalized), or for a classifier `scores` (dtype,
+shape, num_labels, values "activated" | "logits" | "softmax", activation (the torch.nn class
+applied, None for logits), softmax, id2label, labels {dtype, rule}), or for a multi-vector model
+`vectors` (mode, precision, dtype, dim, normalized, prefix, length, skiplist, query_expansion,
+offsets {dtype, rule}); `shards` (index, rows [start, end), documents, skipped [{row, where,
+error}], tokens, truncated, input_sha256, files {embeddings (a classifier: scores, labels; a
+multi-vector model: tokens, offsets), meta: name, bytes, sha256}, run; a multi-vector model's:
+`vectors`, its token vectors); `totals` once complete (with `vectors` for a multi-vector model);
+`runs` (number, started, device, ops, max_batch_tokens, threads, on_error; once finished: seconds,
+documents/s, tokens/s, ...). See `manifest.py` for the journal.
 
 The modules: `sources` (input files), `files` (atomic writes, checksums, shard bytes),
 `manifest` (manifest and journal), `options` (EmbedOptions), `pipeline` (reading, embedding and
-writing shards), `scoring` (a classifier's scores and labels), `calibration` (int8/uint8 ranges),
+writing shards), `scoring` (a classifier's scores and labels), `multivector` (a ColBERT model's
+token vectors), `calibration` (int8/uint8 ranges),
 `job` (CorpusJob: the order of checks and writes), `output` (reading a folder).
 """
 

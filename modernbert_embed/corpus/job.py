@@ -1,8 +1,9 @@
 """`CorpusJob`: one run of `modernbert-embed embed`, from the options to a finished folder.
 
 The model is opened as a `LoadedModel` of the kind its folder says: an embedder's shards hold
-embeddings, a classifier's (cross-encoder's) hold scores and labels (see `scoring.py`); the rest
-(the order below, the manifest, resume, verify) is the same for both.
+embeddings, a classifier's (cross-encoder's) hold scores and labels (see `scoring.py`), a
+multi-vector (ColBERT) model's hold token vectors and offsets (see `multivector.py`); the rest
+(the order below, the manifest, resume, verify) is the same for all three.
 
 The order is the point: everything is checked before anything is written.
 
@@ -29,13 +30,14 @@ import numpy as np
 
 from .. import quantize as Q
 from ..loaded import LoadedModel, as_loaded
-from ..weights import CLASSIFIER, EMBEDDER
+from ..weights import CLASSIFIER, EMBEDDER, MULTIVECTOR
 from . import calibration, files
 from .errors import CorpusError, RefusedError
 from .manifest import (FORMAT_VERSION, LOCK, MANIFEST, Manifest, identity_differences, now, recorded_kind,
                        scalar_convention)
 from .options import EmbedOptions
 from .pipeline import Shards, progress_bar
+from .multivector import TokenVectors
 from .scoring import Scoring
 from .sources import Rows, Source
 
@@ -89,6 +91,7 @@ class CorpusJob:
         given = model if model is not None else embedder
         self._model = None if given is None else as_loaded(given)
         self.scoring: Scoring | None = None
+        self.vectors: TokenVectors | None = None
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.on_shard = on_shard
         self.sources = [Source.open(p, opts.input_format, opts.text_field, opts.id_field, opts.id_required,
@@ -98,7 +101,7 @@ class CorpusJob:
 
     @property
     def kind(self) -> str:
-        """EMBEDDER or CLASSIFIER: the model's kind (once loaded)."""
+        """EMBEDDER, CLASSIFIER or MULTIVECTOR: the model's kind (once loaded)."""
         return self._model.kind
 
     def run(self) -> RunResult:
@@ -146,6 +149,8 @@ class CorpusJob:
         self.encode = o.resolve(model)
         if model.kind == CLASSIFIER:
             self.scoring = Scoring(model, o.score_values)
+        elif model.kind == MULTIVECTOR:
+            self.vectors = TokenVectors(model, o.mode, o.precision, o.truncate_dim)
         self._model = model
         return model
 
@@ -156,6 +161,8 @@ class CorpusJob:
         if model.kind == CLASSIFIER:
             head = model.engine.head
             record.update(num_labels=head.spec.num_labels, pooling=head.pooling)
+        elif model.kind == MULTIVECTOR:
+            record.update(colbert=self.vectors.settings())
         else:
             record.update(embedding_dim=model.config.hidden_size, pooling=model.engine.pooling)
         return {**record, "max_seq_length": self._max_seq_length, "dtype": model.engine.dtype_name}
@@ -217,9 +224,11 @@ class CorpusJob:
                                "modernbert-embed verify) but not resumed. Embed into a new folder.")
         kind = recorded_kind(m.data)
         if kind != self.kind:
-            held = {EMBEDDER: "embeddings of an embedder", CLASSIFIER: "scores and labels of a classifier"}
+            held = {EMBEDDER: "embeddings of an embedder", CLASSIFIER: "scores and labels of a classifier",
+                    MULTIVECTOR: "token vectors of a multi-vector model"}
+            is_a = {EMBEDDER: "an embedder", CLASSIFIER: "a classifier", MULTIVECTOR: "a multi-vector model"}
             self._refuse([f"model.kind: the folder holds {held.get(kind, kind)}, but {model['name']} is "
-                          f"{'a classifier' if self.kind == CLASSIFIER else 'an embedder'}"])
+                          f"{is_a[self.kind]}"])
         recorded = {**m.data, "model": {"kind": kind, **m.data["model"]}}  # written before kind was recorded
         diffs = identity_differences(recorded, model, self.opts.identity(self.encode, self.kind), inputs)
         if self.opts.normalize is None and any(d.startswith("options.normalize:") for d in diffs):
@@ -274,12 +283,12 @@ class CorpusJob:
         model = self._model_record(loaded)
         load_seconds = time.perf_counter() - t_load
         inputs = [{**s.info(), "rows": c} for s, c in zip(self.sources, counts)]
-        dim = self.encode.dim(loaded.config.hidden_size)
+        dim = self.encode.dim(loaded.config.hidden_size) if self.vectors is None else self.vectors.dim
         shards = Shards(self.sources, self.out, model=loaded, shard_size=o.shard_size, on_error=o.on_error,
                         prompt=self.encode.prompt or "", long=o.long, overlap=o.overlap,
                         max_seq_length=self._max_seq_length, dim=dim, normalize=self.encode.normalize_embeddings,
                         max_batch_tokens=self.encode.max_batch_tokens, precision=o.precision,
-                        meta_format=o.meta_format, scoring=self.scoring)
+                        meta_format=o.meta_format, scoring=self.scoring, vectors=self.vectors)
         settings = self._settings(loaded)
         result = RunResult(device=f"{settings['device']}, {model['dtype']}", load_seconds=load_seconds,
                            total_rows=total, verb="embedded" if self.scoring is None else "scored")
@@ -343,6 +352,8 @@ class CorpusJob:
             m.data["empty_inputs"] = empty
         if self.scoring is not None:
             m.data["scores"] = self.scoring.record()
+        elif self.vectors is not None:
+            m.data["vectors"] = self.vectors.record()
         else:
             m.data["embeddings"] = {"precision": o.precision, "dtype": str(Q.output_dtype(o.precision)),
                                     "width": Q.output_width(o.precision, dim), "dim": dim,
@@ -380,6 +391,8 @@ class CorpusJob:
             "tokens": sum(s["tokens"] for s in shards.values()),
             "truncated": sum(s["truncated"] for s in shards.values()),
         }
+        if self.vectors is not None:
+            m.data["totals"]["vectors"] = sum(s["vectors"] for s in shards.values())
         m.data["complete"] = True
         m.data["runs"][self._run_number - 1].update({
             "seconds": round(result.seconds, 3), "documents": result.documents, "skipped": result.skipped,
@@ -395,6 +408,8 @@ class CorpusJob:
 def _describe(model: LoadedModel) -> str:
     """What a model is, for a message: "a classifier (ModernBertForSequenceClassification, 3 labels)"."""
     arch = model.checkpoint.architecture if model.checkpoint is not None else None
+    if model.kind == MULTIVECTOR:
+        return f"a multi-vector model ({arch or 'ColBERT'}, one vector per token)"
     if model.kind == CLASSIFIER:
         n = model.engine.head.spec.num_labels
         return f"a classifier ({arch or 'ModernBertForSequenceClassification'}, {n} label{'s' if n > 1 else ''})"

@@ -10,10 +10,17 @@ A classifier's folder (manifest `model.kind` "classifier") holds scores and labe
 embeddings: `Shard.scores` / `Shard.labels`, `CorpusOutput.scores` / `labels` / `id2label`; its
 `shards` are the score arrays. Asking one kind of folder for the other's arrays is a CorpusError
 that says what the folder holds.
+
+A multi-vector (ColBERT) model's folder (`model.kind` "multivector") holds per shard one flat
+array of token vectors [total_tokens, dim] and int64 offsets [n + 1]: `CorpusOutput.document(i)`
+is document i's [n_i, dim] vectors, a slice of the memory-mapped shard (`read_output` maps these
+folders by default, so a document is read from disk, not the whole shard), `iter_documents()`
+gives every document in order, `ids`, `token_counts` and `total_tokens` say what there is.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 from dataclasses import dataclass
@@ -41,10 +48,24 @@ class Shard:
     skipped: list[dict]
     scores: np.ndarray | None = None
     labels: np.ndarray | None = None
+    tokens: np.ndarray | None = None  # a multi-vector folder: [total_tokens, dim]
+    offsets: np.ndarray | None = None  # a multi-vector folder: int64 [n + 1]
 
     @property
     def documents(self) -> int:
+        if self.offsets is not None:
+            return len(self.offsets) - 1
         return len(self.embeddings if self.embeddings is not None else self.labels)
+
+    def document(self, j: int) -> np.ndarray:
+        """A multi-vector folder: the token vectors [n_j, dim] of this shard's document j (a view
+        of `tokens`: memory-mapped when the shard is)."""
+        if self.offsets is None:
+            raise CorpusError("this shard holds no token vectors (not a multi-vector folder)")
+        if not -self.documents <= j < self.documents:
+            raise IndexError(f"document {j} of a shard of {self.documents}")
+        j %= self.documents
+        return self.tokens[int(self.offsets[j]):int(self.offsets[j + 1])]
 
 
 class CorpusOutput:
@@ -55,21 +76,73 @@ class CorpusOutput:
     `scores`, `labels` (all rows) and `id2label` replace `embeddings`."""
 
     def __init__(self, shards: list[np.ndarray], meta: dict[str, list], manifest: dict,
-                 label_shards: list[np.ndarray] | None = None):
+                 label_shards: list[np.ndarray] | None = None, offset_shards: list[np.ndarray] | None = None):
         self.shards, self.meta, self.manifest = shards, meta, manifest
         self.label_shards = label_shards
+        self.offset_shards = offset_shards
+        if offset_shards is not None:  # the first document of each shard, and one past the last
+            self._first = np.concatenate([[0], np.cumsum([len(o) - 1 for o in offset_shards])]).astype(np.int64)
 
     @property
     def kind(self) -> str:
-        """"embedder" (embeddings) or "classifier" (scores and labels)."""
+        """"embedder" (embeddings), "classifier" (scores and labels) or "multivector" (token vectors)."""
         return recorded_kind(self.manifest)
 
     def _need(self, kind: str, what: str) -> None:
         if self.kind != kind:
-            holds = ("embeddings (written by an embedder): read .embeddings" if self.kind == "embedder"
-                     else "scores and labels (written by a classifier): read .scores and .labels")
+            holds = {"embedder": "embeddings (written by an embedder): read .embeddings",
+                     "classifier": "scores and labels (written by a classifier): read .scores and .labels",
+                     "multivector": "token vectors (written by a multi-vector model): read .document(i) or "
+                                    ".iter_documents()"}[self.kind]
             raise CorpusError(f"this folder holds {holds}; it has no {what}")
 
+    # ---------------------------------------------------------------- a multi-vector folder
+    def __len__(self) -> int:
+        """The documents of the folder."""
+        return len(self.meta.get("row", []))
+
+    @property
+    def ids(self) -> list:
+        """Every document's id (None where the input had none), in row order."""
+        return list(self.meta.get("id", []))
+
+    def document(self, i: int) -> np.ndarray:
+        """A multi-vector folder: document i's token vectors [n_i, dim] (i counts documents in row
+        order, skipped rows left out: `meta["row"][i]` is its input row). A slice of its shard,
+        memory-mapped when the folder was read with `mmap_mode="r"` (the default for these)."""
+        self._need("multivector", "token vectors")
+        n = int(self._first[-1])
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"a document index is an int, got {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexError(f"document {i} of a folder of {n} documents")
+        i = int(i) % n
+        k = bisect.bisect_right(self._first.tolist(), i) - 1
+        j = i - int(self._first[k])
+        offsets = self.offset_shards[k]
+        return self.shards[k][int(offsets[j]):int(offsets[j + 1])]
+
+    def iter_documents(self):
+        """A multi-vector folder: every document's token vectors, in row order (see `document`)."""
+        self._need("multivector", "token vectors")
+        for tokens, offsets in zip(self.shards, self.offset_shards):
+            bounds = offsets.tolist()
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                yield tokens[a:b]
+
+    @functools.cached_property
+    def token_counts(self) -> np.ndarray:
+        """A multi-vector folder: int64 token vectors of each document, in row order."""
+        self._need("multivector", "token vectors")
+        return (np.concatenate([np.diff(o) for o in self.offset_shards]) if self.offset_shards
+                else np.empty(0, dtype=np.int64))
+
+    @property
+    def total_tokens(self) -> int:
+        """A multi-vector folder: token vectors in all."""
+        return int(self.token_counts.sum())
+
+    # ---------------------------------------------------------------- the other kinds
     @functools.cached_property
     def embeddings(self) -> np.ndarray:
         self._need("embedder", "embeddings")
@@ -144,6 +217,32 @@ def _check_scores(s: dict, scores: np.ndarray, labels: np.ndarray, info: dict) -
         raise CorpusError(f"shard {s['index']}: label ids outside 0..{top}")
 
 
+# Token vectors checked for NaN and infinity at a time by `verify` (bounded memory).
+FINITE_CHECK_ROWS = 1 << 16
+
+
+def _check_vectors(s: dict, tokens: np.ndarray, offsets: np.ndarray, info: dict) -> None:
+    """A multi-vector shard: tokens [K, dim] of the recorded dtype, all finite; offsets int64
+    [documents + 1] from 0, never decreasing, ending at K."""
+    k = s["index"]
+    if offsets.dtype != np.int64 or offsets.shape != (s["documents"] + 1,):
+        raise CorpusError(f"shard {k}: offsets {offsets.dtype} {list(offsets.shape)}, but the manifest says int64 "
+                          f"[{s['documents'] + 1}] ({s['documents']} documents + 1)")
+    if tokens.ndim != 2 or tokens.shape[1] != info["dim"] or str(tokens.dtype) != info["dtype"]:
+        raise CorpusError(f"shard {k}: token vectors {tokens.dtype} {list(tokens.shape)}, but the manifest says "
+                          f"{info['dtype']} of width {info['dim']}")
+    if offsets[0] != 0 or (offsets.size > 1 and np.any(np.diff(offsets) < 0)):
+        raise CorpusError(f"shard {k}: offsets do not start at 0 and never decrease")
+    if int(offsets[-1]) != tokens.shape[0] or tokens.shape[0] != s.get("vectors", tokens.shape[0]):
+        raise CorpusError(f"shard {k}: the last offset is {int(offsets[-1])}, the shard has {tokens.shape[0]} token "
+                          f"vectors, the manifest says {s.get('vectors')}")
+    for a in range(0, tokens.shape[0], FINITE_CHECK_ROWS):
+        block = np.asarray(tokens[a:a + FINITE_CHECK_ROWS])
+        if not np.isfinite(block).all():
+            row = a + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise CorpusError(f"shard {k}: token vector {row} is not finite (NaN or infinity)")
+
+
 def _load_shard(folder: Path, s: dict, info: dict, verify: bool, mmap_mode) -> Shard:
     files = s["files"]
     if verify:
@@ -158,10 +257,20 @@ def _load_shard(folder: Path, s: dict, info: dict, verify: bool, mmap_mode) -> S
         return np.load(folder / files[kind]["name"], mmap_mode=mode, allow_pickle=False)
 
     classifier = "scores" in files
+    multivector = "tokens" in files
+    start, end = s["rows"]
+    if multivector:
+        mode = mmap_mode if s.get("vectors", 1) else None  # no token vectors: nothing to map
+        tokens = np.load(folder / files["tokens"]["name"], mmap_mode=mode, allow_pickle=False)
+        offsets = np.load(folder / files["offsets"]["name"], allow_pickle=False)  # small: read
+        meta = read_meta(folder / files["meta"]["name"])
+        if verify:
+            _check_vectors(s, tokens, offsets, info)
+            _check_rows(s, meta, s["documents"], "token vector offsets")
+        return Shard(s["index"], (start, end), None, meta, s["skipped"], tokens=tokens, offsets=offsets)
     arr = load("scores" if classifier else "embeddings")
     labels = load("labels") if classifier else None
     meta = read_meta(folder / files["meta"]["name"])
-    start, end = s["rows"]
     if verify:
         rows = meta.get("row", [])
         what = "scores" if classifier else "embeddings"
@@ -181,9 +290,22 @@ def _load_shard(folder: Path, s: dict, info: dict, verify: bool, mmap_mode) -> S
     return Shard(s["index"], (start, end), arr, meta, s["skipped"])
 
 
+def _check_rows(s: dict, meta: dict, documents: int, what: str) -> None:
+    """A shard's metadata rows: one per document, and with its skipped rows exactly its rows."""
+    rows = meta.get("row", [])
+    start, end = s["rows"]
+    if len(rows) != s["documents"] or documents != s["documents"]:
+        raise CorpusError(f"shard {s['index']}: {documents} documents in its {what}, {len(rows)} metadata rows, "
+                          f"{s['documents']} documents in the manifest")
+    if sorted(rows + [k["row"] for k in s["skipped"]]) != list(range(start, end)):
+        raise CorpusError(f"shard {s['index']}: its documents and skipped rows do not add up to its "
+                          f"rows {start}..{end - 1}")
+
+
 def _info(m: Manifest) -> dict:
-    """What the manifest says the shards' arrays are: `scores` for a classifier, else `embeddings`."""
-    key = "scores" if recorded_kind(m.data) == "classifier" else "embeddings"
+    """What the manifest says the shards' arrays are: `scores` for a classifier, `vectors` for a
+    multi-vector model, else `embeddings`."""
+    key = {"classifier": "scores", "multivector": "vectors"}.get(recorded_kind(m.data), "embeddings")
     return m.data.get(key) or {}
 
 
@@ -199,23 +321,36 @@ def iter_shards(folder: str | os.PathLike, verify: bool = True, mmap_mode: str |
         yield _load_shard(folder, s, info, verify, mmap_mode)
 
 
+_DEFAULT = object()
+
+
 def read_output(folder: str | os.PathLike, verify: bool = True, allow_incomplete: bool = False,
-                mmap_mode: str | None = None) -> CorpusOutput:
+                mmap_mode: str | None = _DEFAULT) -> CorpusOutput:
     """Every shard of an output folder in row order, with their metadata columns.
-    verify: check every file's checksum and the counts against the manifest.
-    mmap_mode ("r"): memory-map the shard arrays (`CorpusOutput.shards`) instead of reading them."""
+    verify: check every file's checksum and the counts against the manifest (a multi-vector
+    folder: also its offsets and that its vectors are finite), reading each file once.
+    mmap_mode ("r"): memory-map the shard arrays (`CorpusOutput.shards`) instead of reading them;
+    the default is "r" for a multi-vector folder (its documents are read one at a time), None
+    (read) for the others. verify=False opens a folder without reading its shards."""
     folder = Path(folder)
     m = _open(folder, allow_incomplete)
     info = _info(m)
-    arrays, labels, meta = [], [], {}
+    kind = recorded_kind(m.data)
+    if mmap_mode is _DEFAULT:
+        mmap_mode = "r" if kind == "multivector" else None
+    arrays, labels, offsets, meta = [], [], [], {}
     for s in m.shard_list():
         shard = _load_shard(folder, s, info, verify, mmap_mode)
-        arrays.append(shard.embeddings if shard.scores is None else shard.scores)
+        arrays.append(shard.tokens if shard.offsets is not None
+                      else shard.embeddings if shard.scores is None else shard.scores)
         if shard.labels is not None:
             labels.append(shard.labels)
+        if shard.offsets is not None:
+            offsets.append(shard.offsets)
         for k, v in shard.meta.items():
             meta.setdefault(k, []).extend(v)
-    return CorpusOutput(arrays, meta, m.view(), labels if recorded_kind(m.data) == "classifier" else None)
+    return CorpusOutput(arrays, meta, m.view(), labels if kind == "classifier" else None,
+                        offsets if kind == "multivector" else None)
 
 
 def verify_output(folder: str | os.PathLike) -> str:
@@ -224,18 +359,26 @@ def verify_output(folder: str | os.PathLike) -> str:
     folder = Path(folder)
     m = _open(folder, allow_incomplete=False)
     info, totals = _info(m), m.data["totals"]
-    next_row = documents = shards = 0
+    next_row = documents = shards = vectors = 0
     for shard in iter_shards(folder, verify=True, mmap_mode="r"):
         if shard.rows[0] != next_row:
             raise CorpusError(f"shard {shard.index} starts at row {shard.rows[0]}, not at row {next_row}")
         next_row = shard.rows[1]
         documents += shard.documents
         shards += 1
+        if shard.tokens is not None:
+            vectors += shard.tokens.shape[0]
     found = {"rows": next_row, "documents": documents, "shards": shards}
     wrong = [f"{k}: {v} found, {totals[k]} in {MANIFEST}" for k, v in found.items() if totals[k] != v]
     if wrong:
         raise CorpusError(f"{folder}: the shards do not add up to the totals ({'; '.join(wrong)})")
-    if recorded_kind(m.data) == "classifier":
+    if recorded_kind(m.data) == "multivector":
+        if vectors != totals.get("vectors"):
+            raise CorpusError(f"{folder}: the shards hold {vectors} token vectors, {totals.get('vectors')} in "
+                              f"{MANIFEST}")
+        arrays = (f"{info['mode']} token vectors [{vectors}, {info['dim']}] {info['dtype']} with int64 offsets "
+                  "per shard")
+    elif recorded_kind(m.data) == "classifier":
         k = info["num_labels"]
         arrays = (f"scores [{documents}{'' if k == 1 else f', {k}'}] float32 ({info['values']}), "
                   f"labels [{documents}] int32")

@@ -5,7 +5,9 @@ see the package docstring): its rows are parsed and tokenised together, embedded
 `Engine.embed` under the token budget, quantised with the folder's one calibration, and written as
 two files before it enters the journal. For a classifier (`Shards(scoring=...)`), the rows (texts,
 or pairs of texts) are scored with `Engine.score` instead, and the shard's files are its scores and
-labels (see `scoring.py`) beside its metadata.
+labels (see `scoring.py`) beside its metadata. For a multi-vector model (`Shards(vectors=...)`),
+the rows are tokenised as `MultiVectorEncoder` does and run through `Engine.tokens`; the shard's
+files are its token vectors and their offsets (see `multivector.py`).
 
 `Shards.run` does that for many shards with three stages in step: a reader thread parses (and on a
 GPU tokenises) the next shard, the calling thread runs the model, a writer thread quantises, writes
@@ -34,6 +36,7 @@ from ..loaded import LoadedModel
 from . import files
 from .errors import CorpusError, RefusedError, RowError
 from .manifest import Manifest
+from .multivector import TokenVectors, drop_documents
 from .scoring import Scoring
 from .sources import Rows, Source
 
@@ -61,6 +64,8 @@ class Prepared:
     windows: Any = None  # chunking.Windows in chunk mode
     skipped: list[dict] = field(default_factory=list)
     texts: list | None = None  # parsed, not yet tokenised (strings, or pairs of strings)
+    keep: list | None = None  # a multi-vector model: the tokens of each sequence it returns (None: all)
+    key_lengths: list | None = None  # a multi-vector model's expanded queries: the tokens attended to
 
     @property
     def num_docs(self) -> int:
@@ -86,7 +91,8 @@ class Shards:
 
     def __init__(self, sources: list[Source], out: Path, *, model: LoadedModel, shard_size: int, on_error: str,
                  prompt: str, long: str, overlap: int | None, max_seq_length: int, dim: int, normalize: bool,
-                 max_batch_tokens: int, precision: str, meta_format: str, scoring: Scoring | None = None):
+                 max_batch_tokens: int, precision: str, meta_format: str, scoring: Scoring | None = None,
+                 vectors: TokenVectors | None = None):
         self.sources, self.out = sources, out
         self.model, self.engine, self.tokenizer = model, model.engine, model.text_tokenizer()
         self.tokenize_beside_model = model.tokenize_beside_model
@@ -94,10 +100,10 @@ class Shards:
         self.prompt, self.long, self.overlap, self.max_seq_length = prompt, long, overlap, max_seq_length
         self.dim, self.normalize, self.max_batch_tokens = dim, normalize, max_batch_tokens
         self.precision, self.meta_format = precision, meta_format
-        self.scoring = scoring
+        self.scoring, self.vectors = scoring, vectors
         # floats per document through the model: embedding features, or a classifier's logits
         self.width = dim if scoring is None else scoring.num_labels
-        self.what = "embeddings" if scoring is None else "scores"
+        self.what = "scores" if scoring is not None else "token vectors" if vectors is not None else "embeddings"
 
     def bounds(self, k: int, total: int) -> tuple[int, int]:
         return k * self.shard_size, min((k + 1) * self.shard_size, total)
@@ -159,7 +165,11 @@ class Shards:
         texts.append(text)
 
     def tokenize(self, prep: Prepared, texts: list) -> None:
-        if self.scoring is not None and texts and isinstance(texts[0], tuple):  # a cross-encoder's pairs
+        if self.vectors is not None:
+            ids, truncated, keep, keys = self.vectors.tokenize(texts) if texts else ([], [], None, None)
+            prep.seqs, prep.tokens, prep.truncated = ids, [len(s) for s in ids], list(truncated)
+            prep.keep, prep.key_lengths = keep, keys
+        elif self.scoring is not None and texts and isinstance(texts[0], tuple):  # a cross-encoder's pairs
             ids, truncated = self.model.tokenize_pairs(texts, self.max_seq_length)
             prep.seqs, prep.tokens, prep.truncated = ids, [len(s) for s in ids], list(truncated)
         elif self.long == "chunk":
@@ -177,6 +187,8 @@ class Shards:
         [documents, num_labels]). Documents whose embedding is not finite are embedded again, each
         on its own; those still not finite stop the job (on_error "stop": a CorpusError naming
         them by file and line) or are moved to the shard's skipped rows (on_error "skip")."""
+        if self.vectors is not None:
+            return self._token_vectors(prep, on_batch)
         seqs = prep.seqs
         out = torch.empty(len(seqs), self.width, dtype=torch.float32, device=self.engine.device)
         try:
@@ -199,6 +211,51 @@ class Shards:
                       if self.scoring is None else "non-finite score (NaN or infinity), also when scored on its own")
             floats = np.delete(floats, bad, axis=0)
         return floats
+
+    def _tokens(self, prep: Prepared, docs: list[int] | None = None, on_batch=None):
+        """A multi-vector model's float32 token vectors and offsets of the documents `docs` of a
+        shard (None: all)."""
+        pick = (lambda xs: xs) if docs is None else (lambda xs: None if xs is None else [xs[d] for d in docs])
+        out, offsets = self.engine.tokens(pick(prep.seqs), keep=pick(prep.keep), key_lengths=pick(prep.key_lengths),
+                                          dim=self.vectors.truncate_dim, max_batch_tokens=self.max_batch_tokens,
+                                          on_batch=on_batch)
+        return out.cpu().numpy(), offsets
+
+    def _token_vectors(self, prep: Prepared, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+        """A multi-vector model's shard: float32 token vectors [K, dim] and int64 offsets
+        [documents + 1]. Documents with a non-finite vector are run again, each on its own; those
+        still not finite stop the job or are skipped, as `embed` does."""
+        if not prep.seqs:
+            vectors, offsets = self.vectors.empty()
+            return vectors.astype(np.float32), offsets
+        try:
+            return self._tokens(prep, on_batch=on_batch)
+        except NonFiniteError as e:
+            bad_docs = e.rows
+        vectors, offsets = self._tokens_unchecked(prep)
+        still = []
+        for d in bad_docs:
+            try:
+                v, _ = self._tokens(prep, [d])
+            except NonFiniteError:
+                still.append(d)
+            else:
+                vectors[offsets[d]:offsets[d + 1]] = v
+        if still and self.on_error == "stop":
+            shown = "; ".join(prep.where[d] for d in still[:5]) + (" ..." if len(still) > 5 else "")
+            raise CorpusError(f"non-finite token vectors (NaN or infinity) for {len(still)} document(s): {shown} "
+                              f"(model dtype {self.engine.dtype_name}). Pass --on-error skip to record them as "
+                              "skipped and go on.")
+        if still:
+            prep.drop(still, "non-finite token vectors (NaN or infinity), also when encoded on its own")
+            vectors, offsets = drop_documents(vectors, offsets, still)
+        return vectors, offsets
+
+    def _tokens_unchecked(self, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        out, offsets = self.engine.tokens(prep.seqs, keep=prep.keep, key_lengths=prep.key_lengths,
+                                          dim=self.vectors.truncate_dim, max_batch_tokens=self.max_batch_tokens,
+                                          check_finite=False)
+        return out.cpu().numpy(), offsets
 
     def _embed_into(self, seqs, out: torch.Tensor, on_batch=None) -> None:
         if self.scoring is not None:
@@ -226,8 +283,13 @@ class Shards:
     # ---------------------------------------------------------------- writing
     def arrays(self, index: int, floats: np.ndarray, ranges, convention: str) -> list[tuple[str, str, np.ndarray]]:
         """The arrays of shard `index` as (kind, file name, array): an embedder's codes (quantised,
-        int8/uint8 on `ranges` under `convention`), or a classifier's scores and labels."""
+        int8/uint8 on `ranges` under `convention`), a classifier's scores and labels, or a
+        multi-vector model's token vectors and offsets (`floats`: the pair `_token_vectors` gives)."""
         name = f"shard-{index:05d}"
+        if self.vectors is not None:
+            vectors, offsets = floats
+            return [("tokens", f"{name}.tokens.npy", vectors.astype(self.vectors.dtype, copy=False)),
+                    ("offsets", f"{name}.offsets.npy", np.asarray(offsets, dtype=np.int64))]
         if self.scoring is not None:
             if floats.shape[0] == 0:
                 scores, labels = self.scoring.empty()
@@ -267,6 +329,8 @@ class Shards:
             }
             if prep.windows is not None:
                 entry["windows"] = int(sum(prep.windows.doc_windows))
+            if self.vectors is not None:
+                entry["vectors"] = int(arrays[0][2].shape[0])
             m.add_shard(entry)
         except OSError as e:
             raise CorpusError(f"cannot write {e.filename or m.journal_path}: {e.strerror or e}. The shards "
