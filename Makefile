@@ -26,7 +26,10 @@ demo: $(STAMP)
 	$(PY) -m modernbert_embed.demo
 
 # -P: the checkout's root stays off sys.path (its kernels/ would shadow PyPI's kernels package).
+# PyLate's environment first, for the late-interaction parity tests (slow); where it cannot be
+# made, those tests skip and say why, and the rest still run.
 test: $(STAMP)
+	-$(MAKE) --no-print-directory pylate-venv
 	$(PY) -P -m pytest -q
 
 # Everything but the tests marked slow (docs/testing.md); `make test` runs those too.

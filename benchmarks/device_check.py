@@ -328,7 +328,8 @@ class Run:
     def step_checks(self, budget):
         cuda_env = "cuda"
         parts = [Part("pytest-gpu", self.pytest("pytest-gpu", "-m", "gpu"))]
-        suites = {"kernel-tests": ["-m", "not gpu", "tests/test_kernels.py", "tests/test_attention.py"],
+        suites = {"kernel-tests": ["-m", "not gpu", "tests/test_kernels.py", "tests/test_attention.py",
+                                   "tests/test_dispatch.py", "tests/test_reference.py"],
                   "api-tests": ["-m", "not slow", "tests/test_api.py", "tests/test_chunking.py",
                                 "tests/test_quantize.py"],
                   "cli-tests": ["-m", "not slow", "tests/test_cli.py"]}

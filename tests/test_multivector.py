@@ -303,6 +303,7 @@ def test_bfloat16_stays_close_to_float32(folders, encoders):
             assert (a * b).sum(axis=1).min() >= 0.999  # unit vectors: the dot product is the cosine
 
 
+@pytest.mark.gpu  # run by the device check's GPU-marked tests
 @requires_cuda
 def test_gpu_keeps_the_head_on_the_device_and_matches_the_cpu(folders, encoders):
     """On a GPU the projection and the per-token normalisation run on the device (tensors come back
