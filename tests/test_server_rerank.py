@@ -475,3 +475,39 @@ def test_the_command_line_refuses_a_name_count_that_does_not_match(folders, caps
                "--port", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and "--served-model-name was given 1 time(s) for 2 --model(s)" in err, err
+
+
+def test_the_server_wide_limits_cover_the_new_routes(models):
+    with running([models["emb"], models["rr"], models["cls"]], **SHARED, max_concurrent_requests=2) as s:
+        with spied(s, "rr") as spy:
+            async def main():
+                async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                    first = await spy.hold(http)
+                    second = asyncio.ensure_future(_post(http, "/v1/rerank", {"query": "q", "documents": ["d"]}))
+                    while served(s, "rr").batcher.queued_requests < 1:
+                        await asyncio.sleep(0.005)
+                    refused = [await http.post("/rerank", json={"query": "q", "texts": ["d"]}),
+                               await http.post("/v1/rerank", json={"query": "q", "documents": ["d"]}),
+                               await http.post("/predict", json={"model": "cls", "inputs": "x"}),
+                               await http.post("/classify", json={"model": "cls", "input": "x"})]
+                    spy.gate.set()
+                    return await first, await second, refused
+
+            first, second, refused = asyncio.run(main())
+        assert first[0] == 200 and second[0] == 200
+        for r in refused:
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+            assert "2 requests in flight, limit 2" in r.text
+        # the payload limit, in the route's shape
+        r = s.http.post("/v1/rerank", json={"query": "q", "documents": ["d" * 300_000]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+        r = s.http.post("/predict", json={"model": "cls", "inputs": "x" * 300_000})
+        assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large", r.text
+
+
+def test_a_long_document_is_cut_and_scored_as_the_cross_encoder_does(live, models):
+    doc = "the quick brown fox jumps over the lazy dog " * 5000  # 220 kB: 50,000 tokens whole
+    r = live.http.post("/rerank", json={"query": QUERY, "texts": [doc, "short"]})
+    assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "1", r.text
+    got = [g["score"] for g in sorted(r.json(), key=lambda g: g["index"])]
+    close(got, models["rr"].predict([(QUERY, doc), (QUERY, "short")]))
