@@ -213,13 +213,16 @@ class Server:
         raise RuntimeError(f"{self.name} was not ready within {timeout:.0f} s")
 
     def metric_sums(self) -> dict[str, float]:
-        """Our server's batch histograms (sum and count of inputs and tokens per forward)."""
+        """Our server's batch histograms (sum and count of inputs and tokens per forward, over its
+        models)."""
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        return {m[1]: float(m[2]) for m in re.finditer(r"^modernbert_embed_(batch_\w+_(?:sum|count)) (\S+)$",
-                                                       text, re.M)}
+        sums: dict[str, float] = {}
+        for m in re.finditer(r"^modernbert_embed_(batch_\w+_(?:sum|count))(?:\{[^}]*\})? (\S+)$", text, re.M):
+            sums[m[1]] = sums.get(m[1], 0.0) + float(m[2])  # summed over the served models
+        return sums
 
     def cpu_seconds(self) -> float | None:
         """CPU time the server process has used (user + system, all its threads): on a shared
