@@ -511,3 +511,24 @@ def test_a_long_document_is_cut_and_scored_as_the_cross_encoder_does(live, model
     assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "1", r.text
     got = [g["score"] for g in sorted(r.json(), key=lambda g: g["index"])]
     close(got, models["rr"].predict([(QUERY, doc), (QUERY, "short")]))
+
+
+def test_a_folder_name_two_models_share_picks_neither(models, tmp_path):
+    """Two folders of the same last component: each answers to its path, neither to the shared name."""
+    from modernbert_embed.server.state import ServerState
+    from modernbert_embed.server import ServerSettings
+    from modernbert_embed.loaded import LoadedModel
+
+    a, b = models["emb"].loaded, models["rr"].loaded
+    a2 = LoadedModel(a.engine, a.tokenizer, a.max_seq_length, name=str(tmp_path / "x" / "model"))
+    b2 = LoadedModel(b.engine, b.tokenizer, b.max_seq_length, name=str(tmp_path / "y" / "model"))
+    state = ServerState([a2, b2], ServerSettings())
+    try:
+        assert state.pick(str(tmp_path / "y" / "model"), "rerank", "/rerank").loaded is b2
+        from modernbert_embed.server.errors import ApiError
+
+        with pytest.raises(ApiError, match="not served here"):
+            state.pick("model", "rerank", "/rerank")
+    finally:
+        state.pool.shutdown()
+        state.large_pool.shutdown()

@@ -153,11 +153,16 @@ class ServerState:
             self.models.append(ServedModel(loaded, name, one, self.metrics, () if n else _aliases(name)))
         self.by_name: dict[str, ServedModel] = {}
         for m in self.models:
-            for alias in sorted(m.aliases, key=lambda a: a != m.name):  # its own name first
-                other = self.by_name.get(alias)
-                if other is not None and alias in (m.name, other.name):
-                    raise ValueError(f"two models are served as {alias!r}: give each its own --served-model-name")
-                self.by_name.setdefault(alias, m)
+            if m.name in self.by_name:
+                raise ValueError(f"two models are served as {m.name!r}: give each its own --served-model-name")
+            self.by_name[m.name] = m
+        shared = {}  # a folder's last component, when no other model has that name or component
+        for m in self.models:
+            for alias in m.aliases - {m.name}:
+                shared.setdefault(alias, []).append(m)
+        for alias, ms in shared.items():
+            if len(ms) == 1 and alias not in self.by_name:
+                self.by_name[alias] = ms[0]
         primary = self.primary = self.models[0]
         # the first model's view, as with one model: its limits are the server's
         self.model, self.engine, self.tokenizer = primary.loaded, primary.engine, primary.tokenizer
