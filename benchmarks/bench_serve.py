@@ -4,6 +4,7 @@ checkpoint, driven by the same load generator.
 
     python benchmarks/bench_serve.py --infinity-python /path/to/infinity-venv/bin/python
     python benchmarks/bench_serve.py --quick --out /tmp/serve.json     # a small model, seconds
+    python benchmarks/bench_serve.py --mode rerank --infinity-python ...  # a reranker: /v1/rerank vs /rerank
 
 Workloads (texts of common words, of exact token counts with [CLS] and [SEP], made with the real
 tokenizer): "short" one text of about 50 tokens (30 to 70, uniformly) per request, "batch16" 16
@@ -22,6 +23,12 @@ the same texts; at concurrency 1, a median latency within 1.2x of a direct `enco
 back, the median of the per-pair ratios, so that the host's drift between two separate
 measurements cannot decide it); against Infinity at concurrency 64 (short), >= 2x its tokens/s and
 a lower p99.
+
+Rerank mode (`--mode rerank`): a random one-label cross-encoder of the same shape, served alone;
+each request is one query (8 to 16 tokens) and `--documents` documents (30 to 70 tokens each,
+default 32), sent to our `/v1/rerank` and to Infinity's `/rerank` (the same Cohere-shaped body),
+at concurrency 16 by default; tokens are the pairs' (`[CLS] q [SEP] d [SEP]`). The reference is
+one direct `CrossEncoder.predict` over the top level's pairs; the goal, >= 0.8x its tokens/s.
 
 The load generator is a bounded asyncio HTTP/1.1 client of its own (one keep-alive connection per
 client, pre-serialised bodies, no JSON decoding of the embeddings), so that the client takes as
@@ -74,6 +81,8 @@ WORDS = ("the of and a to in is that for it as was with be by on not he this are
          "party result change morning reason research girl guy moment air teacher force education").split()
 # texts per request, and the range their token counts are drawn from (uniformly, [CLS] and [SEP] included)
 WORKLOADS = {"short": (1, (30, 70)), "batch16": (16, (30, 70)), "long512": (1, (512, 512))}
+# rerank mode: the query's and each document's token counts ([CLS] and [SEP] included)
+RERANK_QUERY, RERANK_DOCUMENT = (8, 16), (30, 70)
 
 
 # ----------------------------------------------------------------------------- texts
@@ -98,6 +107,19 @@ def make_requests(tok, workload: str, count: int, seed: int) -> list[tuple[list[
     for _ in range(count):
         lengths = rng.integers(low, high + 1, size=per)
         out.append(([text_of_tokens(tok, rng, int(n)) for n in lengths], int(lengths.sum())))
+    return out
+
+
+def make_rerank_requests(tok, count: int, documents: int, seed: int) -> list[tuple[list[str], int]]:
+    """`count` rerank requests: ([query, *documents], the tokens of their pairs, `[CLS] q [SEP] d
+    [SEP]` each, q + d - 1 for texts of q and d tokens with their own [CLS] and [SEP])."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        q = int(rng.integers(RERANK_QUERY[0], RERANK_QUERY[1] + 1))
+        lengths = rng.integers(RERANK_DOCUMENT[0], RERANK_DOCUMENT[1] + 1, size=documents)
+        texts = [text_of_tokens(tok, rng, q)] + [text_of_tokens(tok, rng, int(n)) for n in lengths]
+        out.append((texts, int(sum(q + int(n) - 1 for n in lengths))))
     return out
 
 
@@ -187,8 +209,10 @@ def free_port() -> int:
 class Server:
     """A server in a subprocess: started, waited for, scraped, stopped."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, path: str, ready: str, env=None, log=None):
+    def __init__(self, name: str, cmd: list[str], port: int, path: str, ready: str, env=None, log=None,
+                 body=None):
         self.name, self.port, self.path, self.ready = name, port, path, ready
+        self.body = body or body_of  # a request's texts -> its JSON body
         self.log = open(log, "w") if log else subprocess.DEVNULL
         # PYTHONSAFEPATH: `python -m` in ROOT must not put the checkout's top-level kernels/ (installed as
         # modernbert_embed.kernels) on sys.path, where it would shadow PyPI's `kernels`, which transformers imports.
@@ -213,13 +237,16 @@ class Server:
         raise RuntimeError(f"{self.name} was not ready within {timeout:.0f} s")
 
     def metric_sums(self) -> dict[str, float]:
-        """Our server's batch histograms (sum and count of inputs and tokens per forward)."""
+        """Our server's batch histograms (sum and count of inputs and tokens per forward, over its
+        models)."""
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        return {m[1]: float(m[2]) for m in re.finditer(r"^modernbert_embed_(batch_\w+_(?:sum|count)) (\S+)$",
-                                                       text, re.M)}
+        sums: dict[str, float] = {}
+        for m in re.finditer(r"^modernbert_embed_(batch_\w+_(?:sum|count))(?:\{[^}]*\})? (\S+)$", text, re.M):
+            sums[m[1]] = sums.get(m[1], 0.0) + float(m[2])  # summed over the served models
+        return sums
 
     def cpu_seconds(self) -> float | None:
         """CPU time the server process has used (user + system, all its threads): on a shared
@@ -284,6 +311,11 @@ def body_of(texts: list[str]) -> bytes:
     return json.dumps({"input": texts, "model": "modernbert-embed", "encoding_format": "base64"}).encode()
 
 
+def rerank_body_of(texts: list[str]) -> bytes:
+    """A rerank request ([query, *documents]) in the Cohere shape both servers take."""
+    return json.dumps({"query": texts[0], "documents": texts[1:], "model": "modernbert-embed"}).encode()
+
+
 def run_level(server: Server, workload: str, c: int, reqs: list[tuple[list[str], int]],
               warmup: list[tuple[list[str], int]], timeout: float) -> Row:
     """One level on `server`, the only server not frozen while it runs."""
@@ -296,11 +328,11 @@ def run_level(server: Server, workload: str, c: int, reqs: list[tuple[list[str],
 
 def _run_level(server: Server, workload: str, c: int, reqs: list[tuple[list[str], int]],
                warmup: list[tuple[list[str], int]], timeout: float) -> Row:
-    asyncio.run(closed_loop("127.0.0.1", server.port, server.path, [body_of(t) for t, _ in warmup], c, timeout))
+    asyncio.run(closed_loop("127.0.0.1", server.port, server.path, [server.body(t) for t, _ in warmup], c, timeout))
     before = server.metric_sums() if server.name == "ours" else {}
     cpu = server.cpu_seconds()
-    shots, wall = asyncio.run(closed_loop("127.0.0.1", server.port, server.path, [body_of(t) for t, _ in reqs], c,
-                                          timeout))
+    shots, wall = asyncio.run(closed_loop("127.0.0.1", server.port, server.path, [server.body(t) for t, _ in reqs],
+                                          c, timeout))
     cpu_after = server.cpu_seconds()
     cpu = cpu_after - cpu if cpu is not None and cpu_after is not None else None
     ok = [i for i, s in enumerate(shots) if s.status == 200]
@@ -333,7 +365,12 @@ def table(rows: list[Row], direct: dict, top: int) -> str:
                      f"{fmt(r.requests_per_s)} | {fmt(r.p50_ms)} | {fmt(r.p95_ms)} | {fmt(r.p99_ms)} | {batch} | "
                      f"{fmt(r.cpu_ms_per_1k_tokens)} | {r.failed} |")
     lines.append("")
-    if direct.get("tokens_per_s"):
+    if direct.get("tokens_per_s") and direct.get("mode") == "rerank":
+        lines.append(f"Direct `CrossEncoder.predict` (in the load generator's process, same dtype, measured before "
+                     f"and after the levels it is compared with): {fmt(direct['tokens_per_s'])} tokens/s (best of "
+                     f"{direct['throughput_runs']}) over the {direct['texts']} pairs of the c={top} rerank level in "
+                     f"one call ({fmt(direct['cpu_ms_per_1k_tokens'])} CPU ms per 1k tokens).")
+    elif direct.get("tokens_per_s"):
         lines.append(f"Direct `Embedder.encode` (in the load generator's process, same dtype, measured before and "
                      f"after the levels it is compared with): {fmt(direct['tokens_per_s'])} tokens/s (best of "
                      f"{direct['throughput_runs']}) over the {direct['texts']} texts of the c={top} short level in "
@@ -397,6 +434,13 @@ def goals(rows: list[Row], direct: dict) -> list[dict]:
 
     out = []
     top = max(r.concurrency for r in rows) if rows else 64
+    if direct.get("mode") == "rerank":
+        ours = row("ours", "rerank", top)
+        if ours and direct.get("tokens_per_s"):
+            ratio = ours.tokens_per_s / direct["tokens_per_s"]
+            out.append({"goal": f"c={top} rerank tokens/s >= 0.8x direct CrossEncoder.predict",
+                        "value": round(ratio, 3), "pass": ratio >= 0.8})
+        return out
     c64, c1 = row("ours", "short", top), row("ours", "short", 1)
     if c64 and top > 1 and direct.get("tokens_per_s"):  # batching across requests needs concurrency
         ratio = c64.tokens_per_s / direct["tokens_per_s"]
@@ -424,12 +468,18 @@ def goals(rows: list[Row], direct: dict) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small model, concurrency 1 and 4, a few requests")
+    p.add_argument("--mode", choices=("embed", "rerank"), default="embed",
+                   help="embed: an embedder on /v1/embeddings; rerank: a one-label cross-encoder on /v1/rerank "
+                        "(Infinity's /rerank), one query and --documents documents per request")
+    p.add_argument("--documents", type=int, default=None, help="rerank mode: documents per request (default 32; "
+                   "--quick 8)")
     p.add_argument("--config", choices=("base", "small"), default=None, help="model shape (default: base; "
                    "small with --quick)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="our server's and the direct encode's dtype (default: the "
                    "library's: float32 on CPU)")
-    p.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64; --quick 1,4)")
+    p.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64, rerank mode 16; "
+                   "--quick 1,4)")
     p.add_argument("--workloads", default=None, help=f"comma-separated from {list(WORKLOADS)} (default: all; "
                    "--quick short,batch16)")
     p.add_argument("--rounds", type=int, default=None,
@@ -477,10 +527,17 @@ def report_text(info: dict, rows: list, direct: dict, top: int, record: dict) ->
     return text
 
 
-def write_bench_checkpoint(folder: Path, config: str, seed: int = 0) -> Path:
-    from modernbert_embed.weights import small_config, write_random_checkpoint
+def write_bench_checkpoint(folder: Path, config: str, seed: int = 0, reranker: bool = False) -> Path:
+    """A random checkpoint of the `config` shape in `folder` (reused when there), an embedder or
+    (`reranker`) a one-label cross-encoder."""
+    from modernbert_embed.weights import classifier_config, small_config, write_random_checkpoint
 
     if (folder / "config.json").is_file():
+        is_reranker = "ForSequenceClassification" in str(json.loads((folder / "config.json").read_text())
+                                                         .get("architectures"))
+        if is_reranker != reranker:
+            raise SystemExit(f"bench_serve: {folder} holds {'a reranker' if is_reranker else 'an embedder'}; "
+                             f"give --checkpoint a folder of its own for the {'rerank' if reranker else 'embed'} mode")
         return folder
     tok = FIXTURES / "tokenizer.json"
     if not tok.is_file():
@@ -488,6 +545,8 @@ def write_bench_checkpoint(folder: Path, config: str, seed: int = 0) -> Path:
     cfg = h.config_dict("base") if config == "base" else small_config(
         vocab_size=50368, pad_token_id=50283, cls_token_id=50281, sep_token_id=50282, bos_token_id=50281,
         eos_token_id=50282)
+    if reranker:
+        cfg = classifier_config(cfg, num_labels=1)
     write_random_checkpoint(folder, cfg, seed=seed, tokenizer_json=tok)
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1))
     return folder
@@ -498,21 +557,26 @@ class Direct:
     server is held to. Measured right beside the levels it is compared with (before and after
     them), since the host's load drifts."""
 
-    def __init__(self, folder: Path, device: str, dtype):
-        from modernbert_embed import Embedder
+    def __init__(self, folder: Path, device: str, dtype, mode: str = "embed"):
+        from modernbert_embed import CrossEncoder, Embedder
 
-        self.device = device
-        self.model = Embedder.from_pretrained(folder, device=device, dtype=dtype)
-        self.model.encode(["warm up"] * 8)
+        self.device, self.mode = device, mode
+        if mode == "rerank":  # inputs are (query, document) pairs
+            self.model = CrossEncoder.from_pretrained(folder, device=device, dtype=dtype)
+            self.run = self.model.predict
+        else:
+            self.model = Embedder.from_pretrained(folder, device=device, dtype=dtype)
+            self.run = self.model.encode
+        self.run([("warm", "up")] * 8 if mode == "rerank" else ["warm up"] * 8)
         self.throughputs: list[dict] = []
         self.singles: list[float] = []
 
-    def throughput(self, texts: list[str]) -> None:
-        """One `encode` over all `texts`."""
+    def throughput(self, texts: list) -> None:
+        """One `encode` over all `texts` (rerank mode: one `predict` over all pairs)."""
         tokens = sum(len(s) for s in self.model.tokenize(texts)[0])
         h.synchronize(self.device)
         t0, c0 = time.perf_counter(), time.process_time()
-        self.model.encode(texts)
+        self.run(texts)
         h.synchronize(self.device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.throughputs.append({"texts": len(texts), "tokens": tokens, "seconds": wall,
@@ -528,7 +592,7 @@ class Direct:
 
     def summary(self) -> dict:
         best = max(self.throughputs, key=lambda r: r["tokens_per_s"]) if self.throughputs else {}
-        return {**best, "throughput_runs": [round(r["tokens_per_s"], 1) for r in self.throughputs],
+        return {**best, "mode": self.mode, "throughput_runs": [round(r["tokens_per_s"], 1) for r in self.throughputs],
                 "one_text_ms": statistics.median(self.singles) * 1000 if self.singles else float("nan"),
                 "one_text_runs": len(self.singles)}
 
@@ -547,14 +611,21 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     config = args.config or ("small" if args.quick else "base")
-    levels = [int(c) for c in (args.concurrency or ("1,4" if args.quick else "1,8,32,64")).split(",")]
+    rerank = args.mode == "rerank"
+    levels = [int(c) for c in (args.concurrency or ("1,4" if args.quick else "16" if rerank else "1,8,32,64"))
+              .split(",")]
     workloads = (args.workloads or ("short,batch16" if args.quick else ",".join(WORKLOADS))).split(",")
+    documents = args.documents or (8 if args.quick else 32)
+    if rerank:
+        if args.workloads:
+            raise SystemExit("bench_serve: --workloads is for the embed mode; rerank mode has one (--documents)")
+        workloads = ["rerank"]
     min_requests = args.min_requests or (8 if args.quick else 16)
     started = time.monotonic()
     deadline = started + args.time_budget if args.time_budget is not None else float("inf")
     output = Output(args.out, args.markdown)
     with tempfile.TemporaryDirectory(prefix="mbe-serve-bench-") as tmp:
-        folder = write_bench_checkpoint(args.checkpoint or Path(tmp) / "checkpoint", config)
+        folder = write_bench_checkpoint(args.checkpoint or Path(tmp) / "checkpoint", config, reranker=rerank)
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -565,7 +636,11 @@ def main(argv=None) -> int:
                 rounds = args.rounds or (2 if w == "short" else 1)
                 n = max(rounds * c, min_requests)
                 seed += 1
-                plan[w, c] = (make_requests(tok, w, n, seed), make_requests(tok, w, min(c, 8), 1000 + seed))
+                if rerank:
+                    plan[w, c] = (make_rerank_requests(tok, n, documents, seed),
+                                  make_rerank_requests(tok, min(c, 8), documents, 1000 + seed))
+                else:
+                    plan[w, c] = (make_requests(tok, w, n, seed), make_requests(tok, w, min(c, 8), 1000 + seed))
         top = max(levels)
         short = "short" if "short" in workloads else workloads[0]
         info = h.machine_info(args.device)
@@ -573,10 +648,13 @@ def main(argv=None) -> int:
         record = {"script": "bench_serve", "machine": info, "settings": {
             "config": config, "device": args.device, "dtype": args.dtype or "library default",
             "infinity_dtype": args.infinity_dtype or "its default",
-            "levels": levels, "workloads": {w: WORKLOADS[w] for w in workloads},
+            "mode": args.mode, "levels": levels,
+            "workloads": ({"rerank": {"query_tokens": RERANK_QUERY, "document_tokens": RERANK_DOCUMENT,
+                                      "documents": documents}} if rerank else {w: WORKLOADS[w] for w in workloads}),
             "requests_per_level": {f"{w}@{c}": len(plan[w, c][0]) for w, c in plan},
             "tokens_per_level": {f"{w}@{c}": sum(n for _, n in plan[w, c][0]) for w, c in plan},
-            "route": "/v1/embeddings (ours), /embeddings (Infinity); encoding_format base64",
+            "route": ("/v1/rerank (ours), /rerank (Infinity)" if rerank else
+                      "/v1/embeddings (ours), /embeddings (Infinity); encoding_format base64"),
             "server_defaults": f"ours: max_batch_tokens {default_max_batch_tokens(args.device)} (the engine's "
                                "default on this device); infinity: batch_size 32",
             "time_budget_s": args.time_budget}, "complete": False, "not_run": []}
@@ -600,7 +678,9 @@ def main(argv=None) -> int:
                    "--device", args.device, "--log-level", "warning"]
             if args.dtype:
                 cmd += ["--dtype", args.dtype]
-            servers.append(Server("ours", cmd, port, "/v1/embeddings", "/ready", log=logs / "ours.log"))
+            body = rerank_body_of if rerank else body_of
+            servers.append(Server("ours", cmd, port, "/v1/rerank" if rerank else "/v1/embeddings", "/ready",
+                                  log=logs / "ours.log", body=body))
             if args.infinity_python:
                 port = free_port()
                 exe = str(Path(args.infinity_python).parent / "infinity_emb")
@@ -611,14 +691,15 @@ def main(argv=None) -> int:
                                                    "--engine", "torch", "--device", args.device,
                                                    "--no-bettertransformer", "--log-level", "warning"]
                                       + (["--dtype", args.infinity_dtype] if args.infinity_dtype else []),
-                                      port, "/embeddings", "/health", log=logs / "infinity.log",
+                                      port, "/rerank" if rerank else "/embeddings", "/health",
+                                      log=logs / "infinity.log", body=body,
                                       env={"INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
                                            "HF_HUB_OFFLINE": "1"}))
             for s in servers:
                 s.wait_ready(600)  # not cut by --time-budget: no level would run without the server
             for s in servers:  # frozen but while measured (Server.pause), also during the direct encodes
                 s.pause()
-            direct = Direct(folder, args.device, args.dtype)
+            direct = Direct(folder, args.device, args.dtype, args.mode)
             for k, (w, c) in enumerate(plan):
                 if time.monotonic() >= deadline:
                     record["not_run"] = [f"{w2}@{c2}" for w2, c2 in list(plan)[k:]]
@@ -629,12 +710,15 @@ def main(argv=None) -> int:
                 # the direct reference, before and after the levels it is compared with
 
                 def measure():
+                    if rerank:
+                        direct.throughput([(t[0], d) for t, _ in reqs for d in t[1:]])
+                        return
                     if w == short and c == 1:
                         direct.one_text([t[0] for t, _ in reqs][:10])
                     if w == short and c == top:
                         direct.throughput([x for t, _ in reqs for x in t])
 
-                measured = w == short and c in (1, top)
+                measured = c == top if rerank else w == short and c in (1, top)
                 if measured:
                     measure()
                 order = servers if k % 2 == 0 else servers[::-1]
@@ -648,7 +732,7 @@ def main(argv=None) -> int:
                 if measured:
                     measure()
                     print(f"direct   c={c:<3d} {direct.summary()}", flush=True)
-                if w == short and c == 1:
+                if w == short and c == 1 and not rerank:
                     paired = paired_one_text(servers[0], direct, [t[0] for t, _ in reqs], args.timeout)
                     print(f"paired   c=1   {paired}", flush=True)
                 save()  # level by level: a run cut short keeps what it measured

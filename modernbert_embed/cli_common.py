@@ -41,10 +41,14 @@ def int_at_least(minimum: int):
     return parse
 
 
-def add_model_options(group) -> None:
-    """The options that choose and load the model, spelled once for every subcommand: --model,
-    --revision, --device, --dtype."""
-    group.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
+def add_model_options(group, repeatable: bool = False) -> None:
+    """The options that choose and load the model, spelled once for every subcommand: --model
+    (`repeatable`: a list, default [DEFAULT_MODEL]), --revision, --device, --dtype."""
+    if repeatable:
+        group.add_argument("--model", action="append", default=None, metavar="ID_OR_PATH",
+                           help=f"Hub id or local folder; repeat it to serve several models (default: {DEFAULT_MODEL})")
+    else:
+        group.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_PATH", help="Hub id or local folder")
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     group.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,

@@ -245,14 +245,22 @@ def test_a_classifier_activation_other_than_gelu(tmp_path):
     np.testing.assert_allclose(ours.predict(PAIRS[:3]), ref, atol=2e-5, rtol=1e-5)  # identity for 2 labels
 
 
-def test_the_embedding_server_refuses_a_reranker(tmp_path):
-    """The server wraps the loaded model; its embedding routes do not run a classifier's backbone."""
+def test_the_server_runs_a_reranker_but_not_on_its_embedding_routes(tmp_path):
+    """The server wraps the loaded model; its embedding routes do not run a classifier's backbone
+    (they refuse it naming its kind), its rerank routes do."""
     pytest.importorskip("starlette", reason="the server needs starlette (server extra)")
     from modernbert_embed.server import create_app
+    from modernbert_embed.server.errors import ApiError
 
     ce = CrossEncoder.from_pretrained(write(tmp_path, "served"))
-    with pytest.raises(CheckpointError, match="load it with modernbert_embed.CrossEncoder"):
-        create_app(ce)
+    state = create_app(ce).state
+    try:
+        with pytest.raises(ApiError, match="is a reranker .*: /embed needs an embedder"):
+            state.pick(None, "embed", "/embed")
+        assert state.pick(None, "rerank", "/rerank").loaded is ce.loaded
+    finally:
+        state.pool.shutdown()
+        state.large_pool.shutdown()
 
 
 def test_a_folder_saved_by_sentence_transformers_loads_with_its_activation(tmp_path):

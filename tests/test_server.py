@@ -240,11 +240,11 @@ def test_tei_embed_shapes_and_options(live, embedder):
 def test_truncation_is_reported_or_refused(live, embedder):
     long = " ".join(["vector"] * 200)  # far over max_seq_length 64
     texts = ["short one", long, "another short"]
-    before = live.metric("modernbert_embed_truncated_inputs_total", route="/embed")
+    before = live.metric("modernbert_embed_truncated_inputs_total", route="/embed", model="test-model")
     r = live.http.post("/embed", json={"inputs": texts})
     assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "1"
     assert_same(r.json(), embedder.encode(texts))  # encode truncates at max_seq_length too
-    assert live.metric("modernbert_embed_truncated_inputs_total", route="/embed") == before + 1
+    assert live.metric("modernbert_embed_truncated_inputs_total", route="/embed", model="test-model") == before + 1
 
     r = live.http.post("/embed", json={"inputs": texts, "truncate": False})
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
@@ -486,7 +486,8 @@ def test_overload_gives_429_with_retry_after_then_full_service(embedder):
 
 
 def test_a_disconnected_clients_work_is_dropped(live, embedder):
-    dropped_before = live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected")
+    dropped_before = live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected",
+                                 model="test-model")
     gone_texts = ["this client will hang up"] * 3
     with spied(live) as spy:
         spy.gate.clear()
@@ -495,7 +496,8 @@ def test_a_disconnected_clients_work_is_dropped(live, embedder):
         assert spy.entered.acquire(timeout=30)
         with pytest.raises(httpx.ReadTimeout, match="timed out"):
             httpx.post(live.url + "/embed", json={"inputs": gone_texts}, timeout=0.5)
-        wait_for(lambda: live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected")
+        wait_for(lambda: live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected",
+                                     model="test-model")
                  == dropped_before + 1, "the dropped request")
         assert live.state.batcher.queued_requests == 0
         spy.gate.set()

@@ -98,3 +98,37 @@ def test_bench_serve_stopped_mid_run_keeps_the_levels_it_measured(tmp_path):
     assert record["error"].startswith("SystemExit") and record["exit_codes"]["ours"] is not None
     text = (tmp_path / "serve.md").read_text()
     assert "| short | 1 | ours |" in text and "(partial: the run had not finished" in text
+
+
+@pytest.mark.slow
+def test_bench_serve_rerank_quick(tmp_path):
+    """The rerank mode end to end: a random reranker served, 1 query x 8 documents per request to
+    /v1/rerank, the direct CrossEncoder.predict reference, the results file."""
+    fixture_file("tokenizer.json")
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "-P", "benchmarks/bench_serve.py", "--quick", "--mode", "rerank", "--out",
+                        str(out), "--checkpoint", str(tmp_path / "rr")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = json.loads(out.read_text())
+    assert record["settings"]["mode"] == "rerank" and record["settings"]["route"].startswith("/v1/rerank")
+    rows = {(row["workload"], row["concurrency"]): row for row in record["rows"]}
+    assert set(rows) == {("rerank", 1), ("rerank", 4)}
+    for (_, c), row in rows.items():
+        assert row["contender"] == "ours" and row["failed"] == 0 and row["requests"] == max(2 * c, 8)
+        # 8 pairs of a query of 8..16 tokens and a document of 30..70: q + d - 1 tokens each
+        assert 8 * 37 * row["requests"] <= row["tokens"] <= 8 * 85 * row["requests"]
+        assert row["tokens_per_s"] > 0 and row["mean_batch_inputs"] >= 8  # a request's 8 pairs in one forward
+    direct = record["direct"]
+    assert direct["mode"] == "rerank" and direct["texts"] == 8 * rows["rerank", 4]["requests"]
+    assert direct["tokens"] == rows["rerank", 4]["tokens"]  # the same pairs, the same token count
+    assert [g["goal"] for g in record["goals"]] == ["c=4 rerank tokens/s >= 0.8x direct CrossEncoder.predict"]
+    assert "| rerank | 4 | ours |" in r.stdout and "Direct `CrossEncoder.predict`" in r.stdout
+    # the embed mode's checkpoint is not taken for a reranker
+    embed_ckpt = tmp_path / "emb"
+    r = subprocess.run([sys.executable, "-P", "benchmarks/bench_serve.py", "--quick", "--time-budget", "0",
+                        "--checkpoint", str(embed_ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-P", "benchmarks/bench_serve.py", "--quick", "--mode", "rerank",
+                        "--checkpoint", str(embed_ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "holds an embedder" in r.stderr, r.stderr

@@ -145,6 +145,116 @@ def test_sigterm_under_load_drains_and_exits_0(ckpt):
     assert in_flight_answered >= 2, "no request was in flight at SIGTERM"
 
 
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    from modernbert_embed.weights import classifier_config, write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("serve-proc-rr"), classifier_config(REAL_VOCAB), seed=6,
+                                   tokenizer_json=fixture_file("tokenizer.json"), max_seq_length=256)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_an_embedder_and_a_reranker_served_together(ckpt, reranker):
+    """Two models in one process (`--model A --model B`), clients on /rerank, /v1/rerank, /predict
+    and /embed: on SIGTERM the requests in flight on both models are answered (equal to
+    CrossEncoder and Embedder), new ones are refused with 503 in each route's shape, and the
+    process exits 0."""
+    from modernbert_embed import CrossEncoder, Embedder
+
+    proc, lines = start(ckpt, "--model", reranker, "--served-model-name", "emb", "--served-model-name", "rr",
+                        "--drain-timeout", DRAIN_TIMEOUT, "--max-batch-tokens", 4096)
+    try:
+        url = wait_url(proc, lines)
+        wait_ready(url)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["emb", "rr"]
+        rng = np.random.default_rng(1)
+        query = {c: " ".join(rng.choice(WORDS, 20)) for c in range(8)}
+        docs = {c: [" ".join(rng.choice(WORDS, 100)) for _ in range(8)] for c in range(8)}
+        routes = ["/rerank", "/v1/rerank", "/predict", "/embed"]
+        log: list[tuple] = []  # (client, sent, answered, status or exception name, body)
+        stop = threading.Event()
+
+        def body(c):
+            route = routes[c % 4]
+            if route == "/rerank":
+                return route, {"query": query[c], "texts": docs[c]}
+            if route == "/v1/rerank":
+                return route, {"model": "rr", "query": query[c], "documents": docs[c]}
+            if route == "/predict":
+                return route, {"inputs": [[query[c], d] for d in docs[c]]}
+            return route, {"inputs": docs[c]}
+
+        def client(c):
+            route, payload = body(c)
+            with httpx.Client(base_url=url, timeout=60) as http:
+                while not stop.is_set():
+                    sent = time.monotonic()
+                    try:
+                        r = http.post(route, json=payload)
+                        log.append((c, sent, time.monotonic(), r.status_code, r.json()))
+                        if r.status_code == 503:
+                            time.sleep(0.05)
+                    except httpx.TransportError as e:  # after the drain the port is closed
+                        log.append((c, sent, time.monotonic(), type(e).__name__, None))
+                        return
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while tokens_in_flight(url) < 2 * 8 * 100:  # at least two requests admitted
+            assert time.monotonic() < deadline, "the load never built up"
+            time.sleep(0.02)
+        sigterm = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        ready_after = []
+        while proc.poll() is None and time.monotonic() - sigterm < DRAIN_TIMEOUT + 5:
+            try:
+                ready_after.append(httpx.get(url + "/ready", timeout=5).status_code)
+            except httpx.TransportError:
+                break
+            time.sleep(0.02)
+        rc = proc.wait(timeout=DRAIN_TIMEOUT + 10)
+        exited = time.monotonic()
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    assert rc == 0, out
+    assert exited - sigterm <= DRAIN_TIMEOUT + 1, f"took {exited - sigterm:.1f} s to exit"
+    assert 503 in ready_after and 200 not in ready_after, ready_after
+    assert "Traceback" not in out, out
+
+    rr, emb = CrossEncoder.from_pretrained(reranker, device="cpu"), Embedder.from_pretrained(ckpt, device="cpu")
+    answered = {route: 0 for route in routes}
+    for c, sent, got_at, status, got in log:
+        route = routes[c % 4]
+        if got_at < sigterm:
+            assert status == 200, (route, status, got)
+        if status == 200:
+            if route == "/embed":
+                want, have = emb.encode(docs[c]), np.asarray(got)
+            else:
+                want = rr.predict([(query[c], d) for d in docs[c]])
+                rows = got if route == "/rerank" else got.get("results") if route == "/v1/rerank" else None
+                if rows is None:  # /predict: per input [{label, score}]
+                    have = np.asarray([row[0]["score"] for row in got])
+                else:
+                    key = "score" if route == "/rerank" else "relevance_score"
+                    have = np.asarray([x[key] for x in sorted(rows, key=lambda x: x["index"])])
+            np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5, err_msg=f"client {c} on {route}")
+            answered[route] += 1
+        elif status == 503:
+            err = got["error"]["message"] if route.startswith("/v1/") else got["error"]
+            assert sent > sigterm - 1 and "shutting down" in err, (route, got)
+        else:
+            assert status in ("ConnectError", "RemoteProtocolError", "ReadError") and got_at > sigterm, status
+    assert all(answered.values()), answered
+
+
 def test_refused_invocations(ckpt, tmp_path, capsys):
     from modernbert_embed.cli import main
 

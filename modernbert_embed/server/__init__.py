@@ -1,12 +1,14 @@
-"""The HTTP server: OpenAI's embeddings API and TEI's `/embed` over the engine core.
+"""The HTTP server: OpenAI's embeddings API, TEI's `/embed`, `/rerank` and `/predict`, the
+Cohere/Jina `/v1/rerank` and vLLM's `/classify` over the engine core, for one model or several.
 
 ```
-HTTP handlers (app.py: check, tokenise beside the model) ──► Batcher (batcher.py: one worker owns
-the Engine, packs many requests into token-budget forwards) ──► Engine.embed ──► rows per request
+HTTP handlers (app.py: check, pick the model, tokenise beside it) ──► Batcher (batcher.py: one
+worker per model owns its Engine, packs many requests into token-budget forwards) ──►
+Engine.embed / Engine.score ──► rows per request
 ```
 
-`modernbert-embed serve` (cli.py) runs it with uvicorn; `create_app(embedder, ServerSettings(...))`
-gives the ASGI application for any other ASGI server. Needs the `serve` extra (starlette, uvicorn,
+`modernbert-embed serve` (cli.py) runs it with uvicorn; `create_app(model_or_models,
+ServerSettings(...))` gives the ASGI application for any other ASGI server. Needs the `serve` extra (starlette, uvicorn,
 prometheus-client); this package's `__init__` imports none of them, so the command line works
 without it.
 """
@@ -14,11 +16,12 @@ without it.
 from .settings import API_KEY_ENV, ServerSettings
 
 
-def create_app(embedder, settings: ServerSettings | None = None):
-    """The server's ASGI application over a loaded `Embedder` (see `app.ServerApp`)."""
+def create_app(models, settings: ServerSettings | None = None):
+    """The server's ASGI application over a loaded model (`Embedder`, `CrossEncoder`,
+    `LoadedModel`) or a list of them (see `app.ServerApp`)."""
     from .app import create_app as _create
 
-    return _create(embedder, settings)
+    return _create(models, settings)
 
 
 __all__ = ["create_app", "ServerSettings", "API_KEY_ENV"]

@@ -1,5 +1,7 @@
-"""The HTTP routes: OpenAI's `/v1/embeddings` and TEI's `/embed`, `/tokenize`, and the operator's
-`/info`, `/v1/models`, `/health`, `/ready`, `/metrics`.
+"""The HTTP routes: OpenAI's `/v1/embeddings`; TEI's `/embed`, `/rerank`, `/predict`, `/tokenize`;
+the Cohere/Jina `/v1/rerank` (as vLLM and Infinity serve it); vLLM's `/classify`; and the
+operator's `/info`, `/v1/models`, `/health`, `/ready`, `/metrics`. Every model route takes an
+optional `model` field that picks one of the served models (`ServerState.pick`).
 
 Starlette (with uvicorn), not FastAPI: every request body is checked by our own parser
 (`schemas.py`, which reuses the engine's `EncodeOptions`), because both contracts fix their own
@@ -40,14 +42,15 @@ from starlette.routing import Route
 from ..engine import NonFiniteError
 from . import schemas
 from .batcher import Closed, Overloaded
-from .errors import ApiError, clip, error_response, internal_error
+from .errors import ApiError, clip, error_response, internal_error, quote
 from .metrics import CONTENT_TYPE_LATEST
 from .settings import ServerSettings
 from .state import LARGE_BODY, PUBLIC_PATHS, ServerState
 
 log = logging.getLogger("modernbert_embed.server")
 
-ROUTES = ("/v1/embeddings", "/embeddings", "/embed", "/tokenize", "/info", "/v1/models") + PUBLIC_PATHS
+ROUTES = ("/v1/embeddings", "/embeddings", "/embed", "/rerank", "/v1/rerank", "/predict", "/classify",
+          "/v1/classify", "/tokenize", "/info", "/v1/models") + PUBLIC_PATHS
 # Bodies of more bytes than LARGE_BODY are parsed, and responses with more values than this are
 # serialised, on a worker thread (of the large lane) rather than on the event loop.
 BIG_RESPONSE = 1 << 16
@@ -125,19 +128,19 @@ async def _client_gone(receive) -> None:
         pass
 
 
-async def _rows_or_gone(request: Request, state: ServerState, job):
+async def _rows_or_gone(request: Request, batcher, job):
     """The job's rows, or None when the client went away first (its work is then dropped)."""
     watcher = asyncio.ensure_future(_client_gone(request.receive))
     try:
         done, _ = await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server gave up on this request (shutdown timeout)
-        state.batcher.cancel(job)
+        batcher.cancel(job)
         raise
     finally:
         watcher.cancel()
     if job.future in done:
         return job.future.result()
-    state.batcher.cancel(job)
+    batcher.cancel(job)
     job.future.cancel()
     return None
 
@@ -155,8 +158,11 @@ def _draining() -> ApiError:
     return ApiError("draining", "the server is shutting down; retry on another replica", headers={"Retry-After": "1"})
 
 
-async def _encode(request: Request, route: str, field: str, parse, shape) -> Response:
-    """The embedding routes' common path: check, tokenise beside the model, queue, await, answer."""
+async def _serve(request: Request, route: str, task: str, field: str, parse, tokenise, shape) -> Response:
+    """Every model route's common path: read, parse, pick the model (the body's `model` field, see
+    `ServerState.pick`), check, tokenise beside the model, queue on that model's worker, await,
+    answer. `parse(body, served)` -> the checked request; `tokenise(req, served)` -> (token ids,
+    indices truncated), run on a lane's thread; `shape(req, rows, tokens, served)` -> the body."""
     state: ServerState = request.app.state.server
     m = state.metrics
     if state.draining:
@@ -167,67 +173,101 @@ async def _encode(request: Request, route: str, field: str, parse, shape) -> Res
     loop = asyncio.get_running_loop()
     body = await read_body(request, state)
     lane = state.lane(len(body))  # a large request's work takes the large lane's threads
+
+    def parsed():
+        value = schemas.parse_json(body)
+        served = state.pick(value.get("model"), task, route)
+        return served, parse(value, served)
+
     if len(body) > LARGE_BODY:  # parsing a large body would hold up every other request
-        req = await loop.run_in_executor(lane, lambda: parse(schemas.parse_json(body), state.limits))
+        served, req = await loop.run_in_executor(lane, parsed)
     else:
-        req = parse(schemas.parse_json(body), state.limits)
+        served, req = parsed()
     del body
+    batcher = served.batcher
     try:
-        state.batcher.check_room()
+        batcher.check_room()
     except Overloaded as e:
         raise _overloaded(e) from None
 
-    def tokenise():
+    def tokenised():
         t0 = time.perf_counter()
-        ids, truncated = schemas.to_token_ids(req, state.tokenizer, state.limits, field)
-        ids = state.engine.check_ids(ids)
+        ids, truncated = tokenise(req, served)
+        ids = served.engine.check_ids(ids)
         m.tokenize_seconds.observe(time.perf_counter() - t0)
         return ids, truncated
 
-    ids, truncated = await loop.run_in_executor(lane, tokenise)
+    ids, truncated = await loop.run_in_executor(lane, tokenised)
     tokens = sum(len(s) for s in ids)
-    if tokens > state.settings.max_queued_tokens:
+    if tokens > served.settings.max_queued_tokens:
         raise ApiError("request_too_large", f"the request has {tokens} tokens, more than the server queues at "
-                                            f"once ({state.settings.max_queued_tokens}); split it", field)
+                                            f"once ({served.settings.max_queued_tokens}); split it", field)
     try:
-        job = state.batcher.submit(ids, req.dim, req.normalize)
+        job = batcher.submit(ids, getattr(req, "dim", 0), getattr(req, "normalize", False))
     except Overloaded as e:
         raise _overloaded(e) from None
     except Closed:
         raise _draining() from None
     try:
-        rows = await _rows_or_gone(request, state, job)
+        rows = await _rows_or_gone(request, batcher, job)
     except NonFiniteError as e:
         raise ApiError("backend", str(e)) from None
     except Closed:
         raise _draining() from None
     if rows is None:  # nobody is listening; 499 is nginx's "client closed request", for the metrics
         return Response(status_code=499)
-    m.inputs.labels(route).inc(len(ids))
-    m.tokens.labels(route).inc(tokens)
+    m.inputs.labels(route, served.name).inc(len(ids))
+    m.tokens.labels(route, served.name).inc(tokens)
     if truncated:
-        m.truncations.labels(route).inc(len(truncated))
+        m.truncations.labels(route, served.name).inc(len(truncated))
     headers = {"x-truncated-inputs": str(len(truncated)), "x-compute-tokens": str(tokens),
                "x-queue-time": _ms(job.started - job.enqueued), "x-inference-time": _ms(job.finished - job.started),
                "x-total-time": _ms(time.perf_counter() - started)}
     if rows.size > BIG_RESPONSE:
-        out = await loop.run_in_executor(lane, shape, req, rows, tokens, state)
+        out = await loop.run_in_executor(lane, shape, req, rows, tokens, served)
     else:
-        out = shape(req, rows, tokens, state)
+        out = shape(req, rows, tokens, served)
     _hold_answer(state, request, out)
     return Response(out, media_type="application/json", headers=headers)
 
 
+def _embed_tokens(field: str):
+    def tokenise(req, served):
+        return schemas.to_token_ids(req, served.tokenizer, served.limits, field)
+
+    return tokenise
+
+
 # ----------------------------------------------------------------------------- routes
 async def openai_embeddings(request: Request) -> Response:
-    return await _encode(request, "/v1/embeddings", "input", schemas.parse_openai,
-                         lambda req, rows, tokens, st: schemas.openai_body(rows, req.encoding_format,
-                                                                           st.model_name, tokens))
+    return await _serve(request, "/v1/embeddings", "embed", "input", lambda b, sv: schemas.parse_openai(b, sv.limits),
+                        _embed_tokens("input"),
+                        lambda req, rows, tokens, sv: schemas.openai_body(rows, req.encoding_format, sv.name, tokens))
 
 
 async def tei_embed(request: Request) -> Response:
-    return await _encode(request, "/embed", "inputs", schemas.parse_tei,
-                         lambda req, rows, tokens, st: schemas.tei_body(rows))
+    return await _serve(request, "/embed", "embed", "inputs", lambda b, sv: schemas.parse_tei(b, sv.limits),
+                        _embed_tokens("inputs"), lambda req, rows, tokens, sv: schemas.tei_body(rows))
+
+
+async def tei_rerank(request: Request) -> Response:
+    return await _serve(request, "/rerank", "rerank", "texts", schemas.parse_tei_rerank, schemas.score_token_ids,
+                        schemas.tei_rerank_body)
+
+
+async def v1_rerank(request: Request) -> Response:
+    return await _serve(request, "/v1/rerank", "rerank", "documents", schemas.parse_v1_rerank,
+                        schemas.score_token_ids, schemas.v1_rerank_body)
+
+
+async def tei_predict(request: Request) -> Response:
+    return await _serve(request, "/predict", "classify", "inputs", schemas.parse_predict, schemas.score_token_ids,
+                        schemas.predict_body)
+
+
+async def classify(request: Request) -> Response:
+    return await _serve(request, "/classify", "classify", "input", schemas.parse_classify, schemas.score_token_ids,
+                        schemas.classify_body)
 
 
 async def tokenize(request: Request) -> Response:
@@ -236,8 +276,6 @@ async def tokenize(request: Request) -> Response:
     written one text at a time, so that it is never held whole (a client that does not read holds
     one text's JSON and the socket's buffer)."""
     state: ServerState = request.app.state.server
-    if state.tokenizer is None:
-        raise ApiError("validation", "this model has no tokenizer", "inputs")
     body = await read_body(request, state)
     lane = state.lane(len(body))
     loop = asyncio.get_running_loop()
@@ -246,13 +284,17 @@ async def tokenize(request: Request) -> Response:
     else:
         parsed = schemas.parse_json(body)
     del body
-    texts, add_special, prompt = schemas.parse_tokenize(parsed, state.limits)
+    served = state.pick(parsed.get("model"), "tokenize", "/tokenize")
+    tokenizer = served.tokenizer
+    if tokenizer is None:
+        raise ApiError("validation", "this model has no tokenizer", "inputs")
+    texts, add_special, prompt = schemas.parse_tokenize(parsed, served.limits)
     await loop.run_in_executor(lane, schemas.check_encodable, texts, "inputs")
-    max_length = state.limits.max_input_tokens
+    max_length = served.limits.max_input_tokens
 
     async def pieces():
         for i, text in enumerate(texts):
-            piece = await loop.run_in_executor(lane, schemas.tokenize_piece, state.tokenizer, text, prompt,
+            piece = await loop.run_in_executor(lane, schemas.tokenize_piece, tokenizer, text, prompt,
                                                add_special, max_length)
             yield (b"[" if i == 0 else b",") + piece
         yield b"]"
@@ -261,21 +303,31 @@ async def tokenize(request: Request) -> Response:
 
 
 async def info(request: Request) -> Response:
-    return JSONResponse(request.app.state.server.info())
-
-
-async def models(request: Request) -> Response:
+    """TEI's `/info`: the first model's (listing every model's under `models` when there are
+    several), or the one `?model=NAME` names."""
     state: ServerState = request.app.state.server
-    return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                                     "created": state.created, "owned_by": "modernbert-embed"}]})
+    name = request.query_params.get("model")
+    if name is None:
+        return JSONResponse(state.info())
+    model = state.by_name.get(name) or (state.primary if len(state.models) == 1 else None)
+    if model is None:
+        raise ApiError("model_not_found", f"the model {quote(name)} is not served here; served: "
+                                          f"{[m.name for m in state.models]}", "model")
+    return JSONResponse(state.info(model))
+
+
+async def list_models(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return JSONResponse({"object": "list", "data": [{"id": m.name, "object": "model", "created": state.created,
+                                                     "owned_by": "modernbert-embed"} for m in state.models]})
 
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.server
     if state.failed:
         raise ApiError("not_ready", "unhealthy: the warm-up forward failed (see the server's log)")
-    if not state.batcher.alive and not state.draining:
-        raise ApiError("not_ready", "unhealthy: the model worker is not running")
+    if not state.workers_alive and not state.draining:
+        raise ApiError("not_ready", "unhealthy: a model worker is not running")
     return JSONResponse({"status": "ok"})
 
 
@@ -324,18 +376,18 @@ class ServerApp:
     """The ASGI application: the API key, request metrics, in-flight count and the catch-all
     around the Starlette routes. `state` is the `ServerState`."""
 
-    def __init__(self, embedder, settings: ServerSettings | None = None):
-        self.state = state = ServerState(embedder, settings or ServerSettings())
+    def __init__(self, models, settings: ServerSettings | None = None):
+        self.state = state = ServerState(models, settings or ServerSettings())
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
-            state.batcher.start()
+            state.start()
             warm = asyncio.ensure_future(state.warm_up())
             try:
                 yield
             finally:
                 warm.cancel()
-                state.batcher.close(timeout=1.0)
+                state.close(timeout=1.0)
                 state.pool.shutdown(wait=False, cancel_futures=True)
                 state.large_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -343,9 +395,14 @@ class ServerApp:
             Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
             Route("/embeddings", openai_embeddings, methods=["POST"]),  # TEI's and Infinity's alias
             Route("/embed", tei_embed, methods=["POST"]),
+            Route("/rerank", tei_rerank, methods=["POST"]),
+            Route("/v1/rerank", v1_rerank, methods=["POST"]),
+            Route("/predict", tei_predict, methods=["POST"]),
+            Route("/classify", classify, methods=["POST"]),
+            Route("/v1/classify", classify, methods=["POST"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/info", info, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -419,9 +476,11 @@ def _client(scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-def create_app(embedder, settings: ServerSettings | None = None) -> ServerApp:
-    """The server's ASGI application over a loaded `Embedder`."""
-    return ServerApp(embedder, settings)
+def create_app(models, settings: ServerSettings | None = None) -> ServerApp:
+    """The server's ASGI application over a loaded model (an `Embedder`, a `CrossEncoder` or a
+    `LoadedModel`), or a list of them served side by side (names: `settings.served_model_name`,
+    one per model, else each model's own)."""
+    return ServerApp(models, settings)
 
 
 __all__ = ["ServerApp", "ServerSettings", "ServerState", "create_app"]

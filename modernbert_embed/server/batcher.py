@@ -1,10 +1,16 @@
-"""The one worker that owns the engine: a bounded queue of requests, packed together into forwards.
+"""The one worker that owns a model's engine: a bounded queue of requests, packed together into
+forwards. A server of several models has one of these per model.
 
 ```
 handlers (event loop) ── submit(ids) ──► queue (bounded by tokens) ──► worker thread ──► Engine.embed
-        ▲                                                                   │
+        ▲                                                                   │          (or .score)
         └──────────── future resolved with the request's own rows ◄─────────┘
 ```
+
+For an embedder the worker runs `Engine.embed`; for a classifier (an engine with a head: rerankers
+and classifiers) `Engine.score`, and each request gets its float32 logits [n, num_labels] (a pair
+is already `[CLS] a [SEP] b [SEP]` ids), packed under the same token budget: the pairs of many
+rerank requests share forwards as texts do.
 
 Whenever the worker is free it takes the queued requests, small ones first (so that a query never
 waits behind a queue of long documents; `_take`), then first come first served, up to
@@ -76,8 +82,11 @@ class Batcher:
     """The queue and the worker thread. `submit` and `cancel` are called from the event loop,
     everything else in here runs on the worker."""
 
-    def __init__(self, engine: Engine, max_batch_tokens: int, max_queued_tokens: int, metrics=None):
+    def __init__(self, engine: Engine, max_batch_tokens: int, max_queued_tokens: int, metrics=None,
+                 model: str = ""):
         self.engine = engine
+        self.model = model  # the metrics' `model` label
+        self.scores = getattr(engine, "head", None) is not None  # a classifier: logits, not embeddings
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_queued_tokens = int(max_queued_tokens)
         self.metrics = metrics
@@ -88,7 +97,7 @@ class Batcher:
         self._closed = False
         self._owed = False  # the next forward starts with the oldest request (see `_take`)
         self._rate = 0.0  # tokens/s of recent forwards (an exponential average)
-        self.forwards = 0  # Engine.embed calls made
+        self.forwards = 0  # Engine.embed (or .score) calls made
         self._thread = threading.Thread(target=self._run, name="modernbert-embed-worker", daemon=True)
 
     # --------------------------------------------------------------------------- state
@@ -149,7 +158,7 @@ class Batcher:
             if job.state != "done":
                 job.state = "cancelled"
         if was_queued and self.metrics is not None:
-            self.metrics.dropped.labels(reason="client_disconnected").inc()
+            self.metrics.dropped.labels(reason="client_disconnected", model=self.model).inc()
         return was_queued
 
     def close(self, timeout: float | None = None) -> None:
@@ -222,13 +231,18 @@ class Batcher:
         start = time.perf_counter()
         ids = [seq for job in jobs for seq in job.ids]
         if self.metrics is not None:
+            queue = self.metrics.queue_seconds.labels(self.model)
             for job in jobs:
-                self.metrics.queue_seconds.observe(start - job.enqueued)
-        on_batch = self.metrics.observe_forward if self.metrics is not None else None
+                queue.observe(start - job.enqueued)
+        on_batch = self.metrics.forward_observer(self.model) if self.metrics is not None else None
         for job in jobs:
             job.started = start
-        result = self.engine.embed(ids, dim=None, normalize=False, max_batch_tokens=self.max_batch_tokens,
-                                   on_batch=on_batch, check_finite=False)
+        if self.scores:
+            result = self.engine.score(ids, max_batch_tokens=self.max_batch_tokens, on_batch=on_batch,
+                                       check_finite=False)
+        else:
+            result = self.engine.embed(ids, dim=None, normalize=False, max_batch_tokens=self.max_batch_tokens,
+                                       on_batch=on_batch, check_finite=False)
         rows = result.cpu().numpy()
         self.forwards += 1
         elapsed = time.perf_counter() - start
@@ -245,7 +259,7 @@ class Batcher:
                 self._finish(job, error=NonFiniteError(np.flatnonzero(~ok).tolist(), self.engine.dtype_name))
                 continue
             # float32 like `rows`, and a copy: the request owns it
-            self._finish(job, result=slice_normalize(mine, job.dim, job.normalize))
+            self._finish(job, result=mine.copy() if self.scores else slice_normalize(mine, job.dim, job.normalize))
 
     def _finish(self, job: Job, result=None, error: Exception | None = None) -> None:
         with self._cond:

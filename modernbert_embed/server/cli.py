@@ -38,14 +38,19 @@ def _seconds(text: str) -> float:
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """Register the `serve` subcommand on the main parser's subparsers."""
     s = sub.add_parser(
-        "serve", help="serve embeddings over HTTP (OpenAI and TEI APIs)", formatter_class=Formatter,
-        description="Serve embeddings over HTTP: POST /v1/embeddings and /embeddings (OpenAI), POST /embed and /tokenize "
-                    "(text-embeddings-inference), GET /info, /v1/models, /health, /ready, /metrics. "
-                    "Requests are batched together into token-budget forwards by one model worker.")
+        "serve", help="serve embeddings, rerankers and classifiers over HTTP (OpenAI, TEI, Cohere/Jina, vLLM APIs)",
+        formatter_class=Formatter,
+        description="Serve embedders, rerankers and classifiers over HTTP: POST /v1/embeddings and /embeddings "
+                    "(OpenAI), POST /embed, /rerank, /predict and /tokenize (text-embeddings-inference), POST "
+                    "/v1/rerank (Cohere/Jina), POST /classify (vLLM), GET /info, /v1/models, /health, /ready, "
+                    "/metrics. Several models may be served at once (--model A --model B); a request's `model` "
+                    "field picks one. Each model's requests are batched together into token-budget forwards by "
+                    "its own worker.")
     g = s.add_argument_group("model")
-    add_model_options(g)
-    g.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model name in responses and /v1/models (default: --model)")
+    add_model_options(g, repeatable=True)
+    g.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="the model's name in requests, responses and /v1/models (default: --model as given; a "
+                        "folder also answers to its last component); with several models, one per --model, in order")
     g = s.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     g.add_argument("--port", type=_int_at_least(0), default=8080, help="port (0: any free one)")
@@ -87,8 +92,13 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args) -> ServerSettings:
+    names = args.served_model_name
+    models = args.model if isinstance(args.model, list) else [args.model]
+    if names is not None and len(names) != len(models):
+        raise ValueError(f"--served-model-name was given {len(names)} time(s) for {len(models)} --model(s): "
+                         "give one name per --model, in the same order, or none")
     return ServerSettings(
-        served_model_name=args.served_model_name,
+        served_model_name=None if names is None else names[0] if len(names) == 1 else tuple(names),
         api_key=os.environ.get(API_KEY_ENV) if args.api_key is None else args.api_key,  # "" is refused
         max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
         max_input_tokens=args.max_input_tokens, max_queued_tokens=args.max_queued_tokens,
@@ -234,14 +244,16 @@ def run_serve(args) -> int:
         print(f"modernbert-embed: error: serving needs the serve extra (pip install 'modernbert-embed[serve]'): {e}",
               file=sys.stderr)
         return 2
-    from .. import Embedder
     from ..config import ConfigError
-    from ..weights import CheckpointError
+    from ..loaded import LoadedModel
+    from ..weights import DEFAULT_MODEL, CheckpointError
     from .app import create_app
 
     try:
-        embedder = Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
-        app = create_app(embedder, settings_from_args(args))
+        settings = settings_from_args(args)
+        models = [LoadedModel.open(name, device=args.device, dtype=args.dtype, revision=args.revision)
+                  for name in (args.model or [DEFAULT_MODEL])]
+        app = create_app(models if len(models) > 1 else models[0], settings)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"modernbert-embed: error: cannot load the model: {e}", file=sys.stderr)
         return 2

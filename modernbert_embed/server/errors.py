@@ -3,7 +3,7 @@
 A handler raises `ApiError(kind, message, param)`; the kind says what went wrong, and the route
 family decides the status code and the body:
 
-- the OpenAI routes (`/v1/...`): `{"error": {"message", "type", "param", "code"}}`, with the
+- the OpenAI routes (`/v1/...`, vLLM's `/classify`): `{"error": {"message", "type", "param", "code"}}`, with the
   status codes the official clients map to exception classes (400, 401, 404, 413, 429, 5xx);
 - the TEI routes (everything else): `{"error": message, "error_type": type}`, with TEI's codes
   (400 empty, 422 validation, 413 payload, 429 overloaded, 424 backend, 503 unhealthy).
@@ -32,6 +32,9 @@ KINDS = {
     "request_timeout": (408, "invalid_request_error", 408, "validation"),
     "unauthorized": (401, "authentication_error", 401, "unauthorized"),
     "not_found": (404, "invalid_request_error", 404, "not_found"),
+    "model_not_found": (404, "invalid_request_error", 404, "model_not_found"),
+    # a route asked of a model that cannot do it (TEI: 424 with its "backend" type for the wrong model type)
+    "wrong_model": (400, "invalid_request_error", 424, "backend"),
     "method_not_allowed": (405, "invalid_request_error", 405, "method_not_allowed"),
     "overloaded": (429, "rate_limit_error", 429, "overloaded"),
     "draining": (503, "service_unavailable_error", 503, "unhealthy"),
@@ -74,8 +77,8 @@ class ApiError(Exception):
 
 
 def is_openai_path(path: str) -> bool:
-    """The OpenAI-shaped routes: everything under /v1/, and the /embeddings alias."""
-    return path.startswith("/v1/") or path in ("/v1", "/embeddings")
+    """The OpenAI-shaped routes: everything under /v1/, the /embeddings alias and vLLM's /classify."""
+    return path.startswith("/v1/") or path in ("/v1", "/embeddings", "/classify")
 
 
 def error_body(err: ApiError, openai: bool) -> dict:

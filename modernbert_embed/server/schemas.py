@@ -5,16 +5,24 @@ inputs (a string, strings, token ids, lists of token ids), the options (through 
 whose messages are re-spelled with the route's field names), and the server's limits. Token-id
 inputs are this model's ids WITHOUT [CLS]/[SEP]: the server adds them, as it does for text, so
 that the two kinds of input of the same text give the same embedding.
+
+The scoring routes (`/rerank`, `/v1/rerank`, `/predict`, `/classify`) are parsed into a
+`ScoreRequest` (pairs or single texts, tokenised by `score_token_ids` as `CrossEncoder` does:
+each side cut before it is tokenised, a pair truncated longest first) and answered from the
+model's float32 logits.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..options import EncodeOptions, OptionError
 from ..tokenizer import PROMPTS, TextTokenizer
@@ -67,6 +75,9 @@ def _json_type(value) -> str:
     if isinstance(value, list):
         return "a list"
     return "an object"
+
+
+json_type = _json_type
 
 
 def parse_json(body: bytes) -> dict:
@@ -299,6 +310,189 @@ def to_token_ids(req: EmbedRequest, tokenizer: TextTokenizer | None, limits: Lim
     return ids, truncated
 
 
+# ----------------------------------------------------------------------------- scoring requests
+@dataclass
+class ScoreRequest:
+    """One rerank or classification request, checked: `inputs` holds single texts (str) and pairs
+    (a tuple of two str) in the client's order; for a rerank, every input is (query, document)."""
+
+    inputs: list
+    truncate: bool
+    field: str  # where the inputs were, in the route's spelling
+    raw_scores: bool = False
+    single: bool = False  # /predict: one input given (answered without the outer list)
+    documents: list | None = None  # a rerank's documents (returned when asked)
+    return_documents: bool = False
+    top_n: int | None = None
+
+
+def _flag(body: dict, field: str, default: bool) -> bool:
+    value = _optional(body, field, bool, "true or false")
+    return default if value is None else value
+
+
+def _truncate(body: dict, limits: Limits) -> bool:
+    truncate = _optional(body, "truncate", bool, "true or false")
+    direction = _optional(body, "truncation_direction", str, "a string")
+    if direction is not None and direction.lower() != "right":
+        raise ApiError("validation", f"`truncation_direction` {quote(direction)} is not supported; this server "
+                                     "keeps the start of a text (right)", "truncation_direction")
+    return limits.auto_truncate if truncate is None else truncate
+
+
+def _query(body: dict) -> str:
+    query = body.get("query", MISSING)
+    if query is MISSING or query is None:
+        raise ApiError("validation", "`query` is required", "query")
+    if not isinstance(query, str):
+        raise ApiError("validation", f"`query` must be a string, got {_json_type(query)}", "query")
+    if not query:
+        raise ApiError("empty", "`query` is an empty string", "query")
+    return query
+
+
+def _documents(value, field: str, limits: Limits, objects: bool) -> list[str]:
+    """A rerank's documents: a non-empty list (at most `max_client_batch_size`) of strings, or
+    (`objects`) of `{"text": str}` objects."""
+    if value is MISSING or value is None:
+        raise ApiError("validation", f"`{field}` is required", field)
+    if not isinstance(value, list):
+        raise ApiError("validation", f"`{field}` must be a list of strings, got {_json_type(value)}", field)
+    if not value:
+        raise ApiError("empty", f"`{field}` cannot be empty", field)
+    if len(value) > limits.max_client_batch_size:
+        raise ApiError("too_many_inputs", f"{len(value)} {field} > the maximum of {limits.max_client_batch_size} "
+                                          "per request", field)
+    out = []
+    for i, d in enumerate(value):
+        if objects and isinstance(d, dict):
+            if not isinstance(d.get("text"), str):
+                raise ApiError("validation", f"`{field}[{i}]` is an object without a string `text`", field)
+            d = d["text"]
+        if not isinstance(d, str):
+            what = "a string or an object with a string `text`" if objects else "a string"
+            raise ApiError("validation", f"`{field}[{i}]` is {_json_type(d)}, not {what}", field)
+        if not d:
+            raise ApiError("empty", f"`{field}[{i}]` is an empty string", field)
+        out.append(d)
+    return out
+
+
+def parse_tei_rerank(body: dict, served) -> ScoreRequest:
+    """TEI's `POST /rerank`: query, texts, raw_scores, return_text, truncate, truncation_direction
+    (and our `model`)."""
+    limits = served.limits
+    query = _query(body)
+    texts = _documents(body.get("texts", MISSING), "texts", limits, objects=False)
+    return ScoreRequest(inputs=[(query, t) for t in texts], truncate=_truncate(body, limits), field="texts",
+                        raw_scores=_flag(body, "raw_scores", False), documents=texts,
+                        return_documents=_flag(body, "return_text", False))
+
+
+def parse_v1_rerank(body: dict, served) -> ScoreRequest:
+    """The Cohere/Jina `POST /v1/rerank`: model, query, documents (strings or {text}), top_n,
+    return_documents; Infinity's raw_scores; our truncate."""
+    limits = served.limits
+    query = _query(body)
+    documents = _documents(body.get("documents", MISSING), "documents", limits, objects=True)
+    top_n = _optional(body, "top_n", int, "a whole number")
+    if top_n is not None and top_n < 1:
+        raise ApiError("validation", f"`top_n` must be at least 1, got {top_n}", "top_n")
+    return ScoreRequest(inputs=[(query, d) for d in documents], truncate=_truncate(body, limits), field="documents",
+                        raw_scores=_flag(body, "raw_scores", False), documents=documents,
+                        return_documents=_flag(body, "return_documents", False), top_n=top_n)
+
+
+def _predict_item(item, where: str):
+    """A text, `[text]` or `[a, b]`: a str or a pair."""
+    if isinstance(item, str):
+        if not item:
+            raise ApiError("empty", f"`{where}` is an empty string", "inputs")
+        return item
+    if isinstance(item, list) and len(item) in (1, 2):
+        for j, t in enumerate(item):
+            if not isinstance(t, str):
+                raise ApiError("validation", f"`{where}[{j}]` is {_json_type(t)}, not a string", "inputs")
+            if not t:
+                raise ApiError("empty", f"`{where}[{j}]` is an empty string", "inputs")
+        return item[0] if len(item) == 1 else (item[0], item[1])
+    raise ApiError("validation", f"`{where}` is {_json_type(item)}"
+                                 f"{f' of {len(item)} items' if isinstance(item, list) else ''}, not a text, "
+                                 "[text] or a pair [a, b]", "inputs")
+
+
+def parse_predict(body: dict, served) -> ScoreRequest:
+    """TEI's `POST /predict`: inputs (a text, a pair [a, b], or a list of texts, [text] and
+    pairs), raw_scores, truncate, truncation_direction (and our `model`)."""
+    limits = served.limits
+    value = body.get("inputs", MISSING)
+    if value is MISSING or value is None:
+        raise ApiError("validation", "`inputs` is required", "inputs")
+    if isinstance(value, str) or (isinstance(value, list) and len(value) == 2
+                                  and all(isinstance(t, str) for t in value)):
+        inputs, single = [_predict_item(value, "inputs")], True
+    elif isinstance(value, list):
+        if not value:
+            raise ApiError("empty", "`inputs` cannot be empty", "inputs")
+        if len(value) > limits.max_client_batch_size:
+            raise ApiError("too_many_inputs", f"batch size {len(value)} > maximum allowed batch size "
+                                              f"{limits.max_client_batch_size}", "inputs")
+        inputs, single = [_predict_item(x, f"inputs[{i}]") for i, x in enumerate(value)], False
+    else:
+        raise ApiError("validation", f"`inputs` must be a text, a pair [a, b] or a list of them, got "
+                                     f"{_json_type(value)}", "inputs")
+    return ScoreRequest(inputs=inputs, truncate=_truncate(body, limits), field="inputs",
+                        raw_scores=_flag(body, "raw_scores", False), single=single)
+
+
+def parse_classify(body: dict, served) -> ScoreRequest:
+    """vLLM's `POST /classify`: model, input (a text or a list of texts), user; our truncate."""
+    inputs = parse_inputs(body.get("input", MISSING), "input", served.limits, allow_ids=False)
+    _optional(body, "user", str, "a string")
+    return ScoreRequest(inputs=inputs, truncate=_truncate(body, served.limits), field="input")
+
+
+def score_token_ids(req: ScoreRequest, served) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every input (a pair `[CLS] a [SEP] b [SEP]`, truncated longest first; a text
+    `[CLS] t [SEP]`; each side cut before it is tokenised), in order, and the indices of those
+    truncated to `max_input_tokens`; with truncation off, an over-long input is a 4xx naming it."""
+    tokenizer, limit, field = served.tokenizer, served.limits.max_input_tokens, req.field
+    if tokenizer is None:
+        raise ApiError("validation", "this model has no tokenizer", field)
+    ids: list = [None] * len(req.inputs)
+    cut = [False] * len(req.inputs)
+    pair_at = [i for i, x in enumerate(req.inputs) if isinstance(x, tuple)]
+    text_at = [i for i, x in enumerate(req.inputs) if not isinstance(x, tuple)]
+    for at, encode in ((pair_at, tokenizer.encode_pairs), (text_at, lambda xs, n: tokenizer.encode(xs, "", n))):
+        if not at:
+            continue
+        items = [req.inputs[i] for i in at]
+        try:
+            got, tr = encode(items, limit)
+        except Exception:  # tokenizers raises plain Exceptions: name the text it could not take
+            for k, item in zip(at, items):
+                check_encodable(item if isinstance(item, tuple) else (item,), field, [k] * 2)
+            raise
+        for i, seq, t in zip(at, got, tr):
+            ids[i], cut[i] = seq, t
+    truncated = [i for i, t in enumerate(cut) if t]
+    if truncated and not req.truncate:
+        i = truncated[0]
+        x = req.inputs[i]
+        if req.documents is not None:  # a rerank: the query may be what is too long
+            q = _count_tokens(tokenizer, x[0], "", limit)
+            if q is None or q + 1 >= limit:
+                has = f"has {q} tokens" if q is not None else f"has more than {limit} tokens"
+                raise ApiError("input_too_long", f"`query` {has} ([CLS] and [SEP] included); with a document "
+                                                 f"and its [SEP] the limit is {limit}. Send a shorter query or set "
+                                                 "truncate=true", "query")
+        where = field if req.single else f"{field}[{i}]"
+        what = " with the query" if req.documents is not None else ""
+        raise ApiError("input_too_long", f"`{where}`{what} has more than {limit} tokens ([CLS] and [SEP] included), "
+                                         f"the limit. Send shorter input or set truncate=true", field)
+    return ids, truncated
+
+
 # ----------------------------------------------------------------------------- rows -> bodies
 def b64_float32(row: np.ndarray) -> str:
     """base64 of the little-endian float32 bytes (what the openai client decodes)."""
@@ -330,5 +524,69 @@ def tokenize_piece(tokenizer: TextTokenizer, text: str, prompt: str, add_special
                                                           enc.special_tokens_mask)]).encode()
 
 
-__all__ = ["EmbedRequest", "Limits", "parse_json", "parse_openai", "parse_tei", "parse_tokenize",
+# ----------------------------------------------------------------------------- logits -> bodies
+def activated(rows: np.ndarray, raw: bool) -> np.ndarray:
+    """TEI's scores: the logits when `raw`, else sigmoid for one label and softmax for more."""
+    if raw:
+        return rows
+    t = torch.from_numpy(rows)
+    return (torch.sigmoid(t) if t.shape[1] == 1 else torch.softmax(t, dim=-1)).numpy()
+
+
+def _ranked(scores: list, documents: list, top_n: int | None, text_key: str | None, score_key: str) -> list:
+    results = [{"index": i, score_key: s} for i, s in enumerate(scores)]
+    results.sort(key=lambda r: r[score_key], reverse=True)  # stable: ties keep input order
+    results = results[:top_n]
+    if text_key is not None:
+        for r in results:
+            r[text_key] = documents[r["index"]] if text_key == "text" else {"text": documents[r["index"]]}
+    return results
+
+
+def tei_rerank_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> bytes:
+    """TEI's `/rerank` answer: `[{index, score, text?}]`, best first (sigmoid unless raw_scores)."""
+    scores = activated(rows, req.raw_scores)[:, 0].tolist()
+    return json.dumps(_ranked(scores, req.documents, None, "text" if req.return_documents else None,
+                              "score")).encode()
+
+
+def v1_rerank_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> bytes:
+    """The Cohere/Jina answer: `{id, model, results: [{index, relevance_score, document?}], usage}`,
+    best first, cut to top_n; the score is the folder's activation of the logit (as
+    `CrossEncoder.rank`: sigmoid by default) unless raw_scores."""
+    logits = torch.from_numpy(rows)
+    scores = (logits if req.raw_scores else served.loaded.activation_fn(logits))[:, 0].tolist()
+    results = _ranked(scores, req.documents, req.top_n, "document" if req.return_documents else None,
+                      "relevance_score")
+    return json.dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": served.name,
+                       "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+
+
+def predict_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> bytes:
+    """TEI's `/predict` answer: per input `[{label, score}]`, best first (sigmoid for one label,
+    softmax for more, unless raw_scores); one input given: its list alone."""
+    scores = activated(rows, req.raw_scores).tolist()
+    labels = served.labels
+    out = [sorted(({"label": labels[j], "score": s} for j, s in enumerate(row)), key=lambda r: r["score"],
+                  reverse=True) for row in scores]
+    return json.dumps(out[0] if req.single else out).encode()
+
+
+def classify_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> bytes:
+    """vLLM's `/classify` answer: `{id, object, created, model, data: [{index, label, probs,
+    num_classes}], usage}`; probs are the softmax over the labels (sigmoid for one label), label
+    the most probable."""
+    probs = activated(rows, False)
+    labels = served.labels
+    data = [{"index": i, "label": labels[int(np.argmax(p))], "probs": p.tolist(), "num_classes": len(labels)}
+            for i, p in enumerate(probs)]
+    return json.dumps({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                       "model": served.name, "data": data,
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                                 "prompt_tokens_details": None}}).encode()
+
+
+__all__ = ["EmbedRequest", "ScoreRequest", "Limits", "parse_tei_rerank", "parse_v1_rerank", "parse_predict",
+           "parse_classify", "score_token_ids", "tei_rerank_body", "v1_rerank_body", "predict_body", "classify_body",
+           "parse_json", "parse_openai", "parse_tei", "parse_tokenize",
            "to_token_ids", "openai_body", "tei_body", "tokenize_piece", "b64_float32", "INPUT_TYPES"]

@@ -13,7 +13,8 @@ API_KEY_ENV = "MODERNBERT_EMBED_API_KEY"
 class ServerSettings:
     """The serving limits and switches (the `serve` command's options)."""
 
-    served_model_name: str | None = None  # default: the model's name or path
+    # default: the model's name or path; with several models, one name per model (a tuple) or None
+    served_model_name: str | tuple[str, ...] | None = None
     api_key: str | None = None
     max_batch_tokens: int | None = None  # tokens per forward; None: the engine's (4096 CPU, 16384 GPU)
     max_client_batch_size: int = 2048  # inputs per request (OpenAI's limit)
@@ -44,7 +45,9 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}")
-        if self.served_model_name == "":
+        names = self.served_model_name if isinstance(self.served_model_name, (list, tuple)) else \
+            (self.served_model_name,)
+        if "" in names:
             raise ValueError("served_model_name is empty; leave it unset for the model's name")
         if self.api_key == "":
             raise ValueError(f"api_key is empty (--api-key or ${API_KEY_ENV}); leave both unset to serve "
