@@ -179,3 +179,33 @@ def test_gpu_rows_dry_run_on_cpu(bench, tmp_path, one_thread):
         ("ours", "queries")]
     assert all(not r["error"] and r["tokens_per_s"] > 0 and "predicted" in r["goal"] for r in rows)
     assert all(r["ratio"] > 0 and r["min_cos"] > 0.99 for r in rows if r["engine"] == "ours")
+
+
+def test_device_check_runs_the_late_interaction_rows_after_bench_gpu(tmp_path):
+    """Parts of a step start together, except one with `after`, which waits for that part to end
+    (two GPU benchmarks never overlap); one still waiting when the budget is spent is not run."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("device_check", BENCH / "device_check.py")
+    dc = importlib.util.module_from_spec(spec)
+    sys.modules["device_check"] = dc
+    try:
+        spec.loader.exec_module(dc)
+
+        def stamp(name, sleep):
+            return [sys.executable, "-c", f"import time; t0 = time.time(); time.sleep({sleep}); "
+                    f"open({str(tmp_path / name)!r}, 'w').write(f'{{t0}} {{time.time()}}')"]
+
+        parts = [dc.Part("first", stamp("first", 1.0)), dc.Part("second", stamp("second", 0.1), after="first"),
+                 dc.Part("beside", stamp("beside", 0.1))]
+        dc.run_parts(parts, tmp_path, dict(__import__("os").environ), time.monotonic() + 60, "bench")
+        (f0, f1), (s0, _), (b0, _) = [map(float, (tmp_path / n).read_text().split())
+                                      for n in ("first", "second", "beside")]
+        assert s0 >= f1 and b0 < f1 and [p.status for p in parts] == ["ok"] * 3
+        late = [dc.Part("slow", stamp("slow", 30)), dc.Part("then", stamp("then", 0), after="slow")]
+        dc.run_parts(late, tmp_path, dict(__import__("os").environ), time.monotonic() + dc.GRACE_S + 1, "bench")
+        assert late[0].status.startswith("CUT") and late[1].status.startswith("not run (slow used")
+        assert not (tmp_path / "then").exists()
+    finally:
+        sys.modules.pop("device_check", None)
