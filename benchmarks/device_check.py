@@ -378,7 +378,8 @@ class Run:
 
     def multivector_part(self):
         """The late-interaction GPU rows (bench_multivector.py), after bench_gpu on the same GPU."""
-        out = ["--out", str(self.dest / "bench_multivector.json"), "--markdown", str(self.dest / "results.md")]
+        out = ["--out", str(self.dest / "bench_multivector.json"),
+               "--markdown", str(self.dest / "multivector.md")]
         if self.dry:
             args = ["--gpu-rows", "--device", "cpu", "--quick", "--docs", "3", "--queries", "3"]
         else:
@@ -473,7 +474,7 @@ class Run:
         finally:
             if self.tree is not None:
                 shutil.rmtree(self.tree, ignore_errors=True)
-        for f in ("parity.md", "results.md", "serve.md", "ops.md"):
+        for f in ("parity.md", "results.md", "multivector.md", "serve.md", "ops.md"):
             if (self.dest / f).is_file():
                 print((self.dest / f).read_text())
         print(highlights(self.dest))

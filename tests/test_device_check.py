@@ -175,7 +175,7 @@ def test_dry_run_runs_every_step(tmp_path):
                  "ops.md", "summary.md"):
         assert (out / name).is_file(), name
     assert "collected" in (out / "kernel-tests.log").read_text()
-    for name in ("parity.md", "serve.md", "ops.md", "results.md"):  # each table once, finished
+    for name in ("parity.md", "serve.md", "ops.md", "results.md", "multivector.md"):  # each table once, finished
         text = (out / name).read_text()
         assert text.count("\n### ") == 1 and "(partial" not in text, (name, text)
 
