@@ -34,11 +34,13 @@ in that round (the peers have no faster CPU dtype: fp32 is how their users run t
 ours bf16 as for ours fp32. Goals (issue "The ModernBERT family, part 2", item 6): documents >= 2x
 the faster peer in fp32 and in bf16; queries >= 1.5x.
 
-Time: the full run loads the base model four times and encodes 96 documents (about 9k tokens)
-and 256 queries (8k tokens) per contender per round; on a 2-core machine each round of documents
-takes about 30-45 s across the four contenders (about 5 s for ours bf16, 10-15 s for each peer)
-and the whole run with 5 rounds about 8-10 minutes (an estimate from the per-token rates of
-bench_cpu's mixed corpus, not a measurement).
+Time: the full run (`make bench`'s second part) is an estimate, not a measurement: 96 documents
+(about 12k tokens after truncation) and 256 queries (8,192 tokens) per contender per round, and the
+parity pass before the rounds costs one more round. A small run (8 documents, 16 queries, one
+thread, load average 3) gave about 830 / 1,330 tokens/s for ours fp32 / bf16 and 230 for each
+peer on documents; on 2 threads that puts a documents round near 75 s and a queries round near
+30 s, and the whole run with 5 rounds (plus writing the checkpoint and loading the base model
+four times per workload) at 10-15 minutes on a 2-core machine.
 
 GPU rows (--device cuda, ours bf16 against sentence-transformers bf16, `measure`: a warm-up, then
 the median of `--repeats` calls). Predictions, written before any GPU run: the backbone costs
