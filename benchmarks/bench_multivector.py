@@ -35,12 +35,12 @@ ours bf16 as for ours fp32. Goals (issue "The ModernBERT family, part 2", item 6
 the faster peer in fp32 and in bf16; queries >= 1.5x.
 
 Time: the full run (`make bench`'s second part) is an estimate, not a measurement: 96 documents
-(about 12k tokens after truncation) and 256 queries (8,192 tokens) per contender per round, and the
-parity pass before the rounds costs one more round. A small run (8 documents, 16 queries, one
-thread, load average 3) gave about 830 / 1,330 tokens/s for ours fp32 / bf16 and 230 for each
-peer on documents; on 2 threads that puts a documents round near 75 s and a queries round near
-30 s, and the whole run with 5 rounds (plus writing the checkpoint and loading the base model
-four times per workload) at 10-15 minutes on a 2-core machine.
+(about 13k tokens after truncation) and 256 queries (8,192 tokens) per contender per round, and the
+parity pass before the rounds costs one more round. bench_cpu's mixed corpus ran ours at about 800
+(fp32) and 1,200 (bf16) tokens/s on 2 threads; a small run here (8 documents, one thread) put each
+peer at 3.5x below ours fp32. So a documents round takes near 100 s, a queries round near 60 s, and
+the whole run with 5 rounds (plus writing the checkpoint and loading the base model four times per
+workload) 15-20 minutes on a 2-core machine.
 
 GPU rows (--device cuda, ours bf16 against sentence-transformers bf16, `measure`: a warm-up, then
 the median of `--repeats` calls; 2,048 documents and 4,096 queries). Predictions, written before
@@ -49,15 +49,15 @@ table), 0.22 GFLOP per token, and attention adds little at these lengths (0.228 
 110 tokens, 0.234 at 300, 0.223 at 32: `ModernBertConfig.flops_per_token`); the 768 -> 128
 projection and the L2 norm add 0.2 MFLOP per token, nothing. So the documents workload runs at
 the rate of bench_gpu's mixed corpus at the same budget: on an H100, 800k-1.1M tokens/s for ours
-bf16 (bench_gpu's ours bf16 mixed rows, 35-45% of the 989 TFLOP/s dense peak), less the cost of
-cutting the packed output into one array per text (one device-to-host copy of 128 floats per
-token: under 5%). sentence-transformers bf16 pads each batch of 32 to its longest (truncation to
-300 keeps the padding to about 1.6x) and runs transformers' SDPA: 150k-250k tokens/s, so ours
->= 4x. Queries (32 tokens each after expansion, so batches of uniform length: no padding waste for
-either) are short sequences where launch overheads dominate: ours 300k-600k tokens/s, ours packs
-thousands of queries per forward where sentence-transformers runs batches of 32 (about 1k tokens
-per forward: a few hundred microseconds of GEMM against 22 layers' worth of kernel launches),
-predicted 100k-200k tokens/s, ours >= 2.5x.
+bf16 (bench_gpu's goal is 1M tokens/s at 512 tokens; 1M x 0.23 GFLOP = 230 TFLOP/s, 23% of the
+989 TFLOP/s dense peak, as a 768-wide model's thin GEMMs allow), the per-text output being views
+of one packed tensor on the device (as sentence-transformers returns tensors there).
+sentence-transformers bf16 pads each batch of 32 to its longest (truncation to 300 keeps that to
+about 1.6x the real tokens) and runs transformers' SDPA: 150k-250k tokens/s, so ours >= 4x.
+Queries are 32 tokens each after expansion (uniform: no padding waste for either), short sequences
+where launches dominate: sentence-transformers runs ~1k tokens per forward (a batch of 32), a few
+hundred microseconds of GEMM against 22 layers of kernel launches, 100k-200k tokens/s; ours packs
+thousands of queries per forward, 300k-600k tokens/s, ours >= 2.5x.
 """
 
 from __future__ import annotations
