@@ -335,7 +335,6 @@ def gpu_main(args, folder: Path, workloads) -> int:
             print(f"  {role} {engine_name} bf16: {h.fmt_num(row.tokens_per_s)} tokens/s"
                   + (f" {row.ratio:.2f}x" if row.ratio else "") + (f" ERROR {row.error}" if row.error else ""))
         engine.close()
-        del engine
         h.free_memory(device)
     print()
     print(results.finish())

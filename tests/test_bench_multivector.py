@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
