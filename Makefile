@@ -37,8 +37,11 @@ test-fast: $(STAMP)
 	$(PY) -P -m pytest -q -m "not slow"
 
 # All CPU contenders alternated in one process (docs/benchmarks.md); BENCH_ARGS adds options.
+# Then the late-interaction rows (PyLate's row needs `make pylate-venv`; without it, a row that says so);
+# MV_BENCH_ARGS adds their options.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py --out out/bench_cpu.json $(BENCH_ARGS)
+	$(PY) -P benchmarks/bench_multivector.py --out out/bench_multivector.json $(MV_BENCH_ARGS)
 
 # The HTTP server on 127.0.0.1:8080 (OpenAI and TEI APIs): make serve MODEL=path-or-hub-id SERVE_ARGS="--port 9000"
 MODEL ?= nomic-ai/modernbert-embed-base

@@ -62,6 +62,8 @@ STEPS = [
     ("serve", 70, "bench"),
     ("ops", 50, "bench"),
 ]
+# Of the bench step, the seconds left to the late-interaction rows (bench_multivector.py) after bench_gpu.
+MV_BENCH_S = 35
 TOTAL_BUDGET_S = sum(b for _, b, _ in STEPS)
 assert TOTAL_BUDGET_S <= 450, "the device check must end within 8 minutes, start-up and summary included"
 
@@ -136,6 +138,7 @@ class Part:
     seconds: float = 0.0
     rc: int | None = None
     log: str = ""
+    after: str = ""  # starts when the part of this name has ended (two GPU benchmarks never overlap)
 
 
 @dataclass
@@ -165,14 +168,16 @@ def status_of(rc: int | None, cut: bool, kind: str) -> tuple[str, bool]:
 def run_parts(parts: list[Part], dest: Path, env: dict, deadline: float, kind: str) -> None:
     """Start every part at once (each in its own process group, output in dest/<name>.log), wait
     until all end or the deadline; a part still running then gets SIGTERM and, GRACE_S later,
-    SIGKILL. Fills each part's status."""
+    SIGKILL. A part with `after` starts when that part has ended instead. Fills each part's status."""
     running = {}
-    for part in parts:
+    waiting = [p for p in parts if p.after and p.cmd is not None]
+
+    def start(part):
         part.log = f"{part.name}.log"
         if part.cmd is None:
             (dest / part.log).write_text(part.note + "\n")
             part.status = f"not run ({part.note})"
-            continue
+            return
         log = open(dest / part.log, "w")
         log.write("$ " + " ".join(part.cmd) + "\n")
         log.flush()
@@ -183,12 +188,24 @@ def run_parts(parts: list[Part], dest: Path, env: dict, deadline: float, kind: s
             log.write(f"cannot start: {e}\n")
             log.close()
             part.rc, part.status = 127, f"FAIL (cannot start: {e})"
-            continue
+            return
         running[part.name] = (part, proc, log, time.monotonic())
+
+    for part in parts:
+        if part not in waiting:
+            start(part)
     term_at = deadline - GRACE_S
     cut = set()
-    while running:
+    while running or waiting:
         now = time.monotonic()
+        for part in [p for p in waiting if p.after not in running]:
+            waiting.remove(part)
+            if now < term_at:
+                start(part)
+            else:
+                part.log = f"{part.name}.log"
+                (dest / part.log).write_text(f"not started: {part.after} used the step's budget\n")
+                part.status = f"not run ({part.after} used the step's budget)"
         for name, (part, proc, log, t0) in list(running.items()):
             if proc.poll() is not None:
                 part.rc, part.seconds = proc.returncode, round(time.monotonic() - t0, 1)
@@ -354,9 +371,21 @@ class Run:
             return [Part("bench_gpu", self.script(
                 "bench_gpu.py", "--device", "cpu", "--config", "small", "--quick", "--mixed-tokens", "200",
                 "--fixed-docs", "1", "--long-len", "300", "--only", "default", "--no-st",
-                "--time-budget", str(max(5, budget - 40)), *out))]
-        # new rows stop 50 s before the budget: the last row, the write-up and the exit fit in it
-        return [Part("bench_gpu", self.script("bench_gpu.py", "--time-budget", str(max(20, budget - 50)), *out))]
+                "--time-budget", str(max(5, budget - 40 - MV_BENCH_S)), *out)), self.multivector_part()]
+        # new rows stop 50 s (and the late-interaction rows' time) before the budget: the last row,
+        # the write-up and the exit fit in it; then the late-interaction rows, after it
+        return [Part("bench_gpu", self.script("bench_gpu.py", "--time-budget", str(max(20, budget - 50 - MV_BENCH_S)),
+                                              *out)), self.multivector_part()]
+
+    def multivector_part(self):
+        """The late-interaction GPU rows (bench_multivector.py), after bench_gpu on the same GPU."""
+        out = ["--out", str(self.dest / "bench_multivector.json"),
+               "--markdown", str(self.dest / "multivector.md")]
+        if self.dry:
+            args = ["--gpu-rows", "--device", "cpu", "--quick", "--docs", "3", "--queries", "3"]
+        else:
+            args = ["--device", "cuda"]
+        return Part("bench_multivector", self.script("bench_multivector.py", *args, *out), after="bench_gpu")
 
     def step_serve(self, budget):
         if not _has(self.py, "starlette", self.env) or not _has(self.py, "uvicorn", self.env):
@@ -446,7 +475,7 @@ class Run:
         finally:
             if self.tree is not None:
                 shutil.rmtree(self.tree, ignore_errors=True)
-        for f in ("parity.md", "results.md", "serve.md", "ops.md"):
+        for f in ("parity.md", "results.md", "multivector.md", "serve.md", "ops.md"):
             if (self.dest / f).is_file():
                 print((self.dest / f).read_text())
         print(highlights(self.dest))
@@ -513,6 +542,10 @@ def _result_line(dest: Path, part: Part) -> str:
             rows = json.loads((dest / "bench_gpu.json").read_text())["rows"]
             bad = sum(bool(r.get("error")) for r in rows)
             return f"{len(rows) - bad} rows measured, {bad} with an error or skipped"
+        if part.name == "bench_multivector" and (dest / "bench_multivector.json").is_file():
+            rows = json.loads((dest / "bench_multivector.json").read_text())["rows"]
+            bad = sum(bool(r.get("error")) for r in rows)
+            return f"{len(rows) - bad} late-interaction rows measured, {bad} with an error"
         if part.name == "bench_serve" and (dest / "bench_serve.json").is_file():
             rec = json.loads((dest / "bench_serve.json").read_text())
             return f"{len(rec['rows'])} levels measured" + (f", not run: {', '.join(rec['not_run'])}"
@@ -544,6 +577,13 @@ def highlights(dest: Path) -> str:
                     for r in rows if r.get("goal")]
             bad = [r for r in rows if r.get("error")]
             out.append(f"bench rows: {len(rows) - len(bad)} measured, {len(bad)} with an error or skipped")
+        if (dest / "bench_multivector.json").is_file():
+            rows = json.loads((dest / "bench_multivector.json").read_text())["rows"]
+            out += [f"late interaction: {r['engine']} {r['dtype']} on {r['corpus']}: "
+                    + (f"ERROR {r['error'][:80]}" if r.get("error") else
+                       f"{r['tokens_per_s']:,.0f} tokens/s" + (f", {r['ratio']:.2f}x sentence-transformers"
+                                                               if r.get("ratio") else "") + f"; {r['goal']}")
+                    for r in rows]
         if (dest / "bench_serve.json").is_file():
             rec = json.loads((dest / "bench_serve.json").read_text())
             out += [f"serve goal: {g['goal']}: {g['value']} ({'PASS' if g['pass'] else 'FAIL'})"

@@ -160,12 +160,14 @@ def test_dry_run_runs_every_step(tmp_path):
         assert any(line.startswith(f"| {name} | ok") for line in table), (name, table)
     parts = {p["name"]: p["status"] for s in record["steps"] for p in s["parts"]}
     assert set(parts) == {"nvidia-smi", "probe", "pytest-gpu", "kernel-tests", "api-tests", "cli-tests", "parity",
-                          "bench_gpu", "bench_serve", "bench_ops_gpu"}
+                          "bench_gpu", "bench_multivector", "bench_serve", "bench_ops_gpu"}
     assert parts["probe"] == "ok" and parts["parity"] == "ok" and parts["pytest-gpu"] in ("ok", "no tests collected")
     # what each script measured, written where the summary says
     cases = json.loads((out / "parity_gpu.json").read_text())["cases"]
     assert [c["status"] for c in cases] == ["PASS"]
     assert any(row["engine"] == "ours" and not row["error"] for row in json.loads((out / "bench_gpu.json").read_text())["rows"])
+    assert any(row["engine"] == "ours" and not row["error"]
+               for row in json.loads((out / "bench_multivector.json").read_text())["rows"])
     serve = json.loads((out / "bench_serve.json").read_text())
     assert serve["complete"] and len(serve["rows"]) == 2
     assert json.loads((out / "bench_ops_gpu.json").read_text())["ops"]
@@ -173,7 +175,7 @@ def test_dry_run_runs_every_step(tmp_path):
                  "ops.md", "summary.md"):
         assert (out / name).is_file(), name
     assert "collected" in (out / "kernel-tests.log").read_text()
-    for name in ("parity.md", "serve.md", "ops.md", "results.md"):  # each table once, finished
+    for name in ("parity.md", "serve.md", "ops.md", "results.md", "multivector.md"):  # each table once, finished
         text = (out / name).read_text()
         assert text.count("\n### ") == 1 and "(partial" not in text, (name, text)
 
