@@ -77,7 +77,7 @@ $(PYLATE_STAMP):
 
 lint: $(STAMP)
 	$(PIP) install -q ruff
-	$(VENV)/bin/ruff check --select E9,F modernbert_embed tests benchmarks examples
+	$(VENV)/bin/ruff check --select E9,F modernbert_embed kernels weights tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) $(PYLATE_VENV) build *.egg-info .pytest_cache

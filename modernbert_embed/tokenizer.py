@@ -83,7 +83,7 @@ def _longest_first(n1: int, n2: int, target: int) -> tuple[int, int]:
     take the rest, else half each, the odd token to the longer side (the second on a tie)."""
     if n1 + n2 <= target:
         return n1, n2
-    short, long_ = min(n1, n2), max(n1, n2)
+    short = min(n1, n2)
     keep_long = short if short > target else max(short, target - short)
     keep_short = short
     if keep_short + keep_long > target:

@@ -183,7 +183,7 @@ async def _serve(request: Request, route: str, task: str, field: str, parse, tok
         served, req = await loop.run_in_executor(lane, parsed)
     else:
         served, req = parsed()
-    del body
+    body = None  # parsed: the bytes may go (the closure above holds the name, not its old value)
     batcher = served.batcher
     try:
         batcher.check_room()
