@@ -238,7 +238,7 @@ def test_one_colbert_model_takes_any_name(plain, cols):
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("body, status, words", [
     ({"input": "x"}, 400, "`input_type` is required for the multi-vector model 'col'"),
-    ({"input": "x", "input_type": "passage"}, 400, "unknown `input_type` 'passage'"),
+    ({"input": "x", "input_type": "passage"}, 400, "unknown `input_type` 'passage' for the multi-vector model 'col'"),
     ({"input": "x", "input_type": "search_query"}, 400, "choose one of ['query', 'document']"),
     ({"input": "x", "is_query": "yes"}, 400, "`is_query` must be true or false"),
     ({"input": "x", "input_type": "query", "is_query": False}, 400, "disagree"),
