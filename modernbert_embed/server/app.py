@@ -1,7 +1,9 @@
 """The HTTP routes: OpenAI's `/v1/embeddings`; TEI's `/embed`, `/rerank`, `/predict`, `/tokenize`;
 the Cohere/Jina `/v1/rerank` (as vLLM and Infinity serve it); vLLM's `/classify`; and the
 operator's `/info`, `/v1/models`, `/health`, `/ready`, `/metrics`. Every model route takes an
-optional `model` field that picks one of the served models (`ServerState.pick`).
+optional `model` field that picks one of the served models (`ServerState.pick`). A multi-vector
+(ColBERT) model answers `/v1/embeddings` (per-token vectors of queries or documents) and the two
+rerank routes (MaxSim), through the same path.
 
 Starlette (with uvicorn), not FastAPI: every request body is checked by our own parser
 (`schemas.py`, which reuses the engine's `EncodeOptions`), because both contracts fix their own

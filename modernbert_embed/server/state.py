@@ -5,8 +5,10 @@ Several models may be served at once (an embedder and a reranker is the usual pa
 `model` field picks one by name (`ServerState.pick`): with one model loaded any name is accepted
 (clients hard-code names); with several, an unknown name is a 404 `model_not_found`. Without the
 field, the route's only model that can do it is used. A route asked of a model that cannot do it
-is a 4xx naming the model's kind. What a model can do is its set of `tasks` (a new kind of model,
-a multi-vector one say, adds its own task and routes)."""
+is a 4xx naming the model's kind. What a model can do is its set of `tasks`: an embedder's
+`embed`, a classifier's `classify` (and `rerank` with one label), a multi-vector (ColBERT) model's
+`embed_tokens` (per-token vectors on /v1/embeddings) and `rerank` (by MaxSim); a route may accept
+several tasks (/v1/embeddings: `embed` or `embed_tokens`)."""
 
 from __future__ import annotations
 
