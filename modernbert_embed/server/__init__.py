@@ -1,10 +1,12 @@
 """The HTTP server: OpenAI's embeddings API, TEI's `/embed`, `/rerank` and `/predict`, the
-Cohere/Jina `/v1/rerank` and vLLM's `/classify` over the engine core, for one model or several.
+Cohere/Jina `/v1/rerank` and vLLM's `/classify` over the engine core, for one model or several:
+embedders, cross-encoders (rerankers, classifiers) and multi-vector (ColBERT) models, whose
+per-token vectors `/v1/embeddings` returns and whose MaxSim scores the rerank routes.
 
 ```
 HTTP handlers (app.py: check, pick the model, tokenise beside it) ──► Batcher (batcher.py: one
 worker per model owns its Engine, packs many requests into token-budget forwards) ──►
-Engine.embed / Engine.score ──► rows per request
+Engine.embed / Engine.score / Engine.tokens ──► rows (or token vectors) per request
 ```
 
 `modernbert-embed serve` (cli.py) runs it with uvicorn; `create_app(model_or_models,
@@ -18,7 +20,7 @@ from .settings import API_KEY_ENV, ServerSettings
 
 def create_app(models, settings: ServerSettings | None = None):
     """The server's ASGI application over a loaded model (`Embedder`, `CrossEncoder`,
-    `LoadedModel`) or a list of them (see `app.ServerApp`)."""
+    `MultiVectorEncoder`, `LoadedModel`) or a list of them (see `app.ServerApp`)."""
     from .app import create_app as _create
 
     return _create(models, settings)

@@ -1,7 +1,9 @@
 """The HTTP routes: OpenAI's `/v1/embeddings`; TEI's `/embed`, `/rerank`, `/predict`, `/tokenize`;
 the Cohere/Jina `/v1/rerank` (as vLLM and Infinity serve it); vLLM's `/classify`; and the
 operator's `/info`, `/v1/models`, `/health`, `/ready`, `/metrics`. Every model route takes an
-optional `model` field that picks one of the served models (`ServerState.pick`).
+optional `model` field that picks one of the served models (`ServerState.pick`). A multi-vector
+(ColBERT) model answers `/v1/embeddings` (per-token vectors of queries or documents) and the two
+rerank routes (MaxSim), through the same path.
 
 Starlette (with uvicorn), not FastAPI: every request body is checked by our own parser
 (`schemas.py`, which reuses the engine's `EncodeOptions`), because both contracts fix their own
@@ -40,6 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import NonFiniteError
+from ..weights import MULTIVECTOR
 from . import schemas
 from .batcher import Closed, Overloaded
 from .errors import ApiError, clip, error_response, internal_error, quote
@@ -162,7 +165,8 @@ async def _serve(request: Request, route: str, task: str, field: str, parse, tok
     """Every model route's common path: read, parse, pick the model (the body's `model` field, see
     `ServerState.pick`), check, tokenise beside the model, queue on that model's worker, await,
     answer. `parse(body, served)` -> the checked request; `tokenise(req, served)` -> (token ids,
-    indices truncated), run on a lane's thread; `shape(req, rows, tokens, served)` -> the body."""
+    indices truncated) or, for a multi-vector model, (token ids, indices truncated, keep,
+    key_lengths), run on a lane's thread; `shape(req, rows, tokens, served)` -> the body."""
     state: ServerState = request.app.state.server
     m = state.metrics
     if state.draining:
@@ -192,18 +196,18 @@ async def _serve(request: Request, route: str, task: str, field: str, parse, tok
 
     def tokenised():
         t0 = time.perf_counter()
-        ids, truncated = tokenise(req, served)
+        ids, truncated, *marks = tokenise(req, served)
         ids = served.engine.check_ids(ids)
         m.tokenize_seconds.observe(time.perf_counter() - t0)
-        return ids, truncated
+        return ids, truncated, marks or (None, None)
 
-    ids, truncated = await loop.run_in_executor(lane, tokenised)
+    ids, truncated, (keep, key_lengths) = await loop.run_in_executor(lane, tokenised)
     tokens = sum(len(s) for s in ids)
     if tokens > served.settings.max_queued_tokens:
         raise ApiError("request_too_large", f"the request has {tokens} tokens, more than the server queues at "
                                             f"once ({served.settings.max_queued_tokens}); split it", field)
     try:
-        job = batcher.submit(ids, getattr(req, "dim", 0), getattr(req, "normalize", False))
+        job = batcher.submit(ids, getattr(req, "dim", 0), getattr(req, "normalize", False), keep, key_lengths)
     except Overloaded as e:
         raise _overloaded(e) from None
     except Closed:
@@ -239,10 +243,35 @@ def _embed_tokens(field: str):
 
 
 # ----------------------------------------------------------------------------- routes
+def _openai_parse(body, served):
+    if served.kind == MULTIVECTOR:
+        return schemas.parse_vectors(body, served)
+    return schemas.parse_openai(body, served.limits)
+
+
+def _openai_tokens(req, served):
+    if isinstance(req, schemas.VectorRequest):
+        return schemas.vector_token_ids(req, served)
+    return schemas.to_token_ids(req, served.tokenizer, served.limits, "input")
+
+
+def _openai_shape(req, rows, tokens, served):
+    if isinstance(req, schemas.VectorRequest):
+        return schemas.vectors_body(req, rows, tokens, served)
+    return schemas.openai_body(rows, req.encoding_format, served.name, tokens)
+
+
+def _rerank_tokens(req, served):
+    if served.kind == MULTIVECTOR:  # a query and documents, scored by MaxSim
+        return schemas.vector_rerank_token_ids(req, served)
+    return schemas.score_token_ids(req, served)
+
+
 async def openai_embeddings(request: Request) -> Response:
-    return await _serve(request, "/v1/embeddings", "embed", "input", lambda b, sv: schemas.parse_openai(b, sv.limits),
-                        _embed_tokens("input"),
-                        lambda req, rows, tokens, sv: schemas.openai_body(rows, req.encoding_format, sv.name, tokens))
+    """One pooled vector per input from an embedder; per-token vectors from a multi-vector model
+    (its inputs are queries or documents: `input_type`, or PyLate's `is_query`)."""
+    return await _serve(request, "/v1/embeddings", ("embed", "embed_tokens"), "input", _openai_parse, _openai_tokens,
+                        _openai_shape)
 
 
 async def tei_embed(request: Request) -> Response:
@@ -251,13 +280,13 @@ async def tei_embed(request: Request) -> Response:
 
 
 async def tei_rerank(request: Request) -> Response:
-    return await _serve(request, "/rerank", "rerank", "texts", schemas.parse_tei_rerank, schemas.score_token_ids,
+    return await _serve(request, "/rerank", "rerank", "texts", schemas.parse_tei_rerank, _rerank_tokens,
                         schemas.tei_rerank_body)
 
 
 async def v1_rerank(request: Request) -> Response:
     return await _serve(request, "/v1/rerank", "rerank", "documents", schemas.parse_v1_rerank,
-                        schemas.score_token_ids, schemas.v1_rerank_body)
+                        _rerank_tokens, schemas.v1_rerank_body)
 
 
 async def tei_predict(request: Request) -> Response:

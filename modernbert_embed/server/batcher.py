@@ -10,7 +10,12 @@ handlers (event loop) ── submit(ids) ──► queue (bounded by tokens) ─
 For an embedder the worker runs `Engine.embed`; for a classifier (an engine with a head: rerankers
 and classifiers) `Engine.score`, and each request gets its float32 logits [n, num_labels] (a pair
 is already `[CLS] a [SEP] b [SEP]` ids), packed under the same token budget: the pairs of many
-rerank requests share forwards as texts do.
+rerank requests share forwards as texts do. For a multi-vector (ColBERT) model (an engine with a
+per-token projection) `Engine.tokens`: each request gets its `TokenRows`, one float32 [n_i, dim]
+matrix per input. Its inputs carry what `MultiVectorEncoder.tokenize` gave them: the tokens to
+return (`keep`: a document's skiplist left out) and the tokens attended to (`key_lengths`: a query
+expanded with unattended [MASK]s); queries and documents of many requests share forwards, each
+input keeping its own.
 
 Whenever the worker is free it takes the queued requests, small ones first (so that a query never
 waits behind a queue of long documents; `_take`), then first come first served, up to
@@ -62,6 +67,22 @@ class Closed(Exception):
     """The worker has stopped: no more work is taken."""
 
 
+@dataclass
+class TokenRows:
+    """A multi-vector request's answer: float32 [K, dim] token vectors, input i's being
+    `vectors[offsets[i]:offsets[i + 1]]`."""
+
+    vectors: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.vectors.size
+
+    def split(self) -> list[np.ndarray]:
+        return np.split(self.vectors, self.offsets[1:-1])
+
+
 @dataclass(eq=False)
 class Job:
     """One request's inputs, waiting for (or in) a forward."""
@@ -76,6 +97,8 @@ class Job:
     started: float = 0.0  # when its forward began
     finished: float = 0.0
     state: str = "queued"  # queued -> running -> done, or cancelled
+    keep: list | None = None  # a multi-vector model: per input, the tokens returned (None: all)
+    key_lengths: list | None = None  # per input, the tokens attended to (None: all)
 
 
 class Batcher:
@@ -87,6 +110,7 @@ class Batcher:
         self.engine = engine
         self.model = model  # the metrics' `model` label
         self.scores = getattr(engine, "head", None) is not None  # a classifier: logits, not embeddings
+        self.vectors = getattr(engine, "projection", None) is not None  # a multi-vector model: token vectors
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_queued_tokens = int(max_queued_tokens)
         self.metrics = metrics
@@ -135,11 +159,14 @@ class Batcher:
             raise Overloaded(self.retry_after(tokens), self._queued_tokens, self.max_queued_tokens)
 
     # --------------------------------------------------------------------------- event-loop side
-    def submit(self, ids: list, dim: int, normalize: bool) -> Job:
-        """Queue one request's checked token ids; its future gets float32 [len(ids), dim]."""
+    def submit(self, ids: list, dim: int, normalize: bool, keep: list | None = None,
+               key_lengths: list | None = None) -> Job:
+        """Queue one request's checked token ids; its future gets float32 [len(ids), dim] (a
+        multi-vector model: `TokenRows`, with `keep` and `key_lengths` per input as
+        `Engine.tokens` takes them, None entries meaning all)."""
         loop = asyncio.get_running_loop()
         job = Job(ids=ids, dim=dim, normalize=normalize, future=loop.create_future(), loop=loop,
-                  tokens=sum(len(s) for s in ids))
+                  tokens=sum(len(s) for s in ids), keep=keep, key_lengths=key_lengths)
         with self._cond:
             self.check_room(job.tokens)
             self._queue.append(job)
@@ -237,6 +264,8 @@ class Batcher:
         on_batch = self.metrics.forward_observer(self.model) if self.metrics is not None else None
         for job in jobs:
             job.started = start
+        if self.vectors:
+            return self._process_tokens(jobs, ids, start, on_batch)
         if self.scores:
             result = self.engine.score(ids, max_batch_tokens=self.max_batch_tokens, on_batch=on_batch,
                                        check_finite=False)
@@ -244,11 +273,7 @@ class Batcher:
             result = self.engine.embed(ids, dim=None, normalize=False, max_batch_tokens=self.max_batch_tokens,
                                        on_batch=on_batch, check_finite=False)
         rows = result.cpu().numpy()
-        self.forwards += 1
-        elapsed = time.perf_counter() - start
-        tokens = sum(job.tokens for job in jobs)
-        rate = tokens / max(elapsed, 1e-6)
-        self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
+        self._measured(jobs, start)
         finite = np.isfinite(rows).all(axis=1)
         at = 0
         for job in jobs:
@@ -260,6 +285,42 @@ class Batcher:
                 continue
             # float32 like `rows`, and a copy: the request owns it
             self._finish(job, result=mine.copy() if self.scores else slice_normalize(mine, job.dim, job.normalize))
+
+    def _measured(self, jobs: list[Job], start: float) -> None:
+        self.forwards += 1
+        elapsed = time.perf_counter() - start
+        tokens = sum(job.tokens for job in jobs)
+        rate = tokens / max(elapsed, 1e-6)
+        self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
+
+    def _process_tokens(self, jobs: list[Job], ids: list, start: float, on_batch) -> None:
+        """One `Engine.tokens` over every job's inputs, each input with its own kept tokens and
+        key lengths (an input without is given all of its tokens: the same vectors)."""
+        keep = keys = None
+        if any(job.keep is not None for job in jobs):
+            keep = [k if k is not None else np.ones(len(s), dtype=bool)
+                    for job in jobs for s, k in zip(job.ids, job.keep or [None] * len(job.ids))]
+        if any(job.key_lengths is not None for job in jobs):
+            keys = [n if n is not None else len(s)
+                    for job in jobs for s, n in zip(job.ids, job.key_lengths or [None] * len(job.ids))]
+        out, offsets = self.engine.tokens(ids, keep=keep, key_lengths=keys, dim=self.engine.projection.spec.truncate_dim,
+                                          max_batch_tokens=self.max_batch_tokens, on_batch=on_batch,
+                                          check_finite=False)
+        vectors = out.cpu().numpy()
+        self._measured(jobs, start)
+        at = 0
+        for job in jobs:
+            n = len(job.ids)
+            a, b = int(offsets[at]), int(offsets[at + n])
+            mine = vectors[a:b].copy()  # the request owns it
+            local = offsets[at:at + n + 1] - a
+            at += n
+            finite = np.isfinite(mine).all(axis=1)
+            if not finite.all():
+                bad = sorted(set((np.searchsorted(local, np.flatnonzero(~finite), side="right") - 1).tolist()))
+                self._finish(job, error=NonFiniteError(bad, self.engine.dtype_name))
+                continue
+            self._finish(job, result=TokenRows(mine, local))
 
     def _finish(self, job: Job, result=None, error: Exception | None = None) -> None:
         with self._cond:
@@ -285,4 +346,4 @@ class Batcher:
             pass
 
 
-__all__ = ["Batcher", "Job", "Overloaded", "Closed"]
+__all__ = ["Batcher", "Job", "TokenRows", "Overloaded", "Closed"]

@@ -10,6 +10,13 @@ The scoring routes (`/rerank`, `/v1/rerank`, `/predict`, `/classify`) are parsed
 `ScoreRequest` (pairs or single texts, tokenised by `score_token_ids` as `CrossEncoder` does:
 each side cut before it is tokenised, a pair truncated longest first) and answered from the
 model's float32 logits.
+
+A multi-vector (ColBERT) model answers `/v1/embeddings` with per-token vectors: the request says
+whether its texts are queries or documents (`input_type` "query" | "document", or PyLate's
+`is_query`), they are tokenised as `MultiVectorEncoder` tokenises them (`VectorRequest`,
+`vector_token_ids`), and each input's `embedding` is a list of vectors (`vectors_body`). Its
+rerank requests are the cross-encoder's, tokenised as one query and documents
+(`vector_rerank_token_ids`) and scored by MaxSim.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import torch
 
 from ..options import EncodeOptions, OptionError
 from ..tokenizer import PROMPTS, TextTokenizer
+from ..multivector import maxsim
+from .batcher import TokenRows
 from .errors import ApiError, quote
 
 MISSING = object()
@@ -34,6 +43,9 @@ MISSING = object()
 INPUT_TYPES = {"query": "search_query", "document": "search_document",
                **{name: name for name in PROMPTS}}
 ENCODING_FORMATS = ("float", "base64")
+# A multi-vector model's `encoding_format: "base64"`: one string per input.
+TOKENS_B64_LAYOUT = ("float32 little-endian, row-major [n_tokens, dim]: n_tokens = bytes / (4 * dim); each item's "
+                     "`shape` is [n_tokens, dim]")
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,126 @@ def parse_tokenize(body: dict, limits: Limits) -> tuple[list[str], bool, str]:
     prompt_name = _optional(body, "prompt_name", str, "a string")
     opts = _options(prompt_name, None, True, limits, {"prompt_name": "`prompt_name`"})
     return texts, add_special, opts.prompt
+
+
+# ----------------------------------------------------------------------------- multi-vector requests
+@dataclass
+class VectorRequest:
+    """A multi-vector model's `/v1/embeddings` request, checked: texts, all queries or all
+    documents."""
+
+    texts: list
+    is_query: bool
+    truncate: bool
+    encoding_format: str = "float"
+
+
+VECTOR_INPUT_TYPES = ("query", "document")
+
+
+def parse_vectors(body: dict, served) -> VectorRequest:
+    """`POST /v1/embeddings` to a multi-vector model: input (text only), model, user,
+    encoding_format, truncate, and `input_type` ("query" | "document") or PyLate's `is_query`
+    (true | false): one of them is required. `dimensions` and `prompt_name` do not apply (the
+    vectors have the folder's width; the [Q]/[D] prefixes are the model's prompts)."""
+    limits = served.limits
+    inputs = parse_inputs(body.get("input", MISSING), "input", limits, allow_ids=False)
+    _optional(body, "model", str, "a string")
+    _optional(body, "user", str, "a string")
+    fmt = _optional(body, "encoding_format", str, "a string")
+    fmt = "float" if fmt is None else fmt
+    if fmt not in ENCODING_FORMATS:
+        raise ApiError("validation", f"unknown `encoding_format` {quote(fmt)}; choose one of {list(ENCODING_FORMATS)}",
+                       "encoding_format")
+    input_type = _optional(body, "input_type", str, "a string")
+    is_query = _optional(body, "is_query", bool, "true or false")
+    if input_type is not None and input_type not in VECTOR_INPUT_TYPES:
+        raise ApiError("validation", f"unknown `input_type` {quote(input_type)} for the multi-vector model "
+                                     f"{served.name!r}; choose one of {list(VECTOR_INPUT_TYPES)}", "input_type")
+    if input_type is None and is_query is None:
+        raise ApiError("validation", f"`input_type` is required for the multi-vector model {served.name!r}: "
+                                     "\"query\" or \"document\" (or PyLate's `is_query`: true or false); queries and "
+                                     "documents are encoded differently", "input_type")
+    if input_type is not None and is_query is not None and (input_type == "query") != is_query:
+        raise ApiError("validation", f"`input_type` {quote(input_type)} and `is_query` {str(is_query).lower()} "
+                                     "disagree: give one of them", "input_type")
+    for field, why in (("dimensions", "its vectors have the folder's width"),
+                       ("prompt_name", "its [Q]/[D] prefixes are its prompts; use `input_type`")):
+        if body.get(field) is not None:
+            raise ApiError("validation", f"`{field}` does not apply to the multi-vector model {served.name!r}: {why}",
+                           field)
+    truncate = _optional(body, "truncate", bool, "true or false")
+    return VectorRequest(texts=inputs, is_query=is_query if input_type is None else input_type == "query",
+                         truncate=limits.auto_truncate if truncate is None else truncate, encoding_format=fmt)
+
+
+def _vector_tokens(served, texts: list, is_query: bool, field: str, indices: list):
+    """`MultiVectorEncoder.tokenize` of `texts`, naming a text the tokenizer cannot take."""
+    try:
+        return served.vectors.tokenize(texts, is_query=is_query)
+    except Exception:  # tokenizers raises plain Exceptions: name the text it could not take
+        check_encodable(texts, field, indices)
+        raise
+
+
+def _too_long(served, what: str, is_query: bool) -> ApiError:
+    v = served.vectors
+    limit, kind = (v.query_length, "query") if is_query else (v.document_length, "document")
+    return ApiError("input_too_long", f"`{what}` has more than {limit} tokens, the model's {kind} length "
+                                      "([CLS], its prefix and [SEP] included). Send shorter input or set "
+                                      "truncate=true", what.split("[")[0])
+
+
+def vector_token_ids(req: VectorRequest, served):
+    """(ids, truncated indices, keep, key_lengths) of a multi-vector request's texts, as
+    `MultiVectorEncoder` tokenises them: queries or documents, cut to the folder's lengths (with
+    truncate=false an input that would be cut is a 4xx naming it)."""
+    ids, cut, keep, keys = _vector_tokens(served, req.texts, req.is_query, "input", list(range(len(req.texts))))
+    truncated = [i for i, t in enumerate(cut) if t]
+    if truncated and not req.truncate:
+        raise _too_long(served, "input" if len(req.texts) == 1 else f"input[{truncated[0]}]", req.is_query)
+    return ids, truncated, keep, keys
+
+
+def vector_rerank_token_ids(req: "ScoreRequest", served):
+    """A rerank for a multi-vector model: the query tokenised as a query, then the documents as
+    documents (one request: they share forwards), as `MultiVectorEncoder.rank` encodes them."""
+    query = req.inputs[0][0]
+    q_ids, q_cut, _, q_keys = _vector_tokens(served, [query], True, "query", [0])
+    d_ids, d_cut, d_keep, _ = _vector_tokens(served, req.documents, False, req.field,
+                                             list(range(len(req.documents))))
+    if not req.truncate and (q_cut[0] or any(d_cut)):
+        raise _too_long(served, "query" if q_cut[0] else f"{req.field}[{d_cut.index(True)}]", q_cut[0])
+    ids = q_ids + d_ids
+    keep = None if d_keep is None else [None] + list(d_keep)
+    keys = None if q_keys is None else q_keys + [None] * len(d_ids)
+    truncated = [i for i, t in enumerate([q_cut[0], *d_cut]) if t]
+    return ids, truncated, keep, keys
+
+
+def vectors_body(req: VectorRequest, rows: TokenRows, tokens: int, served) -> bytes:
+    """OpenAI's list shape (PyLate's server answers the same), each `embedding` a list of
+    per-token vectors, or with base64 one string of float32 little-endian row-major
+    [n_tokens, dim] (`shape` beside it); usage counts tokens (queries' expansion included)."""
+    mats = rows.split()
+    data = []
+    for i, m in enumerate(mats):
+        item = {"object": "embedding", "index": i}
+        if req.encoding_format == "base64":
+            item["embedding"] = b64_float32(m)
+            item["shape"] = list(m.shape)
+        else:
+            item["embedding"] = m.tolist()
+        data.append(item)
+    return json.dumps({"object": "list", "data": data, "model": served.name,
+                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+
+
+def maxsim_scores(rows: TokenRows) -> list[float]:
+    """A multi-vector rerank's scores: MaxSim (float32) of the first input (the query) with each
+    of the others (the documents)."""
+    mats = [torch.from_numpy(m) for m in rows.split()]
+    return maxsim(mats[:1], mats[1:])[0].tolist()
 
 
 # ----------------------------------------------------------------------------- inputs -> token ids
@@ -544,8 +676,9 @@ def _ranked(scores: list, documents: list, top_n: int | None, text_key: str | No
 
 
 def tei_rerank_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> bytes:
-    """TEI's `/rerank` answer: `[{index, score, text?}]`, best first (sigmoid unless raw_scores)."""
-    scores = activated(rows, req.raw_scores)[:, 0].tolist()
+    """TEI's `/rerank` answer: `[{index, score, text?}]`, best first (sigmoid unless raw_scores;
+    a multi-vector model: the MaxSim score, which has no activation)."""
+    scores = maxsim_scores(rows) if isinstance(rows, TokenRows) else activated(rows, req.raw_scores)[:, 0].tolist()
     return json.dumps(_ranked(scores, req.documents, None, "text" if req.return_documents else None,
                               "score")).encode()
 
@@ -553,9 +686,13 @@ def tei_rerank_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) ->
 def v1_rerank_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> bytes:
     """The Cohere/Jina answer: `{id, model, results: [{index, relevance_score, document?}], usage}`,
     best first, cut to top_n; the score is the folder's activation of the logit (as
-    `CrossEncoder.rank`: sigmoid by default) unless raw_scores."""
-    logits = torch.from_numpy(rows)
-    scores = (logits if req.raw_scores else served.loaded.activation_fn(logits))[:, 0].tolist()
+    `CrossEncoder.rank`: sigmoid by default) unless raw_scores; a multi-vector model's is the
+    MaxSim score (as `MultiVectorEncoder.rank`), raw_scores or not."""
+    if isinstance(rows, TokenRows):
+        scores = maxsim_scores(rows)
+    else:
+        logits = torch.from_numpy(rows)
+        scores = (logits if req.raw_scores else served.loaded.activation_fn(logits))[:, 0].tolist()
     results = _ranked(scores, req.documents, req.top_n, "document" if req.return_documents else None,
                       "relevance_score")
     return json.dumps({"id": f"rerank-{uuid.uuid4().hex}", "object": "rerank", "model": served.name,
@@ -586,7 +723,8 @@ def classify_body(req: ScoreRequest, rows: np.ndarray, tokens: int, served) -> b
                                  "prompt_tokens_details": None}}).encode()
 
 
-__all__ = ["EmbedRequest", "ScoreRequest", "Limits", "parse_tei_rerank", "parse_v1_rerank", "parse_predict",
+__all__ = ["EmbedRequest", "ScoreRequest", "VectorRequest", "parse_vectors", "vector_token_ids",
+           "vector_rerank_token_ids", "vectors_body", "maxsim_scores", "TOKENS_B64_LAYOUT", "Limits", "parse_tei_rerank", "parse_v1_rerank", "parse_predict",
            "parse_classify", "score_token_ids", "tei_rerank_body", "v1_rerank_body", "predict_body", "classify_body",
            "parse_json", "parse_openai", "parse_tei", "parse_tokenize",
            "to_token_ids", "openai_body", "tei_body", "tokenize_piece", "b64_float32", "INPUT_TYPES"]

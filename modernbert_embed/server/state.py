@@ -5,8 +5,10 @@ Several models may be served at once (an embedder and a reranker is the usual pa
 `model` field picks one by name (`ServerState.pick`): with one model loaded any name is accepted
 (clients hard-code names); with several, an unknown name is a 404 `model_not_found`. Without the
 field, the route's only model that can do it is used. A route asked of a model that cannot do it
-is a 4xx naming the model's kind. What a model can do is its set of `tasks` (a new kind of model,
-a multi-vector one say, adds its own task and routes)."""
+is a 4xx naming the model's kind. What a model can do is its set of `tasks`: an embedder's
+`embed`, a classifier's `classify` (and `rerank` with one label), a multi-vector (ColBERT) model's
+`embed_tokens` (per-token vectors on /v1/embeddings) and `rerank` (by MaxSim); a route may accept
+several tasks (/v1/embeddings: `embed` or `embed_tokens`)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from dataclasses import replace
 
 from .. import __version__
 from ..loaded import as_loaded
+from ..multivector import MultiVectorEncoder
 from ..tokenizer import PROMPTS
-from ..weights import CLASSIFIER, EMBEDDER
+from ..weights import CLASSIFIER, EMBEDDER, MULTIVECTOR
 from . import schemas
 from .batcher import Batcher
 from .errors import ApiError, quote
@@ -49,8 +52,9 @@ def _lower_priority() -> None:
 
 
 # What the routes ask of a model, in words for the error that refuses a model that cannot.
-TASKS = {"embed": "an embedder", "rerank": "a reranker (a cross-encoder with one label)",
-         "classify": "a classifier (a cross-encoder)", "tokenize": "a model with a tokenizer"}
+TASKS = {"embed": "an embedder", "rerank": "a reranker (a cross-encoder with one label, or a multi-vector model)",
+         "classify": "a classifier (a cross-encoder)", "tokenize": "a model with a tokenizer",
+         "embed_tokens": "a multi-vector (ColBERT) model"}
 
 
 class ServedModel:
@@ -80,6 +84,10 @@ class ServedModel:
             self.num_labels = spec.num_labels
             self.labels = [spec.id2label.get(i, f"LABEL_{i}") for i in range(spec.num_labels)]
             self.tasks = frozenset({"classify", "tokenize"} | ({"rerank"} if spec.num_labels == 1 else set()))
+        elif self.kind == MULTIVECTOR:  # per-token vectors of queries and documents, MaxSim reranking
+            self.num_labels, self.labels = 0, []
+            self.vectors = MultiVectorEncoder(model)  # its tokenisation (prefixes, expansion, skiplist)
+            self.tasks = frozenset({"embed_tokens", "rerank", "tokenize"})
         else:
             self.num_labels, self.labels = 0, []
             self.tasks = frozenset({"embed", "tokenize"})
@@ -90,6 +98,8 @@ class ServedModel:
         """The model's kind in words."""
         if self.kind == EMBEDDER:
             return "an embedder"
+        if self.kind == MULTIVECTOR:
+            return "a multi-vector (ColBERT) model"
         if self.num_labels == 1:
             return "a reranker (a cross-encoder with one label)"
         return f"a classifier with {self.num_labels} labels"
@@ -99,6 +109,12 @@ class ServedModel:
         """TEI's `model_type` of /info."""
         if self.kind == EMBEDDER:
             return {"embedding": {"pooling": self.engine.pooling}}
+        if self.kind == MULTIVECTOR:
+            v = self.vectors
+            return {"multi_vector": {"dim": v.get_embedding_dimension(), "query_length": v.query_length,
+                                     "document_length": v.document_length,
+                                     "do_query_expansion": v.do_query_expansion,
+                                     "attend_to_expansion_tokens": v.attend_to_expansion_tokens}}
         labels = {"id2label": {str(i): name for i, name in enumerate(self.labels)},
                   "label2id": {name: i for i, name in enumerate(self.labels)}}
         return {"reranker" if self.num_labels == 1 else "classifier": labels}
@@ -186,11 +202,13 @@ class ServerState:
         self.in_flight = 0
 
     # --------------------------------------------------------------------------- which model
-    def pick(self, name, task: str, route: str) -> ServedModel:
+    def pick(self, name, task, route: str) -> ServedModel:
         """The model a request names (`name`, its `model` field; None when absent) for `task` (a
-        key of TASKS), or an ApiError: a 404 for a name not served (with several models), a 400
+        key of TASKS, or a tuple of them: any one will do), or an ApiError: a 404 for a name not served (with several models), a 400
         without a name when no model or several can do it, a 4xx naming the kind of a model that
         cannot."""
+        tasks = (task,) if isinstance(task, str) else tuple(task)
+        needs = " or ".join(TASKS[t] for t in tasks)
         if name is not None and not isinstance(name, str):
             raise ApiError("validation", f"`model` must be a string, got {schemas.json_type(name)}", "model")
         if name is not None:
@@ -202,8 +220,8 @@ class ServerState:
                     raise ApiError("model_not_found", f"the model {quote(name)} is not served here; served: "
                                                       f"{[m.name for m in self.models]}", "model")
         else:
-            able = [m for m in self.models if task in m.tasks]
-            if len(able) == 1 or (able and task == "tokenize"):
+            able = [m for m in self.models if m.tasks.intersection(tasks)]
+            if len(able) == 1 or (able and tasks == ("tokenize",)):
                 return able[0]
             if len(able) > 1:
                 raise ApiError("validation", f"{len(able)} served models can answer {route} "
@@ -211,10 +229,10 @@ class ServerState:
             model = self.models[0]
             if len(self.models) > 1:
                 served = ", ".join(f"{m.name!r} ({m.what})" for m in self.models)
-                raise ApiError("wrong_model", f"{route} needs {TASKS[task]}, and no served model is one: {served}",
+                raise ApiError("wrong_model", f"{route} needs {needs}, and no served model is one: {served}",
                                "model")
-        if task not in model.tasks:
-            raise ApiError("wrong_model", f"the model {model.name!r} is {model.what}: {route} needs {TASKS[task]}",
+        if not model.tasks.intersection(tasks):
+            raise ApiError("wrong_model", f"the model {model.name!r} is {model.what}: {route} needs {needs}",
                            "model")
         return model
 
@@ -309,6 +327,9 @@ class ServerState:
             out.update({"prompts": dict(PROMPTS), "input_types": dict(schemas.INPUT_TYPES),
                         "matryoshka_dimensions": trained, "dimensions_range": [1, lim.hidden_size],
                         "encoding_formats": list(schemas.ENCODING_FORMATS)})
+        elif m.kind == MULTIVECTOR:
+            out.update({"input_types": ["query", "document"], "encoding_formats": list(schemas.ENCODING_FORMATS),
+                        "max_documents": s.max_client_batch_size, "base64_layout": schemas.TOKENS_B64_LAYOUT})
         else:
             out.update({"num_labels": m.num_labels, "labels": list(m.labels),
                         "max_documents": s.max_client_batch_size})
