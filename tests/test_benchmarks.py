@@ -266,10 +266,17 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     out = tmp_path / "bench_gpu.json"
     rc = bench_gpu.main(["--device", "cpu", "--config", "small", "--quick", "--mixed-tokens", "300",
                          "--fixed-docs", "1", "--long-len", "600", "--only", "default", "attn=torch-varlen", "text",
-                         "--out", str(out)])
+                         "rerank", "classify", "--out", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["corpus"] for r in rows} == {"mixed", "fixed512", "long"}
+    assert {r["corpus"] for r in rows} == {"mixed", "fixed512", "long", "rerank1x24", "rerank4x4", "classify"}
+    scored = [r for r in rows if r["corpus"] in ("rerank1x24", "rerank4x4", "classify")]
+    assert [(r["corpus"], r["engine"]) for r in scored] == [  # each against its own transformers baseline
+        ("rerank1x24", "transformers"), ("rerank4x4", "transformers"), ("classify", "transformers"),
+        ("rerank1x24", "ours"), ("rerank4x4", "ours"), ("classify", "ours")]
+    for r in scored[3:]:
+        assert not r["error"] and r["tokens_per_s"] > 0 and r["ratio"] > 0 and r["min_cos"] > 0.999, r
+    rows = [r for r in rows if r not in scored]
     ours = [r for r in rows if r["engine"] == "ours" and r["variant"] == "default"]
     assert len(ours) == 3 and all(not r["error"] and r["tokens_per_s"] > 0 for r in ours)
     assert all(r["goal"] for r in ours)
@@ -281,9 +288,13 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     parity = bench("parity_gpu")
     out = tmp_path / "parity.json"
     rc = parity.main(["--device", "cpu", "--config", "small", "--long-len", "200",
-                      "--cases", "fp32:auto", "bf16:auto", "bf16:attn=torch-varlen", "--out", str(out)])
+                      "--cases", "fp32:auto", "bf16:auto", "bf16:attn=torch-varlen", "ce:fp32:auto", "ce:bf16:auto",
+                      "--out", str(out)])
     assert rc == 0
     cases = {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    ce = cases["ce:fp32:auto"]
+    assert ce["status"] == "PASS" and ce["cross_encoder"] and max(ce["max_diff_crossing"], ce["max_diff_long_batch"]) < 1e-4
+    assert cases["ce:bf16:auto"]["status"] == "PASS" and 0.999 <= cases["ce:bf16:auto"]["min_cos"] < 1
     assert cases["fp32:auto"]["status"] == "PASS" and cases["fp32:auto"]["max_diff_crossing"] < 1e-4
     assert cases["bf16:auto"]["status"] == "PASS"
     assert cases["bf16:attn=torch-varlen"]["status"] == "N/A"  # optional and unavailable here

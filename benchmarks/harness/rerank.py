@@ -271,3 +271,58 @@ def factories(checkpoint: Path, text_dir: Path, pad: int, threads: int, batch_si
         "openvino-bf16": ("openvino", "bf16", "runtime",
                           lambda role: onnx_peers.openvino_engine(checkpoint, "bf16", pad, threads, batch_size)),
     }
+
+
+# ----------------------------------------------------------------------------- token-id engines (GPU rows)
+class OursScores(Engine):
+    """A `CrossEncoder`'s logits on token ids (`engine.score`: packed, unpadded), as the embedding
+    rows run `encode_tokens`: the GPU rows time the model, not the tokenizer."""
+
+    def __init__(self, folder: Path, device, dtype: torch.dtype):
+        from modernbert_embed import Checkpoint, CrossEncoder
+
+        self.model = CrossEncoder.from_checkpoint(Checkpoint(folder), device=device, dtype=dtype)
+        self.label = f"ours CrossEncoder on token ids ({self.model.ops.name if self.model.ops else '?'})"
+
+    def encode(self, corpus: Corpus) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.engine.score(corpus.ids)
+
+    def close(self) -> None:
+        del self.model
+
+
+def load_classifier(folder: Path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """transformers' `ModernBertForSequenceClassification` with `dtype=` (or `torch_dtype=`)."""
+    import transformers
+
+    cls = transformers.ModernBertForSequenceClassification
+    try:
+        model = cls.from_pretrained(folder, attn_implementation=attn_implementation, dtype=dtype)
+    except TypeError:  # transformers < 4.56
+        model = cls.from_pretrained(folder, attn_implementation=attn_implementation, torch_dtype=dtype)
+    return model.to(dtype).eval()
+
+
+class TransformersScores(Engine):
+    """`ModernBertForSequenceClassification` on length-sorted padded batches: float32 logits."""
+
+    def __init__(self, folder: Path, device, dtype: torch.dtype, batch_size: int = 32):
+        from .engines import padded_batches
+
+        self.device = torch.device(device)
+        self.model = load_classifier(folder, dtype).to(self.device)
+        self.batches = padded_batches
+        self.pad, self.batch_size = self.model.config.pad_token_id, batch_size
+        self.label = f"transformers ForSequenceClassification ({self.model.config._attn_implementation}, batch {batch_size})"
+
+    def encode(self, corpus: Corpus) -> torch.Tensor:
+        out = torch.empty(corpus.num_docs, self.model.config.num_labels, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            for rows, batch, mask in self.batches(corpus.ids, self.batch_size, self.pad):
+                batch, mask = torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
+                out[torch.from_numpy(rows).to(self.device)] = self.model(input_ids=batch, attention_mask=mask).logits.float()
+        return out
+
+    def close(self) -> None:
+        del self.model
