@@ -4,6 +4,8 @@ noisy host cannot flatter the ratios.
     python benchmarks/bench_cpu.py                  # the full run (`make bench`): see the time below
     python benchmarks/bench_cpu.py --quick          # small model, tiny corpora, 2 rounds (under a minute)
     python benchmarks/bench_cpu.py --corpora mixed --contenders ours-bf16 openvino-bf16 transformers-fp32
+    python benchmarks/bench_cpu.py --only rerank    # the rerank rows only (see below for the time)
+    python benchmarks/bench_cpu.py --only rerank --rerank-docs 48 --rerank-queries 3 --rounds 3   # scaled down
 
 All contenders run on the same random checkpoint (the real layout, base size) and the same token
 ids: ours fp32 and bf16 (`Embedder.encode_tokens`, unpadded), transformers fp32 (the reference of
@@ -22,6 +24,25 @@ Each corpus: a warm-up of every contender, then `--rounds` rounds (at least 5 fo
 preceded by a 2048^3 matmul in fp32 and bf16 (the measured peaks of the MFU column), each
 running every contender once in a shuffled order. Goals (issue 11) are evaluated on the median
 of the per-round ratios.
+
+Rerank rows (issue: the ModernBERT family, item 6; their own table and goals, after the embedding
+ones, or alone with `--only rerank`): a random cross-encoder (the base shape with a one-label
+head, mean pooling: gte-reranker-modernbert-base's layout) on two workloads of (query, document)
+pairs whose whole length `[CLS] q [SEP] d [SEP]` is log-normal (median ~120 tokens, cap 512):
+one query x 200 documents (`--rerank-docs`) and 64 queries x 16 documents (`--rerank-queries`,
+`--rerank-per-query`), each scored in one call. Contenders, alternated the same way: ours fp32 and
+bf16 (`CrossEncoder.predict` on the pairs' text, through the id tokenizer: tokenisation and
+packing included, as a user runs it); sentence-transformers' `CrossEncoder.predict` fp32 at its
+default batch_size 32 (the reference of ratio (a), its tokenisation included too); ONNX Runtime
+fp32 / bf16 and OpenVINO fp32 / bf16 on the ONNX export of the same cross-encoder (its logits),
+given the token ids in length-sorted padded batches of 32 (no tokenisation in their time). Before
+any round, every contender's logits on the warm-up pairs are checked against ours fp32 (fp32: max
+|diff| <= 1e-3; bf16: centred cosine >= 0.99); one that disagrees is a row that says so and is
+not timed. The table's parity columns compare round 1's logits on the whole workload with ours
+fp32. Time: the default workloads hold 34k and 168k tokens; at this host's rates (330-1,400
+tokens/s per contender, about 11 ms per token for one pass of all six) a round of both takes
+about 38 minutes, so five rounds take three hours: `--rerank-docs`, `--rerank-queries` scale them
+down (the length distribution kept), and the table names the shapes run.
 
 Time: with 32 mixed documents, 4 x 512, 1 x 4096 and 1 x 8192 tokens, 5 rounds, the run took 66
 minutes on a 2-core AMD EPYC shared with other work (1-minute load average 2-4.5 throughout);

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
             rr = [rerank.rerank_corpus(vocab, 1, 24 if small else 200, seed=11),
                   rerank.rerank_corpus(vocab, 4 if small else 64, 4 if small else 16, seed=12)]
             corpora.update({c.name: c for c in rr})
-            corpora["classify"] = h.Corpus("classify", corpora["mixed"].ids, "the mixed corpus's documents, single texts")
+            corpora["classify"] = h.Corpus("classify", corpora["mixed"].ids,
+                                           "the mixed corpus's documents, single texts")
         repeats.update({name: reps for name in corpora if name not in repeats})
         hf_long_batch = max(1, min(32, 65536 // long_len))
         settings = {"config": args.config, "quick": args.quick, "repeats": repeats, "warmup": 1,

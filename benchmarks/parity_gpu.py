@@ -16,8 +16,10 @@ Cross-encoder cases ("ce:<dtype>:<choice>", e.g. ce:bf16:auto): a random
 `ModernBertForSequenceClassification` (one label, mean pooling: a reranker's layout) on the same
 inputs, our `CrossEncoder`'s logits (`engine.score`, each group packed in one batch) against
 transformers' fp32 logits, one sequence at a time: max |diff| of the logits per group, and the
-centred cosine of the score vectors (both groups) in the "min cos" column; same bounds. Exits 1 when a bound fails or a required case errors (an optional
-backend that is not available is reported, not failed); the JSON and table are written anyway.
+centred cosine of the score vectors (both groups) in the "min cos" column; same bounds.
+
+Exits 1 when a bound fails or a required case errors (an optional backend that is not available
+is reported, not failed); the JSON and table are written anyway.
 """
 
 from __future__ import annotations

@@ -407,7 +407,8 @@ def test_rerank_workload_pairs(bench):
     assert got == many.ids[:40] and not any(truncated)
 
     head = one.head(1000)
-    assert head.ids == one.ids[:head.num_docs] and head.num_tokens <= 1000 < head.num_tokens + one.lengths[head.num_docs]
+    assert head.ids == one.ids[:head.num_docs]
+    assert head.num_tokens <= 1000 < head.num_tokens + one.lengths[head.num_docs]
     assert head.texts() == one.texts()[:head.num_docs]
     assert one.head(3).num_docs == 1  # at least one whole pair
 

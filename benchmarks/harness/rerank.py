@@ -314,14 +314,16 @@ class TransformersScores(Engine):
         self.model = load_classifier(folder, dtype).to(self.device)
         self.batches = padded_batches
         self.pad, self.batch_size = self.model.config.pad_token_id, batch_size
-        self.label = f"transformers ForSequenceClassification ({self.model.config._attn_implementation}, batch {batch_size})"
+        attn = self.model.config._attn_implementation
+        self.label = f"transformers ForSequenceClassification ({attn}, batch {batch_size})"
 
     def encode(self, corpus: Corpus) -> torch.Tensor:
         out = torch.empty(corpus.num_docs, self.model.config.num_labels, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for rows, batch, mask in self.batches(corpus.ids, self.batch_size, self.pad):
                 batch, mask = torch.from_numpy(batch).to(self.device), torch.from_numpy(mask).to(self.device)
-                out[torch.from_numpy(rows).to(self.device)] = self.model(input_ids=batch, attention_mask=mask).logits.float()
+                logits = self.model(input_ids=batch, attention_mask=mask).logits
+                out[torch.from_numpy(rows).to(self.device)] = logits.float()
         return out
 
     def close(self) -> None:
