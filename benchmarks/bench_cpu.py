@@ -275,7 +275,7 @@ def run_rerank(args, work: Path, threads: int, out: Path | None) -> tuple[rounds
                      "check_before_timing": {"fp32_max_abs": rerank.CHECK_FP32_MAX_ABS,
                                              "other_min_centred_cos": rerank.CHECK_HALF_MIN_COS}})
     run = rerank.ScoresRun(contenders, corpora, cfg, rounds=args.rounds, seed=args.seed,
-                           warmup_tokens=256 if args.quick else 1536, matmul_n=args.matmul_n,
+                           warmup_tokens=256 if args.quick else 768, matmul_n=args.matmul_n,
                            reference=RERANK_REFERENCE, parity=RERANK_PARITY)
     results = rounds_report.RoundsResults("bench_cpu rerank", run, RERANK_GOALS, settings, out, args.markdown)
     print(f"bench_cpu rerank: {h.machine_line(results.info)}; {threads} threads")
