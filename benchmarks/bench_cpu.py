@@ -278,6 +278,7 @@ def run_rerank(args, work: Path, threads: int, out: Path | None) -> tuple[rounds
                            warmup_tokens=256 if args.quick else 768, matmul_n=args.matmul_n,
                            reference=RERANK_REFERENCE, parity=RERANK_PARITY)
     results = rounds_report.RoundsResults("bench_cpu rerank", run, RERANK_GOALS, settings, out, args.markdown)
+    run.after_round = lambda role, r: results.save()  # the JSON after every round: a cut keeps what it measured
     print(f"bench_cpu rerank: {h.machine_line(results.info)}; {threads} threads")
     print("workloads: " + "; ".join(f"{c.name} {c.num_docs} pairs {c.num_tokens} tokens (median pair "
                                     f"{c.summary()['median_len']:.0f})" for c in corpora.values()))
@@ -339,6 +340,7 @@ def main(argv=None) -> int:
             run = RoundsRun(contenders, corpora, cfg, rounds=args.rounds, seed=args.seed,
                             warmup_tokens=128 if args.quick else 512, matmul_n=args.matmul_n, reference=REFERENCE)
             results = rounds_report.RoundsResults("bench_cpu", run, GOALS, settings, args.out, args.markdown)
+            run.after_round = lambda role, r: results.save()
             print(f"bench_cpu: {h.machine_line(results.info)}; {threads} threads")
             print("corpora: " + "; ".join(f"{c.name} {c.num_docs} docs {c.num_tokens} tokens"
                                           for c in corpora.values()))

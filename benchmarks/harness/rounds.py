@@ -100,6 +100,7 @@ class RoundsRun:
         self.rounds, self.seed, self.warmup_tokens, self.matmul_n = rounds, seed, warmup_tokens, matmul_n
         self.reference = reference
         self.log, self.clock = log, clock  # the clock times the contenders (a test's fake one: exact ratios)
+        self.after_round: Callable[[str, int], None] | None = None
         self.cells: dict[str, dict[str, Cell]] = {role: {} for role in corpora}
         self.peaks: dict[str, dict[str, list[float]]] = {role: {"fp32": [], "bf16": []} for role in corpora}
         self.loads: dict[str, list[float | None]] = {role: [] for role in corpora}
@@ -193,6 +194,8 @@ class RoundsRun:
             line = ", ".join(f"{c.key} {corpus.num_tokens / cells[c.key].times[-1]:.0f}" for c in order
                              if len(cells[c.key].times) == r + 1)
             self.log(f"  {role} round {r + 1}/{self.rounds} (load {self.loads[role][-1]}): tokens/s {line}")
+            if self.after_round is not None:  # e.g. save the record: a run cut short keeps its rounds
+                self.after_round(role, r)
         self._compare(role)
 
     def check_warmup(self, role: str, outputs: dict[str, torch.Tensor]) -> None:
