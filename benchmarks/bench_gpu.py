@@ -15,6 +15,29 @@ fixed 512, long-document rate >= 0.5x the 512 rate. MFU over the card's dense bf
 cards) and over a large bf16 matmul measured in the same run. A row that fails (a backend that
 is missing, an out-of-memory) is recorded with its error; the run goes on, and past
 `--time-budget` seconds the remaining rows are recorded as skipped.
+
+Rerank and classify rows (issue: the ModernBERT family, item 6): a random cross-encoder (the base
+shape with a one-label head, mean pooling: gte-reranker-modernbert-base's layout) on the rerank
+workloads "rerank1x200" (one query, 200 documents, pair lengths log-normal, median ~120, cap 512)
+and "rerank64x16"; a three-label classifier (CLS pooling) on single texts ("classify", the mixed
+corpus's lengths). Ours: the `CrossEncoder`'s engine on token ids (`engine.score`, packed, bf16);
+the baseline of each: transformers' `ModernBertForSequenceClassification` bf16 on length-sorted
+padded batches of 32. The "min cos" column of a one-label row is the centred cosine of the two
+score vectors (bf16 parity against transformers fp32 is in parity_gpu.py's cross-encoder cases).
+
+Predictions for those rows, written before any GPU run (H100 SXM, bf16; `flops_per_token`):
+  - FLOPs: 228.7 MFLOP per token at 120 tokens, 232.4 on average over rerank1x200 (34,132 tokens),
+    232.1 over rerank64x16 (167,953 tokens); the head adds 2 x H^2 per pair (1.2 MFLOP), nothing.
+  - rerank1x200 is one call of 34k tokens: about 7.9 TFLOP, ~13 ms of matmuls at 600 TFLOP/s,
+    ~7 ms of memory-bound ops (558 KB per token at ~2.8 TB/s), and a few ms of planning, packing
+    and launches for 3 forwards of <=16k tokens: 25-30 ms, i.e. 1.1-1.4 M tokens/s (MFU 25-33%).
+    transformers: 7 padded batches (1.23 x the real tokens, computed from the lengths), each an
+    eager forward of several hundred launches (host-bound at ~5k tokens per batch): 0.4-0.6 M
+    tokens/s; ratio 2-3x.
+  - rerank64x16, 168k tokens: the fixed costs amortise: 1.4-1.6 M tokens/s, as the embedding
+    rows' mixed corpus (padding 1.04x; transformers 0.5-0.6 M tokens/s: ratio 2.5-3x).
+  - classify (the mixed corpus, 200k tokens, 3 labels): the embedding "default" mixed row's rate
+    within 5% (the head and CLS pooling are negligible): 1.4-1.6 M tokens/s, ~3x transformers.
 """
 
 from __future__ import annotations
@@ -29,12 +52,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
+from harness import rerank  # noqa: E402
 from modernbert_embed.config import ModernBertConfig  # noqa: E402
 
 
 # In the order they run (the most telling first, in case the time budget runs out); torch-ops
 # only with --torch-ops or --only.
-ROW_SETS = ("default", "attn=torch-varlen", "attn=triton-rope", "attn=torch-varlen-global", "st", "fp16", "text",
+ROW_SETS = ("default", "rerank", "classify", "attn=torch-varlen", "attn=triton-rope", "attn=torch-varlen-global", "st", "fp16", "text",
             "attn=triton", "big-budget", "torch-ops")
 
 
@@ -86,6 +110,17 @@ def main(argv=None) -> int:
             "fixed512": h.fixed_corpus(vocab, 512, fixed_docs, seed=1),
             "long": h.long_corpus(vocab, long_len, long_docs, seed=2),
         }
+        scores = {"rerank", "classify"} & set(args.only if args.only else ROW_SETS)
+        if scores:  # the cross-encoder and classifier checkpoints, and their workloads
+            ce = rerank.write_cross_encoder(Path(tmp) / "cross-encoder", args.config, seed=args.seed)
+            clf = rerank.write_cross_encoder(Path(tmp) / "classifier", args.config, seed=args.seed + 1,
+                                             num_labels=3, pooling="cls")
+            rr = [rerank.rerank_corpus(vocab, 1, 24 if small else 200, seed=11),
+                  rerank.rerank_corpus(vocab, 4 if small else 64, 4 if small else 16, seed=12)]
+            corpora.update({c.name: c for c in rr})
+            corpora["classify"] = h.Corpus("classify", corpora["mixed"].ids,
+                                           "the mixed corpus's documents, single texts")
+        repeats.update({name: reps for name in corpora if name not in repeats})
         hf_long_batch = max(1, min(32, 65536 // long_len))
         settings = {"config": args.config, "quick": args.quick, "repeats": repeats, "warmup": 1,
                     "seed": args.seed, "transformers_batch_size": {"mixed": 32, "fixed512": 32, "long": hf_long_batch},
@@ -136,10 +171,26 @@ def main(argv=None) -> int:
                                  ours(bf16, max_batch_tokens=args.big_batch_tokens), ["mixed", "fixed512"]),
             "torch-ops": h.Spec("ours", "bf16", "torch ops", ours(bf16, backend="torch"), ["mixed"]),
         }
-        row_set = {"text-ahead": "text"}  # specs that belong to a row set of another name
+        if scores:
+            names = [c.name for c in rr]
+            specs.update({
+                "rerank-transformers": h.Spec(
+                    "transformers", "bf16", "ForSequenceClassification, sdpa, batch 32",
+                    lambda: rerank.TransformersScores(ce, device, bf16), names, baseline=True),
+                "rerank": h.Spec("ours", "bf16", "CrossEncoder, token ids", lambda: rerank.OursScores(ce, device, bf16),
+                                 names),
+                "classify-transformers": h.Spec(
+                    "transformers", "bf16", "ForSequenceClassification (3 labels, cls), sdpa, batch 32",
+                    lambda: rerank.TransformersScores(clf, device, bf16), ["classify"], baseline=True),
+                "classify": h.Spec("ours", "bf16", "CrossEncoder (3 labels, cls), token ids",
+                                   lambda: rerank.OursScores(clf, device, bf16), ["classify"]),
+            })
+        # specs that belong to a row set of another name
+        row_set = {"text-ahead": "text", "rerank-transformers": "rerank", "classify-transformers": "classify"}
         chosen = [k for k in specs if k == "transformers" or (
             (not args.only or row_set.get(k, k) in args.only) and not (k == "st" and args.no_st)
             and not (k == "torch-ops" and not args.torch_ops and not args.only))]
+        chosen.sort(key=lambda k: -1 if k == "transformers" else ROW_SETS.index(row_set.get(k, k)))  # ROW_SETS order
         specs = [specs[k] for k in chosen]
         goals = [
             h.Goal("ours", "bf16", "default", "mixed", "ratio", 3.0),

@@ -359,7 +359,8 @@ class Run:
                 parts.append(Part(name, self.pytest(name, *args)))
         parity = ["--out", str(self.dest / "parity_gpu.json"), "--markdown", str(self.dest / "parity.md")]
         if self.dry:
-            parity = ["--device", "cpu", "--config", "small", "--long-len", "130", "--cases", "fp32:auto", *parity]
+            parity = ["--device", "cpu", "--config", "small", "--long-len", "130", "--cases", "fp32:auto",
+                      "ce:bf16:auto", *parity]
         parts.append(Part("parity", self.script("parity_gpu.py", *parity)))
         # the API and CLI tests' models on the GPU (tests/conftest.py); a dry run keeps the CPU
         self.part_env = {"api-tests": cuda_env, "cli-tests": cuda_env} if not self.dry else {}
@@ -370,7 +371,7 @@ class Run:
         if self.dry:
             return [Part("bench_gpu", self.script(
                 "bench_gpu.py", "--device", "cpu", "--config", "small", "--quick", "--mixed-tokens", "200",
-                "--fixed-docs", "1", "--long-len", "300", "--only", "default", "--no-st",
+                "--fixed-docs", "1", "--long-len", "300", "--only", "default", "rerank", "classify", "--no-st",
                 "--time-budget", str(max(5, budget - 40 - MV_BENCH_S)), *out)), self.multivector_part()]
         # new rows stop 50 s (and the late-interaction rows' time) before the budget: the last row,
         # the write-up and the exit fit in it; then the late-interaction rows, after it

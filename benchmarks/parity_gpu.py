@@ -10,8 +10,16 @@ transformers fp32 (SDPA), one sequence at a time (no padding), with TF32 off. Ea
 dtype with a backend choice; its rows report the hidden states' max |diff|, the pooled
 embeddings' min cosine (our pooling kernel against the reference's mean + normalise) and
 non-finite values. Bounds: fp32 max |diff| <= 1e-3 and cosine >= 0.99999; bf16/fp16 cosine
->= 0.999; everything finite. Exits 1 when a bound fails or a required case errors (an optional
-backend that is not available is reported, not failed); the JSON and table are written anyway.
+>= 0.999; everything finite.
+
+Cross-encoder cases ("ce:<dtype>:<choice>", e.g. ce:bf16:auto): a random
+`ModernBertForSequenceClassification` (one label, mean pooling: a reranker's layout) on the same
+inputs, our `CrossEncoder`'s logits (`engine.score`, each group packed in one batch) against
+transformers' fp32 logits, one sequence at a time: max |diff| of the logits per group, and the
+centred cosine of the score vectors (both groups) in the "min cos" column; same bounds.
+
+Exits 1 when a bound fails or a required case errors (an optional backend that is not available
+is reported, not failed); the JSON and table are written anyway.
 """
 
 from __future__ import annotations
@@ -41,8 +49,9 @@ HALF_MIN_COS = 0.999
 # torch-varlen is optional (torch's flash attention: half precision on CUDA only, where the wheel has it).
 CUDA_CASES = ["fp32:auto", "fp32:backend=torch", "bf16:auto", "bf16:attn=triton", "bf16:attn=torch-varlen",
               "bf16:backend=torch", "fp16:auto", "fp16:attn=torch-varlen", "bf16:attn=triton-rope",
-              "fp32:attn=triton-rope", "bf16:attn=torch-varlen-global"]
-CPU_CASES = ["fp32:auto", "bf16:auto", "fp16:auto", "bf16:attn=torch-varlen"]
+              "fp32:attn=triton-rope", "bf16:attn=torch-varlen-global", "ce:bf16:auto", "ce:fp32:auto"]
+CPU_CASES = ["fp32:auto", "bf16:auto", "fp16:auto", "bf16:attn=torch-varlen", "ce:fp32:auto", "ce:bf16:auto"]
+CE = "ce:"  # the prefix of a cross-encoder case
 OPTIONAL = ("attn=torch-varlen", "attn=torch-varlen-global")
 
 
@@ -53,6 +62,7 @@ class Case:
     backend: str
     attention: str
     required: bool
+    cross_encoder: bool = False
     ops: str = ""
     max_diff_crossing: float | None = None
     max_diff_long_batch: float | None = None
@@ -69,6 +79,10 @@ class Case:
 
 
 def parse_case(text: str) -> Case:
+    if text.startswith(CE):
+        case = parse_case(text[len(CE):])
+        case.case, case.cross_encoder = text, True
+        return case
     dtype, _, choice = text.partition(":")
     if dtype not in ("fp32", "bf16", "fp16"):
         raise SystemExit(f"unknown dtype in case {text!r}")
@@ -105,6 +119,61 @@ def reference(folder, ids_groups, device):
     del model
     h.free_memory(device)
     return hidden, pooled
+
+
+def reference_logits(folder, ids_groups, device):
+    """transformers' ModernBertForSequenceClassification fp32, one sequence at a time: logits
+    [n, num_labels] per group (CPU fp32)."""
+    from harness.rerank import load_classifier
+
+    model = load_classifier(folder, torch.float32).to(device)
+    out = []
+    with torch.inference_mode():
+        for ids in ids_groups:
+            out.append(torch.cat([model(input_ids=torch.tensor([seq], device=device)).logits.float().cpu()
+                                  for seq in ids]))
+    del model
+    h.free_memory(device)
+    return out
+
+
+def run_cross_encoder_case(case: Case, folder, ids_groups, ref_logits, device) -> None:
+    """Our CrossEncoder's logits (each group in one packed batch) against transformers' fp32."""
+    from harness.rerank import centred_cosine
+    from modernbert_embed import Checkpoint, CrossEncoder
+    from modernbert_embed.ops import select_ops
+
+    t0 = time.perf_counter()
+    try:
+        ops = None if (case.backend, case.attention) == ("auto", "auto") else \
+            select_ops(device, case.backend, case.attention)
+        model = CrossEncoder.from_checkpoint(Checkpoint(folder), device=device, dtype=h.dtype_of(case.dtype), ops=ops)
+    except Exception as e:
+        case.error = f"load: {type(e).__name__}: {e}"[:400]
+        case.extra["traceback"] = traceback.format_exc()[-3000:]
+        return
+    case.load_s = time.perf_counter() - t0
+    case.ops = model.ops.name if model.ops else ""
+    try:
+        t0 = time.perf_counter()
+        got = []
+        with torch.inference_mode():
+            for ids in ids_groups:
+                got.append(model.engine.score(ids, max_batch_tokens=sum(len(s) for s in ids)).float().cpu())
+        h.synchronize(device)
+        case.run_s = time.perf_counter() - t0
+        case.finite = all(bool(torch.isfinite(g).all()) for g in got)
+        diffs = [float((g - r).abs().max()) for g, r in zip(got, ref_logits)]
+        case.max_diff_crossing, case.max_diff_long_batch = diffs
+        case.worst_at = f"group {int(np.argmax(diffs))} (logits)"
+        case.min_cos = centred_cosine(torch.cat(got), torch.cat(ref_logits))
+        case.extra["logits_range"] = [float(torch.cat(ref_logits).min()), float(torch.cat(ref_logits).max())]
+    except Exception as e:
+        case.error = f"{type(e).__name__}: {e}"[:400]
+        case.extra["traceback"] = traceback.format_exc()[-3000:]
+    finally:
+        del model
+        h.free_memory(device)
 
 
 def max_diff(ours, ref):
@@ -189,7 +258,8 @@ def table(cases, long_len: int) -> str:
     for c in cases:
         cells = [c.case, c.ops, "-" if c.max_diff_crossing is None else f"{c.max_diff_crossing:.3g}",
                  "-" if c.max_diff_long_batch is None else f"{c.max_diff_long_batch:.3g}",
-                 "-" if c.min_cos is None else f"{c.min_cos:.6f} ({c.worst_cos_len})",
+                 "-" if c.min_cos is None else f"{c.min_cos:.6f} "
+                 + ("(centred, logits)" if c.cross_encoder else f"({c.worst_cos_len})"),
                  "-" if c.finite is None else str(c.finite), c.bounds, c.status,
                  c.error.replace("|", "/").replace("\n", " ")[:120]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -233,6 +303,12 @@ def main(argv=None) -> int:
         print(f"inputs: {lengths} in one batch; [{long_len}, 3] in one batch; reference transformers fp32 (TF32 off)")
         t0 = time.perf_counter()
         ref_hidden, ref_pooled = reference(folder, ids_groups, device)
+        ce_folder, ref_logits = None, None
+        if any(c.cross_encoder for c in cases):
+            from harness.rerank import write_cross_encoder
+
+            ce_folder = write_cross_encoder(Path(tmp) / "cross-encoder", args.config, seed=args.seed + 1)
+            ref_logits = reference_logits(ce_folder, ids_groups, device)
         ref_s = time.perf_counter() - t0
 
         def record():
@@ -242,7 +318,10 @@ def main(argv=None) -> int:
 
         section = h.MarkdownSection(args.markdown, "parity_gpu")
         for i, case in enumerate(cases):
-            run_case(case, folder, ids_groups, ref_hidden, ref_pooled, device)
+            if case.cross_encoder:
+                run_cross_encoder_case(case, ce_folder, ids_groups, ref_logits, device)
+            else:
+                run_case(case, folder, ids_groups, ref_hidden, ref_pooled, device)
             judge(case)
             print(f"  {case.case:<24} {case.status:<5} max abs diff {h.fmt_num(case.max_diff_crossing)} / "
                   f"{h.fmt_num(case.max_diff_long_batch)}, min cos {case.min_cos}  {case.error}", flush=True)

@@ -266,10 +266,17 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     out = tmp_path / "bench_gpu.json"
     rc = bench_gpu.main(["--device", "cpu", "--config", "small", "--quick", "--mixed-tokens", "300",
                          "--fixed-docs", "1", "--long-len", "600", "--only", "default", "attn=torch-varlen", "text",
-                         "--out", str(out)])
+                         "rerank", "classify", "--out", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["corpus"] for r in rows} == {"mixed", "fixed512", "long"}
+    assert {r["corpus"] for r in rows} == {"mixed", "fixed512", "long", "rerank1x24", "rerank4x4", "classify"}
+    scored = [r for r in rows if r["corpus"] in ("rerank1x24", "rerank4x4", "classify")]
+    assert [(r["corpus"], r["engine"]) for r in scored] == [  # each against its own transformers baseline
+        ("rerank1x24", "transformers"), ("rerank4x4", "transformers"), ("classify", "transformers"),
+        ("rerank1x24", "ours"), ("rerank4x4", "ours"), ("classify", "ours")]
+    for r in scored[3:]:
+        assert not r["error"] and r["tokens_per_s"] > 0 and r["ratio"] > 0 and r["min_cos"] > 0.999, r
+    rows = [r for r in rows if r not in scored]
     ours = [r for r in rows if r["engine"] == "ours" and r["variant"] == "default"]
     assert len(ours) == 3 and all(not r["error"] and r["tokens_per_s"] > 0 for r in ours)
     assert all(r["goal"] for r in ours)
@@ -281,9 +288,13 @@ def test_gpu_scripts_dry_run_on_cpu(bench, tmp_path, one_thread):
     parity = bench("parity_gpu")
     out = tmp_path / "parity.json"
     rc = parity.main(["--device", "cpu", "--config", "small", "--long-len", "200",
-                      "--cases", "fp32:auto", "bf16:auto", "bf16:attn=torch-varlen", "--out", str(out)])
+                      "--cases", "fp32:auto", "bf16:auto", "bf16:attn=torch-varlen", "ce:fp32:auto", "ce:bf16:auto",
+                      "--out", str(out)])
     assert rc == 0
     cases = {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    ce = cases["ce:fp32:auto"]
+    assert ce["status"] == "PASS" and ce["cross_encoder"] and max(ce["max_diff_crossing"], ce["max_diff_long_batch"]) < 1e-4
+    assert cases["ce:bf16:auto"]["status"] == "PASS" and 0.999 <= cases["ce:bf16:auto"]["min_cos"] < 1
     assert cases["fp32:auto"]["status"] == "PASS" and cases["fp32:auto"]["max_diff_crossing"] < 1e-4
     assert cases["bf16:auto"]["status"] == "PASS"
     assert cases["bf16:attn=torch-varlen"]["status"] == "N/A"  # optional and unavailable here
@@ -361,3 +372,134 @@ def test_markdown_section_is_rewritten_not_appended(bench, tmp_path):
     assert md.read_text() == "# earlier\n\n### bench_x\n\n| row 1 |\n| row 2 |\n"
     h.MarkdownSection(None, "nothing").write("x")  # no file asked for: nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def test_rerank_workload_pairs(bench):
+    """The rerank workloads: [CLS] query [SEP] document [SEP] of log-normal whole lengths (median
+    about the one asked for, capped), each query's documents together; the text spelling tokenises
+    back to exactly those ids through the id tokenizer's pair template; the warm-up head keeps
+    whole pairs."""
+    pytest.importorskip("tokenizers")
+    h = bench("harness")
+    from harness import rerank
+    from modernbert_embed.config import ModernBertConfig
+    from modernbert_embed.tokenizer import TextTokenizer
+
+    cfg = ModernBertConfig()
+    v = h.Vocab.of(cfg)
+    one = rerank.rerank_corpus(v, 1, 200, seed=11)
+    many = rerank.rerank_corpus(v, 64, 16, seed=12)
+    assert (one.name, one.num_docs, many.name, many.num_docs) == ("rerank1x200", 200, "rerank64x16", 1024)
+    assert rerank.rerank_corpus(v, 1, 200, seed=11).ids == one.ids  # deterministic
+    lengths = np.array(many.lengths)
+    assert 105 <= np.median(lengths) <= 135 and lengths.max() <= 512 and (lengths == 512).any()
+    assert 95 <= np.median(one.lengths) <= 145 and max(one.lengths) <= 512
+    for seq, q, doc in zip(many.ids, many.query_of, many.docs):
+        body = many.queries[q]
+        assert seq == [v.cls] + body + [v.sep] + doc + [v.sep] and len(doc) >= 1
+    assert many.query_of == [i // 16 for i in range(1024)]
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        h.write_id_tokenizer(Path(tmp), cfg)
+        tok = TextTokenizer(Path(tmp) / "tokenizer.json")
+        got, truncated = tok.encode_pairs(many.texts()[:40])
+    assert got == many.ids[:40] and not any(truncated)
+
+    head = one.head(1000)
+    assert head.ids == one.ids[:head.num_docs]
+    assert head.num_tokens <= 1000 < head.num_tokens + one.lengths[head.num_docs]
+    assert head.texts() == one.texts()[:head.num_docs]
+    assert one.head(3).num_docs == 1  # at least one whole pair
+
+
+def test_scores_run_checks_parity_before_timing(bench):
+    """ScoresRun: a contender whose logits differ from ours fp32 on the warm-up pairs (fp32: max
+    |diff|; bf16: the centred cosine) is not timed and says by how much; the others are timed,
+    compared on round 1's scores, and their ratios taken against the reference."""
+    h = bench("harness")
+    from harness import rerank
+    from harness.rounds import Contender
+    from modernbert_embed.config import ModernBertConfig
+
+    cfg = ModernBertConfig.from_dict(h.SMALL_CONFIG)
+    corpus = rerank.rerank_corpus(h.Vocab.of(cfg), 1, 8, seed=0, median=40)
+    scores = torch.linspace(-2, 2, 8).reshape(8, 1)
+    clock, calls = _Clock(), []
+
+    def fake(name, cost, out):
+        class Fake(h.Engine):
+            label = f"fake {name}"
+
+            def encode(self, c):
+                calls.append((name, c.name))
+                if not c.name.endswith("-head"):
+                    clock.now += cost
+                return out[:c.num_docs].clone()
+
+        return lambda role: Fake()
+
+    noise = torch.tensor([0.3, -0.3] * 4).reshape(8, 1)
+    plan = [
+        Contender("ours-fp32", "ours", "fp32", "ours", fake("ours", 1.0, scores)),
+        Contender("ours-bf16", "ours", "bf16", "ours", fake("ours16", 0.5, scores + 0.01)),
+        Contender("st", "st", "fp32", "reference", fake("st", 4.0, scores + 2e-6)),
+        Contender("rt-fp32", "rt", "fp32", "runtime", fake("rt", 2.0, scores + 5e-3)),  # off by 5e-3
+        Contender("rt-bf16", "rt16", "bf16", "runtime", fake("rt16", 1.0, scores * 0.2 + noise)),  # another ranking
+        Contender("rt2-bf16", "rt2", "bf16", "runtime", fake("rt2", 2.0, scores * 3.0 + 1.0)),  # same ranking
+    ]
+    run = rerank.ScoresRun(plan, {"rerank": corpus}, cfg, rounds=2, warmup_tokens=120, matmul_n=32,
+                           reference="st", parity="ours-fp32", log=lambda s: None, clock=clock)
+    run.run_corpus("rerank")
+    s = {x["contender"]: x for x in run.summaries()}
+    assert s["rt-fp32"]["error"].startswith("before timing: logits differ from ours-fp32's by up to 0.005")
+    assert "centred cosine" in s["rt-bf16"]["error"] and "not timed" in s["rt-bf16"]["error"]
+    assert not s["rt-fp32"]["times_s"] and not s["rt-bf16"]["times_s"]
+    assert ("rt", "rerank1x8") not in calls and ("rt16", "rerank1x8") not in calls
+    assert s["ours-fp32"]["vs_reference_rounds"] == [4.0, 4.0]
+    assert s["ours-bf16"]["vs_runtime_rounds"] == [4.0, 4.0]  # against rt2-bf16, the one bf16 runtime timed
+    assert s["ours-fp32"]["vs_runtime"] is None  # the fp32 runtime was refused
+    assert s["st"]["max_abs"] == pytest.approx(2e-6, abs=1e-7) and s["st"]["min_cos"] == pytest.approx(1.0)
+    assert s["rt2-bf16"]["min_cos"] == pytest.approx(1.0) and s["rt2-bf16"]["max_abs"] == pytest.approx(5.0)
+    assert run.checks["rerank"]["ours-bf16"]["pairs"] == corpus.head(120).num_docs
+    assert rerank.centred_cosine(scores, -scores) == pytest.approx(-1.0)
+
+
+@pytest.mark.slow
+def test_bench_cpu_quick_rerank_rows(bench, tmp_path, one_thread):
+    """bench_cpu --quick --only rerank end to end: the cross-encoder's ONNX export, every rerank
+    contender on both workloads, scores checked against ours fp32, ratios against
+    sentence-transformers' CrossEncoder, the goals, the JSON and markdown; no embedding rows."""
+    bench_cpu = bench("bench_cpu")
+    out, md = tmp_path / "rerank.json", tmp_path / "results.md"
+    rc = bench_cpu.main(["--quick", "--only", "rerank", "--out", str(out), "--markdown", str(md)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["script"] == "bench_cpu rerank" and rec["settings"]["reference"] == "sentence-transformers-fp32"
+    assert set(rec["corpora"]) == {"rerank-one", "rerank-many"}
+    assert [(c["name"], c["docs"]) for c in rec["corpora"].values()] == [("rerank1x12", 12), ("rerank3x4", 12)]
+    rows = {(r["corpus"], r["contender"]): r for r in rec["results"]}
+    assert len(rows) == 2 * len(bench_cpu.RERANK_CONTENDERS)
+    missing = {name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name) is None}
+    for (corpus, key), r in rows.items():
+        if r["error"]:  # only a peer may fail, and only for a stated reason
+            assert r["kind"] != "ours", (key, r["error"])
+            assert ("bfloat16" in r["error"] and key == "onnxruntime-bf16") or "ModuleNotFoundError" in r["error"], r
+            continue
+        assert len(r["times_s"]) == 2 and r["tokens_per_s"]["median"] > 0, key
+        if key != "ours-fp32":
+            bound = 1e-4 if r["dtype"] == "fp32" else 0.05
+            assert r["max_abs"] < bound and r["min_cos"] > 0.999, (key, r["max_abs"], r["min_cos"])
+        if key != "sentence-transformers-fp32":
+            assert r["vs_reference"]["n"] == 2
+    if not missing:
+        ours = rows[("rerank-one", "ours-fp32")]
+        assert ours["best_runtime"] in ("onnxruntime-fp32", "openvino-fp32") and ours["vs_runtime"]["n"] == 2
+        assert rows[("rerank-many", "ours-bf16")]["best_runtime"] == "openvino-bf16"
+    goals = {g["goal"]: g for g in rec["goals"]}
+    assert len(goals) == len(bench_cpu.RERANK_GOALS) == 8
+    assert all(g["verdict"] in ("PASS", "FAIL") for g in goals.values() if "runtime" not in g["goal"] or not missing)
+    text = md.read_text()
+    assert "### bench_cpu rerank" in text and "| x sentence-transformers fp32 |" in text
+    assert "| goal | measured |" in text and "rerank, 1 query: ours fp32 >= 2x" in text
+    assert "bench_cpu," not in text.replace("bench_cpu rerank", "")  # no embedding table

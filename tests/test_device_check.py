@@ -164,8 +164,10 @@ def test_dry_run_runs_every_step(tmp_path):
     assert parts["probe"] == "ok" and parts["parity"] == "ok" and parts["pytest-gpu"] in ("ok", "no tests collected")
     # what each script measured, written where the summary says
     cases = json.loads((out / "parity_gpu.json").read_text())["cases"]
-    assert [c["status"] for c in cases] == ["PASS"]
-    assert any(row["engine"] == "ours" and not row["error"] for row in json.loads((out / "bench_gpu.json").read_text())["rows"])
+    assert [(c["case"], c["status"]) for c in cases] == [("fp32:auto", "PASS"), ("ce:bf16:auto", "PASS")]
+    rows = json.loads((out / "bench_gpu.json").read_text())["rows"]
+    ours = {r["corpus"] for r in rows if r["engine"] == "ours" and not r["error"]}
+    assert {"mixed", "rerank1x24", "rerank4x4", "classify"} <= ours, rows  # the embedding, rerank and classify rows
     assert any(row["engine"] == "ours" and not row["error"]
                for row in json.loads((out / "bench_multivector.json").read_text())["rows"])
     serve = json.loads((out / "bench_serve.json").read_text())

@@ -5,7 +5,9 @@
 - `measure`: timing, memory, the machine, the GPU tables and MFU;
 - `report`: rows, specs and goals, the plan that fills them, markdown and JSON results;
 - `onnx_peers`: the ONNX export of the checkpoint and the CPU runtimes on it (ONNX Runtime, OpenVINO);
-- `rounds`, `rounds_report`: contenders alternated round by round, per-round ratios, their report.
+- `rounds`, `rounds_report`: contenders alternated round by round, per-round ratios, their report;
+- `rerank`: the cross-encoder checkpoint, the rerank workloads (query, document pairs), the engines
+  that score them and the rounds on scores, checked against ours fp32 before timing.
 
 The scripts beside this package put its folder on `sys.path` and `import harness as h`; every name
 they use is re-exported here. The timing function stays `harness.measure.measure`, so that

@@ -4,7 +4,8 @@ by default), as their users run them.
 
 The export is transformers' `ModernBertModel` wrapped with masked mean pooling and L2
 normalisation (`PooledModel`), so every runtime returns the same [N, H] embeddings as the other
-engines; inputs `input_ids` and `attention_mask` with dynamic batch and sequence axes. fp32 goes
+engines; a cross-encoder's (`ModernBertForSequenceClassification`) is its float32 logits
+[N, num_labels] (`LogitsModel`), the scores the rerank rows compare; inputs `input_ids` and `attention_mask` with dynamic batch and sequence axes. fp32 goes
 through the TorchScript exporter at opset 18 (the dynamo exporter works too, but takes longer); the
 exported attention materialises its heads x L x L scores, which is what bounds the runtimes'
 memory on long documents.
@@ -18,6 +19,7 @@ own error as the reason.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -47,6 +49,38 @@ class PooledModel(torch.nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+class LogitsModel(torch.nn.Module):
+    """ModernBertForSequenceClassification -> its logits in fp32 (a cross-encoder's scores)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+def is_classifier(checkpoint: Path) -> bool:
+    """Whether the folder holds a sequence classifier (a cross-encoder) rather than an embedder."""
+    arch = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in arch)
+
+
+def _exportable(checkpoint: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """The module to export and its output's name: pooled embeddings, or a classifier's logits."""
+    if not is_classifier(checkpoint):
+        return PooledModel(load_transformers_model(checkpoint, dtype)).eval(), "embeddings"
+    import transformers
+
+    try:
+        model = transformers.ModernBertForSequenceClassification.from_pretrained(
+            checkpoint, attn_implementation="sdpa", dtype=dtype)
+    except TypeError:  # transformers < 4.56
+        model = transformers.ModernBertForSequenceClassification.from_pretrained(
+            checkpoint, attn_implementation="sdpa", torch_dtype=dtype)
+    return LogitsModel(model.to(dtype)).eval(), "logits"
+
+
 @contextlib.contextmanager
 def _quiet():
     """The exporters and quantisers warn at length about things that do not matter here."""
@@ -65,11 +99,12 @@ def _quiet():
 
 def export_onnx(checkpoint: Path, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Export the checkpoint (through transformers, SDPA attention) to `path`, once: an existing
-    file is kept. fp32 uses the TorchScript exporter; other dtypes the dynamo exporter (the
-    TorchScript one fails on bf16 weights)."""
+    file is kept. An embedder gives pooled embeddings (`PooledModel`), a sequence classifier its
+    logits (`LogitsModel`). fp32 uses the TorchScript exporter; other dtypes the dynamo exporter
+    (the TorchScript one fails on bf16 weights)."""
     if path.is_file():
         return path
-    model = PooledModel(load_transformers_model(checkpoint, dtype)).eval()
+    model, output = _exportable(checkpoint, dtype)
     ids = torch.full((2, 160), 5, dtype=torch.int64)  # past the local window, one row padded
     mask = torch.ones_like(ids)
     mask[1, 100:] = 0
@@ -77,13 +112,13 @@ def export_onnx(checkpoint: Path, path: Path, dtype: torch.dtype = torch.float32
     with _quiet(), torch.no_grad():
         if dtype == torch.float32:
             axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                    "embeddings": {0: "batch"}}
-            torch.onnx.export(model, (ids, mask), str(tmp), input_names=INPUTS, output_names=["embeddings"],
+                    output: {0: "batch"}}
+            torch.onnx.export(model, (ids, mask), str(tmp), input_names=INPUTS, output_names=[output],
                               dynamic_axes=axes, opset_version=18, dynamo=False)
         else:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
             shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-            torch.onnx.export(model, (ids, mask), str(tmp), input_names=INPUTS, output_names=["embeddings"],
+            torch.onnx.export(model, (ids, mask), str(tmp), input_names=INPUTS, output_names=[output],
                               dynamic_shapes=shapes, opset_version=18, dynamo=True, verbose=False)
     tmp.replace(path)
     return path

@@ -51,7 +51,7 @@ class Row:
     load_s: float | None = None
     ratio: float | None = None  # tokens/s over the baseline row of the same corpus
     baseline: str = ""
-    min_cos: float | None = None  # min cosine of the embeddings to the baseline's
+    min_cos: float | None = None  # min cosine of the embeddings to the baseline's (scores: centred, as one vector)
     goal: str = ""
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +106,12 @@ def compare(row: Row, emb: torch.Tensor | None, base_row: Row | None, base_emb: 
     if row.tokens_per_s and base_row.tokens_per_s:
         row.ratio = row.tokens_per_s / base_row.tokens_per_s
     if emb is not None and base_emb is not None and emb.shape == base_emb.shape:
+        if emb.ndim == 2 and emb.shape[1] == 1:  # one score per input: the scores as one vector, centred
+            a, b = emb.double().flatten(), base_emb.double().flatten()
+            a, b = a - a.mean(), b - b.mean()
+            denom = float(a.norm() * b.norm())
+            row.min_cos = float(a @ b) / denom if denom > 0 else None
+            return
         cos = torch.nn.functional.cosine_similarity(emb.float(), base_emb.float(), dim=-1)
         row.min_cos = float(cos.min())
 

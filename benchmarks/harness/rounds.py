@@ -100,6 +100,7 @@ class RoundsRun:
         self.rounds, self.seed, self.warmup_tokens, self.matmul_n = rounds, seed, warmup_tokens, matmul_n
         self.reference = reference
         self.log, self.clock = log, clock  # the clock times the contenders (a test's fake one: exact ratios)
+        self.after_round: Callable[[str, int], None] | None = None
         self.cells: dict[str, dict[str, Cell]] = {role: {} for role in corpora}
         self.peaks: dict[str, dict[str, list[float]]] = {role: {"fp32": [], "bf16": []} for role in corpora}
         self.loads: dict[str, list[float | None]] = {role: [] for role in corpora}
@@ -166,11 +167,13 @@ class RoundsRun:
             if not c.error and c.runs_on(role):
                 active.append(c)
         warm = corpus.head(self.warmup_tokens)
+        warm_out = {}
         for c in active:  # warm-up: first-call set-up, the corpus's kind of shapes
             try:
-                self._encode(c, warm)
+                warm_out[c.key] = self._encode(c, warm)[1]
             except Exception as e:
                 cells[c.key].error = f"warm-up: {type(e).__name__}: {e}".strip()[:500]
+        self.check_warmup(role, warm_out)
         rng = np.random.default_rng(self.seed + 7919 * list(self.corpora).index(role))
         for r in range(self.rounds):
             self.loads[role].append(load_average())
@@ -191,7 +194,13 @@ class RoundsRun:
             line = ", ".join(f"{c.key} {corpus.num_tokens / cells[c.key].times[-1]:.0f}" for c in order
                              if len(cells[c.key].times) == r + 1)
             self.log(f"  {role} round {r + 1}/{self.rounds} (load {self.loads[role][-1]}): tokens/s {line}")
+            if self.after_round is not None:  # e.g. save the record: a run cut short keeps its rounds
+                self.after_round(role, r)
         self._compare(role)
+
+    def check_warmup(self, role: str, outputs: dict[str, torch.Tensor]) -> None:
+        """Before the rounds: the contenders' warm-up outputs (a subclass may refuse to time one
+        that disagrees, by setting its cell's error)."""
 
     def _round_ratios(self, role: str, r: int) -> None:
         """Ratios of round r, from the times of that round only."""

@@ -100,8 +100,12 @@ class RoundsResults:
         return "\n".join(lines)
 
     def contender_table(self, summaries: Sequence[dict[str, Any]]) -> str:
-        head = ["corpus", "contender", "dtype", "tokens/s", "docs/s", "x transformers fp32",
-                "x best runtime, same dtype", "model TFLOP/s", "MFU (matmul)", "min cos", "max abs (fp32)", "note"]
+        ref = self.run.reference.rsplit("-", 1)
+        parity = getattr(self.run, "parity", None)  # scores are compared with another contender than ratios are
+        head = ["corpus", "contender", "dtype", "tokens/s", "pairs/s" if parity else "docs/s", "x " + " ".join(ref),
+                "x best runtime, same dtype", "model TFLOP/s", "MFU (matmul)",
+                f"cos (centred) vs {parity}" if parity else "min cos",
+                f"max abs vs {parity}" if parity else "max abs (fp32)", "note"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in summaries:
             if s["error"]:
@@ -119,7 +123,7 @@ class RoundsResults:
                 "-" if s["contender"] == self.run.reference else _ratio(s["vs_reference"]), vs_runtime,
                 "-" if s["model_tflops"] is None else f"{s['model_tflops']:.3g}", fmt_pct(s["mfu"]),
                 "-" if s["min_cos"] is None else f"{s['min_cos']:.6f}",
-                "-" if s["max_abs"] is None or s["dtype"] != "fp32" else f"{s['max_abs']:.2e}",
+                "-" if s["max_abs"] is None or (s["dtype"] != "fp32" and not parity) else f"{s['max_abs']:.2e}",
                 note.replace("|", "/").replace("\n", " "),
             ]
             lines.append("| " + " | ".join(cells) + " |")
