@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .api import progress_bar
-from .loaded import FrontEnd, LoadedModel
+from .loaded import FrontEnd, LoadedModel, check_top_k, ranked
 from .options import EncodeOptions
 from .weights import CLASSIFIER
 
@@ -178,17 +178,11 @@ class CrossEncoder(FrontEnd):
         for i, d in enumerate(documents):
             if not isinstance(d, str):
                 raise TypeError(f"document {i} is {'None' if d is None else 'a ' + type(d).__name__}, not a string")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        check_top_k(top_k)
         scores = self.predict([(query, d) for d in documents], batch_size=batch_size,
                               show_progress_bar=show_progress_bar, activation_fn=activation_fn,
                               convert_to_tensor=True, max_batch_tokens=max_batch_tokens).tolist()
-        results = [{"corpus_id": i, "score": s} for i, s in enumerate(scores)]
-        if return_documents:
-            for r in results:
-                r["text"] = documents[r["corpus_id"]]
-        results.sort(key=lambda r: r["score"], reverse=True)  # stable: ties keep input order
-        return results[:top_k]
+        return ranked(scores, documents, top_k, return_documents)
 
     def __repr__(self) -> str:
         return (f"CrossEncoder({self.loaded.name!r}, num_labels={self.num_labels}, pooling={self.classifier_pooling!r}, "

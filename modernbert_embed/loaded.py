@@ -272,6 +272,22 @@ class FrontEnd:
         self.loaded.tokenize_chunk = value
 
 
+def check_top_k(top_k) -> None:
+    """`rank`'s `top_k`: None (every document) or an int >= 1, else a ValueError naming it."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+
+
+def ranked(scores: Sequence[float], documents: Sequence[str], top_k: int | None, return_documents: bool) -> list[dict]:
+    """`rank`'s answer, as sentence-transformers gives it: `{"corpus_id", "score"(, "text")}` per
+    document, best first (a stable sort: ties keep the input order), the first `top_k`."""
+    results = [{"corpus_id": i, "score": s} for i, s in enumerate(scores)]
+    if return_documents:
+        for r in results:
+            r["text"] = documents[r["corpus_id"]]
+    results.sort(key=lambda r: r["score"], reverse=True)
+    return results[:top_k]
+
 def require(checkpoint: Checkpoint, kind: str) -> None:
     """Refuse a folder that is not of `kind` (EMBEDDER, CLASSIFIER or MULTIVECTOR), naming the class
     to use."""

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .api import progress_bar
-from .loaded import FrontEnd, LoadedModel
+from .loaded import FrontEnd, LoadedModel, check_top_k, ranked
 from .options import EncodeOptions
 from .tokenizer import check_texts
 from .weights import MULTIVECTOR, CheckpointError, MultiVectorSpec
@@ -198,18 +198,12 @@ class MultiVectorEncoder(FrontEnd):
         if isinstance(documents, str):
             raise TypeError("documents must be a list of strings, not one string")
         documents = check_texts(documents)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        check_top_k(top_k)
         kw = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, convert_to_tensor=True)
         q = self.encode_query([query], **kw)
         d = self.encode_document(documents, show_progress_bar=show_progress_bar, **kw) if documents else []
         scores = maxsim(q, d)[0].tolist() if documents else []
-        results = [{"corpus_id": i, "score": s} for i, s in enumerate(scores)]
-        if return_documents:
-            for r in results:
-                r["text"] = documents[r["corpus_id"]]
-        results.sort(key=lambda r: r["score"], reverse=True)  # stable: ties keep input order
-        return results[:top_k]
+        return ranked(scores, documents, top_k, return_documents)
 
     def __repr__(self) -> str:
         s = self.spec
