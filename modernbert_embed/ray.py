@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -152,30 +152,13 @@ class RayEmbedder:
         return self.embedder.encode(texts, **self.options)
 
     def __call__(self, batch):
-        pa = _import("pyarrow")
-        if isinstance(batch, pa.Table):
-            if self.text_column not in batch.column_names:
-                raise KeyError(f"no column {self.text_column!r} in the batch (columns: {batch.column_names})")
-            emb = self.embed(batch.column(self.text_column).to_pylist())
-            column = fixed_size_list(emb)
-            if not self.keep_columns:
-                return pa.table({self.output_column: column})
-            if self.output_column in batch.column_names:
-                batch = batch.drop_columns([self.output_column])
-            return batch.append_column(self.output_column, column)
-        if isinstance(batch, dict):
-            if self.text_column not in batch:
-                raise KeyError(f"no column {self.text_column!r} in the batch (columns: {list(batch)})")
-            emb = self.embed(np.asarray(batch[self.text_column]).tolist())
-            out = dict(batch) if self.keep_columns else {}
-            out[self.output_column] = emb
-            return out
-        if hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas.DataFrame
-            emb = self.embed(batch[self.text_column].tolist())
-            out = batch.copy() if self.keep_columns else batch.iloc[:, :0].copy()
-            out[self.output_column] = list(emb)
-            return out
-        raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
+        return map_batch(batch, self.keep_columns, self._outputs)
+
+    def _outputs(self, get, fmt: str) -> dict:
+        emb = self.embed(get(self.text_column))
+        if fmt == "arrow":
+            return {self.output_column: fixed_size_list(emb)}
+        return {self.output_column: list(emb) if fmt == "pandas" else emb}
 
 
 def _model_free(options: dict) -> EncodeOptions:
@@ -247,36 +230,17 @@ class RayScorer:
             logits, _ = m.through_model(len(texts), tokenize, compute, self.scoring.num_labels, what="logits")
         return self.scoring.scores(logits), self.scoring.labels(logits)
 
-    def _columns(self, get, names) -> tuple[np.ndarray, np.ndarray]:
-        for c in [self.text_column] + ([self.text_pair_column] if self.text_pair_column else []):
-            if c not in names:
-                raise KeyError(f"no column {c!r} in the batch (columns: {list(names)})")
-        return self.score(get(self.text_column), get(self.text_pair_column) if self.text_pair_column else None)
-
     def __call__(self, batch):
-        pa = _import("pyarrow")
-        if isinstance(batch, pa.Table):
-            scores, labels = self._columns(lambda c: batch.column(c).to_pylist(), batch.column_names)
-            cols = {self.output_column: pa.array(scores) if scores.ndim == 1 else fixed_size_list(scores),
+        return map_batch(batch, self.keep_columns, self._outputs)
+
+    def _outputs(self, get, fmt: str) -> dict:
+        scores, labels = self.score(get(self.text_column), get(self.text_pair_column) if self.text_pair_column else None)
+        if fmt == "arrow":
+            pa = _import("pyarrow")
+            return {self.output_column: pa.array(scores) if scores.ndim == 1 else fixed_size_list(scores),
                     self.label_column: pa.array(labels, type=pa.int32())}
-            if not self.keep_columns:
-                return pa.table(cols)
-            batch = batch.drop_columns([c for c in cols if c in batch.column_names])
-            for name, column in cols.items():
-                batch = batch.append_column(name, column)
-            return batch
-        if isinstance(batch, dict):
-            scores, labels = self._columns(lambda c: np.asarray(batch[c]).tolist(), list(batch))
-            out = dict(batch) if self.keep_columns else {}
-            out[self.output_column], out[self.label_column] = scores, labels
-            return out
-        if hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas.DataFrame
-            scores, labels = self._columns(lambda c: batch[c].tolist(), list(batch.columns))
-            out = batch.copy() if self.keep_columns else batch.iloc[:, :0].copy()
-            out[self.output_column] = list(scores) if scores.ndim == 2 else scores
-            out[self.label_column] = labels
-            return out
-        raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
+        return {self.output_column: list(scores) if fmt == "pandas" and scores.ndim == 2 else scores,
+                self.label_column: labels}
 
 
 class RayMultiVectorEncoder:
@@ -324,31 +288,54 @@ class RayMultiVectorEncoder:
         return np.concatenate(docs).astype(self.dtype, copy=False), offsets
 
     def __call__(self, batch):
-        pa = _import("pyarrow")
-        if isinstance(batch, pa.Table):
-            if self.text_column not in batch.column_names:
-                raise KeyError(f"no column {self.text_column!r} in the batch (columns: {batch.column_names})")
-            vectors, offsets = self.encode(batch.column(self.text_column).to_pylist())
-            column = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), fixed_size_list(vectors))
-            if not self.keep_columns:
-                return pa.table({self.output_column: column})
-            if self.output_column in batch.column_names:
-                batch = batch.drop_columns([self.output_column])
-            return batch.append_column(self.output_column, column)
-        if isinstance(batch, dict):
-            if self.text_column not in batch:
-                raise KeyError(f"no column {self.text_column!r} in the batch (columns: {list(batch)})")
-            vectors, offsets = self.encode(np.asarray(batch[self.text_column]).tolist())
-            out = dict(batch) if self.keep_columns else {}
-            out[self.output_column] = _split(vectors, offsets)
-            return out
-        if hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas.DataFrame
-            vectors, offsets = self.encode(batch[self.text_column].tolist())
-            out = batch.copy() if self.keep_columns else batch.iloc[:, :0].copy()
-            out[self.output_column] = list(_split(vectors, offsets))
-            return out
+        return map_batch(batch, self.keep_columns, self._outputs)
+
+    def _outputs(self, get, fmt: str) -> dict:
+        vectors, offsets = self.encode(get(self.text_column))
+        if fmt == "arrow":
+            pa = _import("pyarrow")
+            return {self.output_column: pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                                                 fixed_size_list(vectors))}
+        rows = _split(vectors, offsets)
+        return {self.output_column: list(rows) if fmt == "pandas" else rows}
+
+
+def map_batch(batch, keep_columns: bool, outputs: Callable[[Callable[[str], list], str], dict]):
+    """One `map_batches` call for every Ray class here, whatever the batch format: `outputs(get,
+    fmt)` reads input columns with `get(name)` (a list; a KeyError names a missing column) and
+    returns the new columns for `fmt` ("arrow", "dict" or "pandas"); they replace columns of the
+    same name, and stand alone unless `keep_columns`."""
+    pa = _import("pyarrow")
+    if isinstance(batch, pa.Table):
+        fmt, names = "arrow", batch.column_names
+        read = lambda c: batch.column(c).to_pylist()  # noqa: E731
+    elif isinstance(batch, dict):
+        fmt, names = "dict", list(batch)
+        read = lambda c: np.asarray(batch[c]).tolist()  # noqa: E731
+    elif hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas.DataFrame
+        fmt, names = "pandas", list(batch.columns)
+        read = lambda c: batch[c].tolist()  # noqa: E731
+    else:
         raise TypeError(f"unsupported batch type {type(batch).__name__}; use batch_format='pyarrow'")
 
+    def get(column: str) -> list:
+        if column not in names:
+            raise KeyError(f"no column {column!r} in the batch (columns: {list(names)})")
+        return read(column)
+
+    cols = outputs(get, fmt)
+    if fmt == "arrow":
+        if not keep_columns:
+            return pa.table(cols)
+        batch = batch.drop_columns([c for c in cols if c in names])
+        for name, column in cols.items():
+            batch = batch.append_column(name, column)
+        return batch
+    out = (dict(batch) if fmt == "dict" else batch.copy()) if keep_columns else \
+        ({} if fmt == "dict" else batch.iloc[:, :0].copy())
+    for name, column in cols.items():
+        out[name] = column
+    return out
 
 def _split(vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """One [n_i, dim] array per row, as a 1-D object array."""

@@ -70,38 +70,34 @@ def tokens_in_flight(url) -> float:
     return float(re.search(r"^modernbert_embed_tokens_in_flight (\S+)$", httpx.get(url + "/metrics").text, re.M)[1])
 
 
-@pytest.mark.slow
-def test_sigterm_under_load_drains_and_exits_0(ckpt):
-    from modernbert_embed import Embedder
+def sigterm_under_load(proc, url: str, requests: dict, min_tokens: int):
+    """Clients post `requests[c]` = (route, body) in a loop; once `min_tokens` tokens are in
+    flight (requests admitted), SIGTERM, with /ready polled through the drain. Returns (log,
+    sigterm, exited, rc, ready_after); a log row is (client, sent, answered, status or the
+    exception's name, body)."""
+    log: list[tuple] = []
+    stop = threading.Event()
 
-    proc, lines = start(ckpt, "--drain-timeout", DRAIN_TIMEOUT, "--max-batch-tokens", 4096)
+    def client(c):
+        route, payload = requests[c]
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = http.post(route, json=payload)
+                    log.append((c, sent, time.monotonic(), r.status_code, r.json()))
+                    if r.status_code == 503:
+                        time.sleep(0.05)
+                except httpx.TransportError as e:  # after the drain the port is closed
+                    log.append((c, sent, time.monotonic(), type(e).__name__, None))
+                    return
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in requests]
+    for t in threads:
+        t.start()
     try:
-        url = wait_url(proc, lines)
-        wait_ready(url)
-        assert httpx.get(url + "/health").json() == {"status": "ok"}
-        rng = np.random.default_rng(0)
-        texts = {c: [" ".join(rng.choice(WORDS, 120)) for _ in range(8)] for c in range(6)}
-        log: list[tuple] = []  # (client, sent, answered, status or exception name, body)
-        stop = threading.Event()
-
-        def client(c):
-            with httpx.Client(base_url=url, timeout=60) as http:
-                while not stop.is_set():
-                    sent = time.monotonic()
-                    try:
-                        r = http.post("/embed", json={"inputs": texts[c]})
-                        log.append((c, sent, time.monotonic(), r.status_code, r.json()))
-                        if r.status_code == 503:
-                            time.sleep(0.05)
-                    except httpx.TransportError as e:  # after the drain the port is closed
-                        log.append((c, sent, time.monotonic(), type(e).__name__, None))
-                        return
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(6)]
-        for t in threads:
-            t.start()
         deadline = time.monotonic() + 60
-        while tokens_in_flight(url) < 2 * 8 * 120:  # at least two requests admitted
+        while tokens_in_flight(url) < min_tokens:
             assert time.monotonic() < deadline, "the load never built up"
             time.sleep(0.02)
         sigterm = time.monotonic()
@@ -115,17 +111,40 @@ def test_sigterm_under_load_drains_and_exits_0(ckpt):
             time.sleep(0.02)
         rc = proc.wait(timeout=DRAIN_TIMEOUT + 10)
         exited = time.monotonic()
+    finally:
         stop.set()
         for t in threads:
             t.join(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    return log, sigterm, exited, rc, ready_after
+
+
+def assert_drained(lines, rc, sigterm, exited, ready_after) -> None:
+    """The process exited 0 within the drain timeout, /ready said 503 (never 200) while it
+    drained, and nothing crashed."""
     out = "".join(lines)
     assert rc == 0, out
     assert exited - sigterm <= DRAIN_TIMEOUT + 1, f"took {exited - sigterm:.1f} s to exit"
     assert 503 in ready_after and 200 not in ready_after, ready_after
     assert "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_drains_and_exits_0(ckpt):
+    from modernbert_embed import Embedder
+
+    proc, lines = start(ckpt, "--drain-timeout", DRAIN_TIMEOUT, "--max-batch-tokens", 4096)
+    try:
+        url = wait_url(proc, lines)
+        wait_ready(url)
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        rng = np.random.default_rng(0)
+        texts = {c: [" ".join(rng.choice(WORDS, 120)) for _ in range(8)] for c in range(6)}
+        log, sigterm, exited, rc, ready_after = sigterm_under_load(
+            proc, url, {c: ("/embed", {"inputs": texts[c]}) for c in texts}, min_tokens=2 * 8 * 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_drained(lines, rc, sigterm, exited, ready_after)
 
     model = Embedder.from_pretrained(ckpt, device="cpu")
     want = {c: model.encode(texts[c]) for c in texts}
@@ -171,8 +190,6 @@ def test_sigterm_drains_an_embedder_and_a_reranker_served_together(ckpt, reranke
         query = {c: " ".join(rng.choice(WORDS, 20)) for c in range(8)}
         docs = {c: [" ".join(rng.choice(WORDS, 100)) for _ in range(8)] for c in range(8)}
         routes = ["/rerank", "/v1/rerank", "/predict", "/embed"]
-        log: list[tuple] = []  # (client, sent, answered, status or exception name, body)
-        stop = threading.Event()
 
         def body(c):
             route = routes[c % 4]
@@ -184,49 +201,12 @@ def test_sigterm_drains_an_embedder_and_a_reranker_served_together(ckpt, reranke
                 return route, {"inputs": [[query[c], d] for d in docs[c]]}
             return route, {"inputs": docs[c]}
 
-        def client(c):
-            route, payload = body(c)
-            with httpx.Client(base_url=url, timeout=60) as http:
-                while not stop.is_set():
-                    sent = time.monotonic()
-                    try:
-                        r = http.post(route, json=payload)
-                        log.append((c, sent, time.monotonic(), r.status_code, r.json()))
-                        if r.status_code == 503:
-                            time.sleep(0.05)
-                    except httpx.TransportError as e:  # after the drain the port is closed
-                        log.append((c, sent, time.monotonic(), type(e).__name__, None))
-                        return
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while tokens_in_flight(url) < 2 * 8 * 100:  # at least two requests admitted
-            assert time.monotonic() < deadline, "the load never built up"
-            time.sleep(0.02)
-        sigterm = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        ready_after = []
-        while proc.poll() is None and time.monotonic() - sigterm < DRAIN_TIMEOUT + 5:
-            try:
-                ready_after.append(httpx.get(url + "/ready", timeout=5).status_code)
-            except httpx.TransportError:
-                break
-            time.sleep(0.02)
-        rc = proc.wait(timeout=DRAIN_TIMEOUT + 10)
-        exited = time.monotonic()
-        stop.set()
-        for t in threads:
-            t.join(30)
+        log, sigterm, exited, rc, ready_after = sigterm_under_load(
+            proc, url, {c: body(c) for c in range(8)}, min_tokens=2 * 8 * 100)
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = "".join(lines)
-    assert rc == 0, out
-    assert exited - sigterm <= DRAIN_TIMEOUT + 1, f"took {exited - sigterm:.1f} s to exit"
-    assert 503 in ready_after and 200 not in ready_after, ready_after
-    assert "Traceback" not in out, out
+    assert_drained(lines, rc, sigterm, exited, ready_after)
 
     rr, emb = CrossEncoder.from_pretrained(reranker, device="cpu"), Embedder.from_pretrained(ckpt, device="cpu")
     answered = {route: 0 for route in routes}
