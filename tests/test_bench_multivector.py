@@ -6,33 +6,13 @@ environment), plus the GPU rows' logic on the CPU."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-BENCH = ROOT / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield lambda name: importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-@pytest.fixture
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from test_benchmarks import BENCH, bench, one_thread  # noqa: F401  (the benchmarks folder on sys.path, one thread)
 
 
 @pytest.fixture(scope="module")
