@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,8 +66,11 @@ def test_budgets_fit_in_eight_minutes(dc):
 def test_make_runs_the_driver(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("no make")
-    dry = subprocess.run(["make", "-n", "device-check", "DRY_RUN=1"], cwd=ROOT, capture_output=True, text=True)
-    real = subprocess.run(["make", "-n", "device-check"], cwd=ROOT, capture_output=True, text=True)
+    # run under `make test`, the parent's MAKEFLAGS (print-directory, -j, ...) would leak into these makes
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    cmd = ["make", "--no-print-directory", "-n", "device-check"]
+    dry = subprocess.run([*cmd, "DRY_RUN=1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    real = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert dry.returncode == 0 and real.returncode == 0, dry.stderr + real.stderr
     assert re.search(r"-P benchmarks/device_check\.py --dry-run\s*$", dry.stdout.strip()), dry.stdout
     assert "--dry-run" not in real.stdout and "benchmarks/device_check.py" in real.stdout
