@@ -31,7 +31,7 @@ import torch
 from .batching import Batch, pack, plan_batches, upload
 from .heads import ClassifierHead, ProjectionHead
 from .model import ModernBert
-from .devices import default_max_batch_tokens, resolve_device, resolve_dtype
+from .devices import default_max_batch_tokens, keep_cpu_heap, resolve_device, resolve_dtype
 from .ops import Ops, select_ops, self_check
 from .weights import CLASSIFIER_PREFIXES, Checkpoint, load_state_dict
 
@@ -81,6 +81,7 @@ class Engine:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if device.type == "cpu":
+            keep_cpu_heap()
             # On a thread that ends with the load: torch's OpenMP (libgomp) keeps a team of helper
             # threads for every thread that ran a parallel op, and once there are more helpers than
             # cores it lets them spin only briefly, so every op of a forward wakes its helper again.
