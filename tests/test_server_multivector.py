@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (the test ex
 from multivector_data import DOCUMENTS, QUERIES, write_variants  # noqa: E402
 from modernbert_embed import CrossEncoder, Embedder, MultiVectorEncoder  # noqa: E402
 from test_server import _post, running, wait_for  # noqa: E402
-from test_server_rerank import MSL, _write  # noqa: E402
+from test_server_rerank import _write  # noqa: E402
 from helpers import REAL_VOCAB  # noqa: E402
 from modernbert_embed.weights import classifier_config  # noqa: E402
 
