@@ -86,10 +86,11 @@ TORCH_OPS = Ops(
     geglu=ops_torch.geglu,
     pool=ops_torch.pool,
 )
-# The CPU's: torch's ops with the rotary of the pairs layout, and oneDNN's GEMMs on packed weights
+# The CPU's: torch's ops with the rotary of the pairs layout, bfloat16 attention of short sequences
+# through GEMMs (`ops_torch.cpu_attention`), and oneDNN's GEMMs on packed weights
 # (BLAS on column-major weights where oneDNN cannot take the dtype: `ops_torch.cpu_pack`).
-CPU_OPS = replace(TORCH_OPS, rotary=ops_torch.rotary_pairs, rotary_pairs=True, pack_linear=ops_torch.cpu_pack,
-                  linear=ops_torch.cpu_linear, geglu_linear=ops_torch.cpu_geglu_linear)
+CPU_OPS = replace(TORCH_OPS, rotary=ops_torch.rotary_pairs, rotary_pairs=True, attention=ops_torch.cpu_attention,
+                  pack_linear=ops_torch.cpu_pack, linear=ops_torch.cpu_linear, geglu_linear=ops_torch.cpu_geglu_linear)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -155,7 +156,7 @@ def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto")
     if attention == "auto":
         return ops
     if attention == "torch":
-        attn = ops_torch.attention
+        attn = CPU_OPS.attention if cc is None else ops_torch.attention
     elif attention in ("triton", "triton-rope"):  # triton-rope: the same kernel, given the tables
         from .kernels.attention import attention as attn
     elif attention == "torch-varlen":

@@ -23,6 +23,38 @@ def test_attention_paths_match_dense(w):
     assert diff.max() <= 1e-5, f"max diff {diff.max():.3g} at token {int(diff.max(1).values.argmax())}"
 
 
+@pytest.mark.parametrize("w", [None, 1, 5, 16])
+def test_cpu_attention_in_bf16_errs_as_sdpa_does(w, monkeypatch):
+    # The CPU's bf16 attention through two GEMMs (`_attention_gemms`, up to `gemms_upto` tokens)
+    # against a float64 reference: float32 scores and softmax keep its error near SDPA's (the
+    # probabilities, rounded to bf16 once normalised, add 20-30% on the mean); scores rounded to
+    # bf16 would be 2.3-3.6x SDPA's mean error and fail here. Lengths on every path: full
+    # (<= w + 1), band mask (<= 3w), blocks (> 3w, SDPA either way), and past `gemms_upto` (SDPA).
+    lengths = [1, 2, 6, 7, 15, 16, 17, 48, 49, 64, 97, 130]
+    g = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(sum(lengths), 3, 4, 64, generator=g) * 1.5).bfloat16()
+    batch = batch_of(lengths, "cpu")
+    want = dense_attention(qkv, lengths, w, 0.125)
+    monkeypatch.setattr(ops_torch, "CPU_GEMM_ATTENTION_MAX", 100)
+    got = ops_torch.cpu_attention(qkv, batch, w, 0.125)
+    sdpa = ops_torch.attention(qkv, batch, w, 0.125)
+    assert not torch.equal(got, sdpa)  # the GEMM path ran
+    err, err_sdpa = (got.double() - want).abs(), (sdpa.double() - want).abs()
+    start = 0
+    for n in lengths:  # per sequence: the mean error within 1.5x SDPA's
+        e, es = err[start:start + n], err_sdpa[start:start + n]
+        assert e.mean() <= 1.5 * es.mean() + 1e-5, (n, e.mean(), es.mean())
+        start += n
+    assert err.max() <= 2 * err_sdpa.max(), (err.max(), err_sdpa.max())
+
+
+def test_cpu_attention_in_float32_is_attention():
+    lengths = [3, 60, 130]
+    qkv = torch.randn(sum(lengths), 3, 2, 16, generator=torch.Generator().manual_seed(6))
+    batch = batch_of(lengths, "cpu")
+    assert torch.equal(ops_torch.cpu_attention(qkv, batch, 16, 0.25), ops_torch.attention(qkv, batch, 16, 0.25))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_rotary_pairs_is_rotary_on_reordered_features(dtype, head_dim):
