@@ -156,7 +156,7 @@ def ops_for_arch(cc: int | None, backend: str = "auto", attention: str = "auto")
     if attention == "auto":
         return ops
     if attention == "torch":
-        attn = CPU_OPS.attention if cc is None else ops_torch.attention
+        attn = ops_torch.attention
     elif attention in ("triton", "triton-rope"):  # triton-rope: the same kernel, given the tables
         from .kernels.attention import attention as attn
     elif attention == "torch-varlen":
