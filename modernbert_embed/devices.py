@@ -108,9 +108,10 @@ def keep_cpu_heap() -> str:
     its (adaptive) mmap threshold with fresh mmaps and gives the heap's free top back to the system
     past its trim threshold, so the same memory is faulted in again, page by page and zeroed, on
     every op: 500k page faults per 10k-token forward of the base model in float32, 13% of its CPU
-    time (2-core AMD EPYC). Fixing the mmap threshold at its maximum (32 MiB) and keeping up to
-    512 MiB free at the heap's top removes them (the process keeps its peak heap instead of
-    returning it between forwards). Nothing is changed where it cannot apply or was chosen already:
+    time (2-core AMD EPYC). Fixing the mmap threshold at its maximum (32 MiB), keeping up to
+    512 MiB free at the heap's top and a top pad of 64 MiB (without it a thread's arena, the
+    server's worker, still unmapped its emptied heaps) removes them: the process keeps its peak
+    heap instead of returning it between forwards. Nothing is changed where it cannot apply or was chosen already:
     not glibc, its thresholds set in the environment (`MALLOC_MMAP_THRESHOLD_`, ...,
     `GLIBC_TUNABLES`), another allocator preloaded, or
     MODERNBERT_EMBED_KEEP_HEAP=0."""
@@ -142,7 +143,8 @@ def _keep_heap() -> str:
     if not all(mallopt(param, value) == 1 for param, value in (
             (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))):
         return "left as it is (mallopt refused)"
-    return f"glibc keeps freed memory (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 20} MiB)"
+    return (f"glibc keeps freed memory (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 20} MiB, "
+            f"top pad {TOP_PAD >> 20} MiB)")
 
 
 __all__ = ["resolve_device", "resolve_dtype", "arch", "gpu_name", "gpu_dtypes", "default_max_batch_tokens",
