@@ -39,10 +39,10 @@ given the token ids in length-sorted padded batches of 32 (no tokenisation in th
 any round, every contender's logits on the warm-up pairs are checked against ours fp32 (fp32: max
 |diff| <= 1e-3; bf16: centred cosine >= 0.99); one that disagrees is a row that says so and is
 not timed. The table's parity columns compare round 1's logits on the whole workload with ours
-fp32. Time: the default workloads hold 34k and 168k tokens; at this host's rates (330-1,400
-tokens/s per contender, about 11 ms per token for one pass of all six) a round of both takes
-about 38 minutes, so five rounds take three hours: `--rerank-docs`, `--rerank-queries` scale them
-down (the length distribution kept), and the table names the shapes run.
+fp32. Time: the default workloads hold 34k and 168k tokens; a round of both took about 30
+minutes on the 2-core AMD EPYC of RESULTS.md (6 minutes for one query x 200, 24 for 64 x 16, all
+six contenders), so five rounds take two and a half hours: `--rerank-docs`, `--rerank-queries`
+scale them down (the length distribution kept), and the table names the shapes run.
 
 Time: with 32 mixed documents, 4 x 512, 1 x 4096 and 1 x 8192 tokens, 5 rounds, the run took 66
 minutes on a 2-core AMD EPYC shared with other work (1-minute load average 2-4.5 throughout);
