@@ -58,8 +58,10 @@ def test_a_warm_forward_does_not_fault_its_memory_in_again(tmp_path):
         pytest.skip(f"the allocator was {kept['state']}")
     left = _faults(tmp_path, MODERNBERT_EMBED_KEEP_HEAP="0")
     assert left["state"].startswith("left as it is"), left
-    # glibc's own behaviour: the same forwards fault thousands of pages in, every time
-    assert left["main thread"] > 2000, left
+    # glibc's own behaviour: the same forwards fault thousands of pages in, every time (unless the
+    # kernel backs fresh memory with huge pages, which leaves little to compare)
+    if left["main thread"] < 500:
+        pytest.skip(f"left alone, glibc's forwards faulted only {left['main thread']:.0f} pages in here")
     for where in ("main thread", "another thread"):
         assert kept[where] < left["main thread"] / 5, (kept, left)
 
