@@ -111,9 +111,9 @@ def keep_cpu_heap() -> str:
     time (2-core AMD EPYC). Fixing the mmap threshold at its maximum (32 MiB), keeping up to
     512 MiB free at the heap's top and a top pad of 64 MiB (without it a thread's arena, the
     server's worker, still unmapped its emptied heaps) removes them: the process keeps up to
-    512 MiB of freed heap instead of returning it between forwards. Nothing is changed where it cannot apply or was chosen already:
-    not glibc, its thresholds set in the environment (`MALLOC_MMAP_THRESHOLD_`, ...,
-    `GLIBC_TUNABLES`), another allocator preloaded, or
+    512 MiB of freed heap instead of returning it between forwards. Nothing is changed where it
+    cannot apply or was chosen already: not glibc, its thresholds set in the environment
+    (`MALLOC_MMAP_THRESHOLD_`, ..., `GLIBC_TUNABLES`), another allocator preloaded, or
     MODERNBERT_EMBED_KEEP_HEAP=0."""
     with _heap_lock:
         if not _heap_state:
