@@ -12,9 +12,9 @@ Which op implementations run there is the dispatch's (`ops.py`), which exports t
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
-import threading
 
 import torch
 
@@ -97,10 +97,9 @@ MMAP_THRESHOLD = 32 << 20  # the largest glibc takes: blocks up to it come from 
 TRIM_THRESHOLD = 512 << 20  # free memory kept at the heap's top before it goes back to the system
 TOP_PAD = 64 << 20  # slack kept by each heap (a thread's arena gives back no heap while within it)
 KEEP_HEAP_ENV = "MODERNBERT_EMBED_KEEP_HEAP"  # "0": leave the allocator as it is
-_heap_lock = threading.Lock()
-_heap_state: list[str] = []  # what keep_cpu_heap did, once decided
 
 
+@functools.cache  # once per process (two threads racing here would set the same values twice)
 def keep_cpu_heap() -> str:
     """Have glibc's malloc keep freed memory for reuse, once per process; returns what was done.
 
@@ -115,13 +114,6 @@ def keep_cpu_heap() -> str:
     cannot apply or was chosen already: not glibc, its thresholds set in the environment
     (`MALLOC_MMAP_THRESHOLD_`, ..., `GLIBC_TUNABLES`), another allocator preloaded, or
     MODERNBERT_EMBED_KEEP_HEAP=0."""
-    with _heap_lock:
-        if not _heap_state:
-            _heap_state.append(_keep_heap())
-        return _heap_state[0]
-
-
-def _keep_heap() -> str:
     if os.environ.get(KEEP_HEAP_ENV, "1").strip() == "0":
         return f"left as it is ({KEEP_HEAP_ENV}=0)"
     if not sys.platform.startswith("linux"):
