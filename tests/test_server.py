@@ -119,44 +119,52 @@ def live(embedder):
 
 
 class Spy:
-    """Stands in front of the engine: records each `embed` call's inputs, and waits at `gate`
-    (open by default) so that a test can hold the worker still while requests queue."""
+    """Stands in front of an engine: records the inputs of each call of its `method` (`embed`,
+    `score` or `tokens`: `record(ids, kwargs)`, the id lists by default), and waits at `gate` (open
+    by default) so that a test can hold the worker still while requests queue. `hold_request`
+    (route, body) is what `hold` sends; `fail(ids, out)`, where given, replaces the result."""
 
-    def __init__(self, engine, fail=None):
-        self.engine, self.fail = engine, fail
+    def __init__(self, engine, method="embed", hold_request=("/embed", {"inputs": "hold the worker"}), fail=None,
+                 record=lambda ids, kw: [list(s) for s in ids]):
+        self.engine, self.method, self.hold_request, self.fail, self.record = engine, method, hold_request, fail, record
         self.gate = threading.Event()
         self.gate.set()
-        self.calls: list[list[list[int]]] = []
+        self.calls: list = []
         self.entered = threading.Semaphore(0)
 
     def __getattr__(self, name):
-        return getattr(self.engine, name)
+        return self._gated if name == self.method else getattr(self.engine, name)
+
+    def _gated(self, ids, **kw):
+        self.calls.append(self.record(ids, kw))
+        self.entered.release()
+        assert self.gate.wait(60), "the gate was never opened"
+        out = getattr(self.engine, self.method)(ids, **kw)
+        return self.fail(ids, out) if self.fail else out
 
     async def hold(self, http):
         """Close the gate and send one request that the worker takes and holds there: what is
         sent next queues behind it. Returns that request's future (it ends once the gate opens)."""
         self.gate.clear()
-        first = asyncio.ensure_future(_post(http, "/embed", {"inputs": "hold the worker"}))
-        await asyncio.to_thread(self.entered.acquire)
+        first = asyncio.ensure_future(_post(http, *self.hold_request))
+        assert await asyncio.to_thread(self.entered.acquire, True, 30), "the held request never reached the engine"
         return first
-
-    def embed(self, ids, **kw):
-        self.calls.append([list(s) for s in ids])
-        self.entered.release()
-        assert self.gate.wait(60), "the gate was never opened"
-        out = self.engine.embed(ids, **kw)
-        return self.fail(ids, out) if self.fail else out
 
 
 @contextlib.contextmanager
-def spied(live, fail=None):
-    spy = Spy(live.state.batcher.engine, fail)
-    live.state.batcher.engine = spy
+def spy_on(batcher, **spy_options):
+    """A `Spy` in front of `batcher`'s engine for the block (its gate opened at the end)."""
+    spy = Spy(batcher.engine, **spy_options)
+    batcher.engine = spy
     try:
         yield spy
     finally:
         spy.gate.set()
-        live.state.batcher.engine = spy.engine
+        batcher.engine = spy.engine
+
+
+def spied(live, fail=None):
+    return spy_on(live.state.batcher, fail=fail)
 
 
 def wait_for(cond, what, timeout=30):

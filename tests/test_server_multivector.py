@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import threading
 
 import numpy as np
@@ -23,7 +22,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (the test ex
 
 from multivector_data import DOCUMENTS, QUERIES, write_variants  # noqa: E402
 from modernbert_embed import CrossEncoder, Embedder, MultiVectorEncoder  # noqa: E402
-from test_server import _post, running, wait_for  # noqa: E402
+from test_server import _post, running, spy_on, wait_for  # noqa: E402
 from test_server_rerank import _write  # noqa: E402
 from helpers import REAL_VOCAB  # noqa: E402
 from modernbert_embed.weights import classifier_config  # noqa: E402
@@ -75,45 +74,13 @@ def server_of(s, name):
     return s.state.by_name[name] if name in s.state.by_name else s.state.primary
 
 
-class TokenSpy:
-    """Stands in front of a multi-vector engine: records each `tokens` call's inputs and key
-    lengths, and waits at `gate` (open by default) so that a test can hold the worker still."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls: list[tuple[list, list | None]] = []
-        self.entered = threading.Semaphore(0)
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def tokens(self, ids, **kw):
-        keys = kw.get("key_lengths")
-        self.calls.append(([list(s) for s in ids], None if keys is None else list(keys)))
-        self.entered.release()
-        assert self.gate.wait(60), "the gate was never opened"
-        return self.engine.tokens(ids, **kw)
-
-    async def hold(self, http, model="col"):
-        self.gate.clear()
-        first = asyncio.ensure_future(_post(http, "/v1/embeddings", {"model": model, "input": "hold",
-                                                                     "input_type": "document"}))
-        assert await asyncio.to_thread(self.entered.acquire, True, 30), "the held request never reached the engine"
-        return first
-
-
-@contextlib.contextmanager
 def spied(s, name):
-    batcher = server_of(s, name).batcher
-    spy = TokenSpy(batcher.engine)
-    batcher.engine = spy
-    try:
-        yield spy
-    finally:
-        spy.gate.set()
-        batcher.engine = spy.engine
+    """A gate in front of the model `name`'s `tokens` (`test_server.Spy`), recording (ids, key
+    lengths) per call; `hold` asks for a document's vectors."""
+    return spy_on(server_of(s, name).batcher, method="tokens",
+                  hold_request=("/v1/embeddings", {"model": name, "input": "hold", "input_type": "document"}),
+                  record=lambda ids, kw: ([list(x) for x in ids],
+                                          None if kw.get("key_lengths") is None else list(kw["key_lengths"])))
 
 
 # ----------------------------------------------------------------------------- vectors

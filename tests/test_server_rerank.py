@@ -11,7 +11,6 @@ short texts)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 
 import numpy as np
@@ -24,7 +23,7 @@ from conftest import fixture_file  # noqa: E402
 from helpers import REAL_VOCAB  # noqa: E402
 from modernbert_embed import CrossEncoder, Embedder  # noqa: E402
 from modernbert_embed.weights import classifier_config, write_random_checkpoint  # noqa: E402
-from test_server import _post, make_texts, running, wait_for  # noqa: E402
+from test_server import _post, make_texts, running, spy_on, wait_for  # noqa: E402
 
 MSL = 64
 LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
@@ -70,43 +69,10 @@ def close(got, want, what=""):
                                rtol=1e-4, atol=1e-5, err_msg=what)
 
 
-class ScoreSpy:
-    """Stands in front of a classifier's engine: records each `score` call's inputs, and waits at
-    `gate` (open by default) so that a test can hold that model's worker still."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls: list[list[list[int]]] = []
-        self.entered = threading.Semaphore(0)
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def score(self, ids, **kw):
-        self.calls.append([list(s) for s in ids])
-        self.entered.release()
-        assert self.gate.wait(60), "the gate was never opened"
-        return self.engine.score(ids, **kw)
-
-    async def hold(self, http, model="rr"):
-        self.gate.clear()
-        first = asyncio.ensure_future(_post(http, "/rerank", {"model": model, "query": "hold", "texts": ["it"]}))
-        await asyncio.to_thread(self.entered.acquire)
-        return first
-
-
-@contextlib.contextmanager
 def spied(live, name):
-    batcher = served(live, name).batcher
-    spy = ScoreSpy(batcher.engine)
-    batcher.engine = spy
-    try:
-        yield spy
-    finally:
-        spy.gate.set()
-        batcher.engine = spy.engine
+    """A gate in front of the model `name`'s `score` (`test_server.Spy`); `hold` sends a rerank."""
+    return spy_on(served(live, name).batcher, method="score",
+                  hold_request=("/rerank", {"model": name, "query": "hold", "texts": ["it"]}))
 
 
 # ----------------------------------------------------------------------------- results
