@@ -269,26 +269,40 @@ def run_rerank(args, work: Path, threads: int, out: Path | None) -> tuple[rounds
     """The rerank rows: their own rounds, table and goals (the reference is sentence-transformers'
     CrossEncoder, parity is against ours fp32)."""
     folder, cfg, corpora, contenders = build_rerank(args, work, threads)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update({"threads": threads, "reference": RERANK_REFERENCE, "parity": RERANK_PARITY,
-                     "peer_batch": {role: RERANK_BATCH for role in corpora}, "ours_max_batch_tokens": "library default",
-                     "check_before_timing": {"fp32_max_abs": rerank.CHECK_FP32_MAX_ABS,
-                                             "other_min_centred_cos": rerank.CHECK_HALF_MIN_COS}})
+    settings = _settings(args, threads, reference=RERANK_REFERENCE, parity=RERANK_PARITY,
+                         peer_batch={role: RERANK_BATCH for role in corpora},
+                         check_before_timing={"fp32_max_abs": rerank.CHECK_FP32_MAX_ABS,
+                                              "other_min_centred_cos": rerank.CHECK_HALF_MIN_COS})
     run = rerank.ScoresRun(contenders, corpora, cfg, rounds=args.rounds, seed=args.seed,
                            warmup_tokens=256 if args.quick else 768, matmul_n=args.matmul_n,
                            reference=RERANK_REFERENCE, parity=RERANK_PARITY)
     results = rounds_report.RoundsResults("bench_cpu rerank", run, RERANK_GOALS, settings, out, args.markdown)
-    run.after_round = lambda role, r: results.save()  # the JSON after every round: a cut keeps what it measured
-    print(f"bench_cpu rerank: {h.machine_line(results.info)}; {threads} threads")
-    print("workloads: " + "; ".join(f"{c.name} {c.num_docs} pairs {c.num_tokens} tokens (median pair "
-                                    f"{c.summary()['median_len']:.0f})" for c in corpora.values()))
-    _export(folder, contenders, settings)
-    for role in corpora:
+    _run_rounds(results, folder, contenders, threads, "workloads: " + "; ".join(
+        f"{c.name} {c.num_docs} pairs {c.num_tokens} tokens (median pair {c.summary()['median_len']:.0f})"
+        for c in corpora.values()))
+    return results, _broken(run, contenders, corpora)
+
+
+def _settings(args, threads: int, **extra) -> dict:
+    """The run's settings as recorded: the arguments, the threads, ours' batch budget and `extra`."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {**settings, "threads": threads, "ours_max_batch_tokens": "library default", **extra}
+
+
+def _run_rounds(results: rounds_report.RoundsResults, folder: Path, contenders: list[Contender], threads: int,
+                corpora_line: str) -> None:
+    """Every corpus of `results.run`, round by round, the record saved after each round (a cut keeps
+    what it measured) and each corpus, the ONNX export first; the tables and goals printed last."""
+    run = results.run
+    run.after_round = lambda role, r: results.save()
+    print(f"{results.script}: {h.machine_line(results.info)}; {threads} threads")
+    print(corpora_line)
+    _export(folder, contenders, results.settings)
+    for role in run.corpora:
         run.run_corpus(role)
         results.save()
     print()
     print(results.finish())
-    return results, _broken(run, contenders, corpora)
 
 
 def _export(folder: Path, contenders: list[Contender], settings: dict) -> None:
@@ -334,22 +348,12 @@ def main(argv=None) -> int:
             cfg = ModernBertConfig.from_file(folder / "config.json")
             corpora = build_corpora(args, cfg)
             contenders = build_contenders(args, folder, Path(tmp), cfg, threads)
-            settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            settings.update({"threads": threads, "reference": REFERENCE, "peer_batch": PEER_BATCH,
-                             "ours_max_batch_tokens": "library default"})
+            settings = _settings(args, threads, reference=REFERENCE, peer_batch=PEER_BATCH)
             run = RoundsRun(contenders, corpora, cfg, rounds=args.rounds, seed=args.seed,
                             warmup_tokens=128 if args.quick else 512, matmul_n=args.matmul_n, reference=REFERENCE)
             results = rounds_report.RoundsResults("bench_cpu", run, GOALS, settings, args.out, args.markdown)
-            run.after_round = lambda role, r: results.save()
-            print(f"bench_cpu: {h.machine_line(results.info)}; {threads} threads")
-            print("corpora: " + "; ".join(f"{c.name} {c.num_docs} docs {c.num_tokens} tokens"
-                                          for c in corpora.values()))
-            _export(folder, contenders, settings)
-            for role in corpora:
-                run.run_corpus(role)
-                results.save()
-            print()
-            print(results.finish())
+            _run_rounds(results, folder, contenders, threads, "corpora: " + "; ".join(
+                f"{c.name} {c.num_docs} docs {c.num_tokens} tokens" for c in corpora.values()))
             broken += _broken(run, contenders, corpora)
         if any(r in RERANK for r in args.corpora):
             broken += run_rerank(args, Path(tmp), threads, rerank_out)[1]
