@@ -137,23 +137,39 @@ def reference_logits(folder, ids_groups, device):
     return out
 
 
-def run_cross_encoder_case(case: Case, folder, ids_groups, ref_logits, device) -> None:
-    """Our CrossEncoder's logits (each group in one packed batch) against transformers' fp32."""
-    from harness.rerank import centred_cosine
-    from modernbert_embed import Checkpoint, CrossEncoder
+def failed(case: Case, e: Exception, stage: str = "") -> None:
+    """Record why `case` could not run (its message cut to 400 characters, the traceback kept)."""
+    case.error = f"{stage}{type(e).__name__}: {e}"[:400]
+    case.extra["traceback"] = traceback.format_exc()[-3000:]
+
+
+def load_case(case: Case, cls, folder, device):
+    """`cls` (Embedder or CrossEncoder) from `folder` with the case's dtype and ops (the dispatch's
+    own for auto/auto), its load time and ops name recorded; None, the error recorded, if it fails."""
+    from modernbert_embed import Checkpoint
     from modernbert_embed.ops import select_ops
 
     t0 = time.perf_counter()
     try:
         ops = None if (case.backend, case.attention) == ("auto", "auto") else \
             select_ops(device, case.backend, case.attention)
-        model = CrossEncoder.from_checkpoint(Checkpoint(folder), device=device, dtype=h.dtype_of(case.dtype), ops=ops)
+        model = cls.from_checkpoint(Checkpoint(folder), device=device, dtype=h.dtype_of(case.dtype), ops=ops)
     except Exception as e:
-        case.error = f"load: {type(e).__name__}: {e}"[:400]
-        case.extra["traceback"] = traceback.format_exc()[-3000:]
-        return
+        failed(case, e, "load: ")
+        return None
     case.load_s = time.perf_counter() - t0
     case.ops = model.ops.name if model.ops else ""
+    return model
+
+
+def run_cross_encoder_case(case: Case, folder, ids_groups, ref_logits, device) -> None:
+    """Our CrossEncoder's logits (each group in one packed batch) against transformers' fp32."""
+    from harness.rerank import centred_cosine
+    from modernbert_embed import CrossEncoder
+
+    model = load_case(case, CrossEncoder, folder, device)
+    if model is None:
+        return
     try:
         t0 = time.perf_counter()
         got = []
@@ -169,8 +185,7 @@ def run_cross_encoder_case(case: Case, folder, ids_groups, ref_logits, device) -
         case.min_cos = centred_cosine(torch.cat(got), torch.cat(ref_logits))
         case.extra["logits_range"] = [float(torch.cat(ref_logits).min()), float(torch.cat(ref_logits).max())]
     except Exception as e:
-        case.error = f"{type(e).__name__}: {e}"[:400]
-        case.extra["traceback"] = traceback.format_exc()[-3000:]
+        failed(case, e)
     finally:
         del model
         h.free_memory(device)
@@ -192,20 +207,11 @@ def max_diff(ours, ref):
 
 
 def run_case(case: Case, folder, ids_groups, ref_hidden, ref_pooled, device) -> None:
-    from modernbert_embed import Checkpoint, Embedder
-    from modernbert_embed.ops import select_ops
+    from modernbert_embed import Embedder
 
-    t0 = time.perf_counter()
-    try:
-        ops = None if (case.backend, case.attention) == ("auto", "auto") else \
-            select_ops(device, case.backend, case.attention)
-        model = Embedder.from_checkpoint(Checkpoint(folder), device=device, dtype=h.dtype_of(case.dtype), ops=ops)
-    except Exception as e:
-        case.error = f"load: {type(e).__name__}: {e}"[:400]
-        case.extra["traceback"] = traceback.format_exc()[-3000:]
+    model = load_case(case, Embedder, folder, device)
+    if model is None:
         return
-    case.load_s = time.perf_counter() - t0
-    case.ops = model.ops.name if model.ops else ""
     try:
         t0 = time.perf_counter()
         diffs, cosines, lengths, finite = [], [], [], True
@@ -227,8 +233,7 @@ def run_case(case: Case, folder, ids_groups, ref_hidden, ref_pooled, device) -> 
         case.worst_cos_len = lengths[int(cos.argmin())]
         case.finite = finite
     except Exception as e:
-        case.error = f"{type(e).__name__}: {e}"[:400]
-        case.extra["traceback"] = traceback.format_exc()[-3000:]
+        failed(case, e)
     finally:
         del model
         h.free_memory(device)
