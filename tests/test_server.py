@@ -167,6 +167,27 @@ def spied(live, fail=None):
     return spy_on(live.state.batcher, fail=fail)
 
 
+def hang_up_while_held(live, spy, batcher, model, route, body):
+    """Hold the worker with `spy`'s hold request (on a thread), send `body` to `route` from a client
+    that hangs up after 0.5 s, and wait until the server has counted it dropped for `model` with
+    nothing left queued on `batcher`; then open the gate and let the held request finish."""
+    def dropped():
+        return live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected", model=model)
+
+    before = dropped()
+    spy.gate.clear()
+    hold_route, hold_body = spy.hold_request
+    held = threading.Thread(target=lambda: live.http.post(hold_route, json=hold_body))
+    held.start()
+    assert spy.entered.acquire(timeout=30)
+    with pytest.raises(httpx.ReadTimeout, match="timed out"):
+        httpx.post(live.url + route, json=body, timeout=0.5)
+    wait_for(lambda: dropped() == before + 1, "the dropped request")
+    assert batcher.queued_requests == 0
+    spy.gate.set()
+    held.join(30)
+
+
 def wait_for(cond, what, timeout=30):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -494,22 +515,9 @@ def test_overload_gives_429_with_retry_after_then_full_service(embedder):
 
 
 def test_a_disconnected_clients_work_is_dropped(live, embedder):
-    dropped_before = live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected",
-                                 model="test-model")
     gone_texts = ["this client will hang up"] * 3
     with spied(live) as spy:
-        spy.gate.clear()
-        held = threading.Thread(target=lambda: live.http.post("/embed", json={"inputs": "hold the worker"}))
-        held.start()
-        assert spy.entered.acquire(timeout=30)
-        with pytest.raises(httpx.ReadTimeout, match="timed out"):
-            httpx.post(live.url + "/embed", json={"inputs": gone_texts}, timeout=0.5)
-        wait_for(lambda: live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected",
-                                     model="test-model")
-                 == dropped_before + 1, "the dropped request")
-        assert live.state.batcher.queued_requests == 0
-        spy.gate.set()
-        held.join(30)
+        hang_up_while_held(live, spy, live.state.batcher, "test-model", "/embed", {"inputs": gone_texts})
         r = live.http.post("/embed", json={"inputs": ["after the hang-up"]})
     assert r.status_code == 200
     assert_same(r.json(), embedder.encode(["after the hang-up"]))

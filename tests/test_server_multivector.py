@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import threading
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed (the test ex
 
 from multivector_data import DOCUMENTS, QUERIES, write_variants  # noqa: E402
 from modernbert_embed import CrossEncoder, Embedder, MultiVectorEncoder  # noqa: E402
-from test_server import _post, running, spy_on, wait_for  # noqa: E402
+from test_server import _post, hang_up_while_held, running, spy_on, wait_for  # noqa: E402
 from test_server_rerank import _write  # noqa: E402
 from helpers import REAL_VOCAB  # noqa: E402
 from modernbert_embed.weights import classifier_config  # noqa: E402
@@ -308,22 +307,10 @@ def test_overload_is_a_429(cols):
 
 
 def test_a_disconnected_request_is_dropped(live, cols):
-    before = live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected", model="col")
     gone = "this client will hang up"
     with spied(live, "col") as spy:
-        spy.gate.clear()
-        held = threading.Thread(target=lambda: live.http.post("/v1/embeddings", json={
-            "model": "col", "input": "hold", "input_type": "query"}))
-        held.start()
-        assert spy.entered.acquire(timeout=30)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(live.url + "/v1/embeddings", json={"model": "col", "input": gone, "input_type": "document"},
-                       timeout=0.5)
-        wait_for(lambda: live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected",
-                                     model="col") == before + 1, "the dropped request")
-        assert server_of(live, "col").batcher.queued_requests == 0
-        spy.gate.set()
-        held.join(30)
+        hang_up_while_held(live, spy, server_of(live, "col").batcher, "col", "/v1/embeddings",
+                           {"model": "col", "input": gone, "input_type": "document"})
     mine = cols["col"].tokenize([gone], is_query=False)[0][0]
     assert all(mine not in ids for ids, _ in spy.calls)  # it never reached the engine
     r = live.http.post("/v1/embeddings", json={"model": "col", "input": "after", "input_type": "query"})

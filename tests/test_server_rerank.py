@@ -11,7 +11,6 @@ short texts)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from conftest import fixture_file  # noqa: E402
 from helpers import REAL_VOCAB  # noqa: E402
 from modernbert_embed import CrossEncoder, Embedder  # noqa: E402
 from modernbert_embed.weights import classifier_config, write_random_checkpoint  # noqa: E402
-from test_server import _post, make_texts, running, spy_on, wait_for  # noqa: E402
+from test_server import _post, hang_up_while_held, make_texts, running, spy_on, wait_for  # noqa: E402
 
 MSL = 64
 LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
@@ -403,20 +402,10 @@ def test_overload_is_a_429_per_model_and_the_other_model_still_serves(models):
 
 
 def test_a_disconnected_rerank_is_dropped(live, models):
-    before = live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected", model="rr")
     gone = "this client will hang up"
     with spied(live, "rr") as spy:
-        spy.gate.clear()
-        held = threading.Thread(target=lambda: live.http.post("/rerank", json={"query": "hold", "texts": ["it"]}))
-        held.start()
-        assert spy.entered.acquire(timeout=30)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(live.url + "/v1/rerank", json={"query": gone, "documents": DOCS}, timeout=0.5)
-        wait_for(lambda: live.metric("modernbert_embed_dropped_requests_total", reason="client_disconnected",
-                                     model="rr") == before + 1, "the dropped request")
-        assert served(live, "rr").batcher.queued_requests == 0
-        spy.gate.set()
-        held.join(30)
+        hang_up_while_held(live, spy, served(live, "rr").batcher, "rr", "/v1/rerank",
+                           {"query": gone, "documents": DOCS})
         r = live.http.post("/v1/rerank", json={"query": "after the hang-up", "documents": DOCS[:2]})
     assert r.status_code == 200
     pairs = models["rr"].tokenize([(gone, d) for d in DOCS])[0]
